@@ -15,6 +15,7 @@ Bad input fails before anything is written: the run directory Hydra made is remo
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -121,8 +122,8 @@ def build_logger(config: RunConfig, run_dir: Path, resolved: dict[str, Any], run
         save_dir=str(run_dir),
         offline=offline,
         config=resolved,
-        id=run_name.replace("/", "_") if config.resume else None,
-        resume="allow" if config.resume else None,
+        id=hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16],  # stable: a resume reattaches
+        resume="allow",
     )
 
 
@@ -200,7 +201,7 @@ def run(
         max_steps=config.trainer.max_steps,
         max_epochs=-1,
         accelerator=accelerator,
-        devices=1,
+        devices=[prior.device.index or 0] if accelerator == "gpu" else 1,
         precision=config.trainer.precision,
         logger=build_logger(config, run_dir, resolved, run_name),
         callbacks=all_callbacks,

@@ -79,13 +79,9 @@ def tiny_prior(tiny_cache):
 
 def compose(overrides: Sequence[str] = ()):
     """Compose ``conf/config.yaml`` with overrides, as ``python run.py`` would (without running)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from sdbridge.eval.protocol import compose_config
 
-    import sdbridge.cli  # noqa: F401  (registers schemas and resolvers)
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 def run_cli(args: Sequence[str], cwd: Path | None = None, timeout: int = 600, env: dict | None = None):

@@ -2,6 +2,11 @@
 
     python experiments/exact/make_table.py            # the full protocol (a few minutes on a laptop CPU)
     python experiments/exact/make_table.py --quick    # 2 prompts x 8 images x 200 steps, to try it out
+    python experiments/exact/make_table.py --methods sdi vsd   # rerun two methods, keep the others' results
+
+Each method's summary is kept in ``results.json`` beside the README, keyed by the protocol, so a table can be
+rebuilt method by method (an interrupted run loses only the method it was on) and a rerun of some methods keeps
+the others' numbers. ``--fresh`` ignores the stored results.
 
 Methods are run with their conf/guidance/<name>.yaml defaults; DDIM (exact eps, eta 0, CFG 1) and exact samples are
 the reference rows. New guidances appear by rerunning it.
@@ -33,19 +38,29 @@ def main() -> None:
     names = sorted(p.stem for p in (ROOT / "conf" / "guidance").glob("*.yaml"))
     parser.add_argument("--methods", nargs="*", default=None, help=f"subset of {names}")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "exact" / "README.md")
+    parser.add_argument("--fresh", action="store_true", help="rerun every method, ignoring results.json")
     args = parser.parse_args()
 
     protocol = ExactProtocol()
     if args.quick:
         protocol = ExactProtocol(prompts=["a red circle", "a circle"], images_per_prompt=8, steps=200)
-    methods = args.methods or names
+    store_path = args.out.with_name("results.json")
+    store = json.loads(store_path.read_text()) if store_path.exists() and not args.fresh else {}
+    stored = store.get(protocol.describe(), {})
+    to_run = args.methods or [n for n in names if n not in stored]
     prior = AnalyticPrior(AnalyticConfig(device="cpu"))
     rows = reference_rows(prior, protocol)
-    for name in methods:
+    for name in to_run:
         start = time.perf_counter()
         summary = run_method(name, protocol)
         print(f"{name}: {json.dumps(summary['exact_metrics']['mean'])} ({time.perf_counter() - start:.0f} s)")
-        rows[name] = summary
+        stored[name] = {k: summary[k] for k in ("exact_metrics", "nfe_per_step", "wall_clock_s", "overrides")
+                        if k in summary}
+        store[protocol.describe()] = stored
+        store_path.write_text(json.dumps(store, indent=1, sort_keys=True))
+    for name in names:
+        if name in stored:
+            rows[name] = stored[name]
     command = "python experiments/exact/make_table.py" + (" --quick" if args.quick else "")
     text = f"""# The exact-prior table
 

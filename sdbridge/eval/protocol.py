@@ -20,7 +20,7 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 @dataclass
 class ExactProtocol:
     prompts: list[str] = field(
-        default_factory=lambda: ["a red circle", "a blue square", "a yellow triangle", "a circle"]
+        default_factory=lambda: ["a red circle", "a blue square", "a circle"]
     )
     images_per_prompt: int = 16
     steps: int = 1000  # the official 2D step count (Bridge paper's code)
@@ -35,15 +35,21 @@ class ExactProtocol:
         )
 
 
-def compose_run_config(overrides: Sequence[str]):
-    """Compose ``conf/config.yaml`` with overrides into typed objects, as ``python run.py`` does."""
+def compose_config(overrides: Sequence[str] = ()):
+    """Compose ``conf/config.yaml`` with overrides, as ``python run.py`` does (without range checks or running)."""
     from hydra import compose, initialize_config_dir
 
     import sdbridge.cli  # noqa: F401  (registers schemas and resolvers)
-    from sdbridge.config import to_objects
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def compose_run_config(overrides: Sequence[str]):
+    """Composed config as typed objects (range checks run) and as the DictConfig."""
+    from sdbridge.config import to_objects
+
+    cfg = compose_config(overrides)
     return to_objects(cfg), cfg
 
 

@@ -78,7 +78,7 @@ class GuidanceOutput:
         grad: ``(B, *sample_shape)`` gradient on x0 (already weighted).
         loss: scalar surrogate loss whose gradient w.r.t. x0 is ``grad``.
         t: ``(B,)`` timesteps used.
-        noise: ``(B, *sample_shape)`` the noise kappa drawn or given.
+        noise: ``(B, *sample_shape)`` the noise kappa that made x_t (drawn, given, inverted or cached).
         nfe: denoiser evaluations this call made (per sample).
         extras: method-specific tensors (e.g. ``eps_tgt``, ``eps_src``) for logging and tests.
     """
@@ -347,11 +347,12 @@ class Guidance(nn.Module):
                 "Check the prior's dtype (fp16 overflow) and the CFG scale."
             )
         grad = grad.to(x0.dtype)
+        kappa = extras.get("kappa")
         return GuidanceOutput(
             grad=grad,
             loss=surrogate_loss(x0, grad),
             t=t,
-            noise=noise,
+            noise=kappa.to(x0.dtype) if isinstance(kappa, torch.Tensor) else noise,
             nfe=self.prior.nfe - nfe_before,
             extras=extras,
         )

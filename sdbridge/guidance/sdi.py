@@ -2,10 +2,12 @@
 
 SDS with the noise kappa found by inverting DDIM instead of drawn fresh, which makes the SDS process nearly DDIM:
 
-* t is annealed linearly and deterministically (``scheduler=anneal``; 0.98 -> 0.25 in 3D, 0.98 -> 0.02 in 2D);
+* t is annealed linearly and deterministically (``scheduler=anneal``; 0.98 -> 0.02 for images as in the SDI
+  notebook, which ``conf/guidance/sdi.yaml`` sets; 0.98 -> 0.25 in 3D, threestudio's ``sdi.yaml``);
 * x_t: conditional DDIM inversion of x0 on a 10-step grid below t, CFG -7.5 during inversion, extra noise
   ``eta * posterior std * N(0, I)`` with eta = 0.3 per step, and the last step jittered to t + delta,
-  delta ~ U{0..99}; kappa = (x_t - sqrt(abar) x0) / sqrt(1 - abar);
+  delta ~ U{0..99} (one per batch); kappa = (x_t - sqrt(abar) x0) / sqrt(1 - abar). The jitter and the inversion
+  noise are drawn from the run's generator, so an explicit ``t``/``noise`` does not fix them;
 * eps_tgt = CFG_7.5 at (x_t, t + delta); eps_src = kappa; w = sigma_t, so the gradient equals x0 - x0_hat, the
   residual of SDI's loss 0.5 ||x0 - sg(x0_hat)||^2.
 
@@ -53,10 +55,11 @@ class SDI(Guidance):
 
     def make_x_t(self, x0, t, noise, prompts, step):
         c = self.config
-        if c.jitter > 0:
-            t = (t + torch.randint(c.jitter, t.shape, generator=self.generator).to(t)).clamp(
-                max=self.prior.num_train_timesteps - 1)
-        path = inversion_path(t, c.inversion_steps, self.prior.num_train_timesteps)
+        path = inversion_path(t, c.inversion_steps, self.prior.num_train_timesteps)  # grid points below t ...
+        if c.jitter > 0:  # ... then the last step goes to t + delta, one delta for the batch (as threestudio's SDI)
+            delta = int(torch.randint(c.jitter, (1,), generator=self.generator))
+            t = (t + delta).clamp(max=self.prior.num_train_timesteps - 1)
+            path[-1] = t
         x_t, _ = invert(self, x0, path, prompts, c.inversion_scale, c.inversion_eta, self.generator)
         abar = self.alpha_bar(t, x0)
         kappa = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()

@@ -74,13 +74,16 @@ class LoRASource(nn.Module):
 
         object.__setattr__(self, "prior", prior)
         unet = prior.unet
-        if self.ADAPTER not in getattr(unet, "peft_config", {}):
-            unet.add_adapter(
-                LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
-                           target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
-                adapter_name=self.ADAPTER,
-            )
+        if self.ADAPTER in getattr(unet, "peft_config", {}):  # a prior reused across runs: start fresh
+            unet.delete_adapters(self.ADAPTER)
+        unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+            adapter_name=self.ADAPTER,
+        )
         unet.disable_adapters()
+        for p in self.lora_parameters():  # train in fp32 on an fp16 UNet: AdamW's eps underflows in fp16
+            p.data = p.data.float()
         time_dim = unet.config.block_out_channels[0] * 4
         self.camera_embedding = TimestepEmbedding(CAMERA_DIM, time_dim).to(prior.device)
         nn.init.zeros_(self.camera_embedding.linear_2.weight)  # starts adding nothing: the source starts as the
@@ -203,8 +206,9 @@ class VSD(Guidance):
         super().prepare(prompts)
         self.prior.encode_text([""])
         if self.source is None:
-            # initial weights from the run's generator, not torch's global RNG: same seed, same source network
-            seed = int(torch.randint(2**31 - 1, (1,), generator=self.generator))
+            # initial weights from the run's seed, not torch's global RNG, and without drawing from the run's
+            # generator: every method sees the same initial images and noise for the same seed
+            seed = (self.generator.initial_seed() * 1_000_003 + 17) % (2**31 - 1)
             with torch.random.fork_rng():  # CPU and CUDA generators (LoRA weights are created on the UNet's device)
                 torch.manual_seed(seed)
                 if isinstance(self.prior, StableDiffusionPrior):

@@ -202,7 +202,11 @@ class StableDiffusionPrior(DiffusionPrior):
         x_in = x_t.to(self.dtype)
         if self.config.channels_last:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
-        labels = None if class_labels is None else class_labels.to(self.dtype)
+        labels = None
+        if class_labels is not None:  # the class embedding may be fp32 (VSD's camera embedding) on an fp16 UNet
+            emb_module = self.unet.class_embedding
+            dtype = next(emb_module.parameters()).dtype if emb_module is not None else self.dtype
+            labels = class_labels.to(dtype)
         return self.unet(x_in, t, encoder_hidden_states=emb.to(self.dtype), class_labels=labels).sample.float()
 
     def raw_to_eps(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

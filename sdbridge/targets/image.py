@@ -94,7 +94,10 @@ class ImageTarget(Target):
                              generator=generator)
             if self.parameterization == Parameterization.latent:
                 return x0.cpu()
-            return F.interpolate(x0, shape[-2:], mode="bilinear").cpu() if x0.shape[-2:] != shape[-2:] else x0.cpu()
+            pixels = 2 * self.prior.decode(x0) - 1 if self.prior.is_latent else x0
+            if pixels.shape[-2:] != shape[-2:]:
+                pixels = F.interpolate(pixels, shape[-2:], mode="bilinear", antialias=True)
+            return pixels.cpu()
         if cfg.init == Init.randn:
             return torch.randn(shape, generator=generator) * cfg.init_scale
         if cfg.init == Init.zeros:

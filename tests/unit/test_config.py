@@ -81,7 +81,7 @@ def test_every_guidance_yaml_composes_with_its_schedule():
     from sdbridge.config import to_objects
 
     cfg = to_objects(compose(["guidance=sdi"]))
-    assert type(cfg.scheduler).__name__ == "AnnealConfig" and cfg.scheduler.min_step_ratio == 0.25
+    assert type(cfg.scheduler).__name__ == "AnnealConfig" and cfg.scheduler.min_step_ratio == 0.02
     cfg = to_objects(compose(["guidance=sdi_cached"]))
     assert cfg.target.optimizer.lr == 0.1 and cfg.target.optimizer.weight_decay == 0.0
     assert cfg.scheduler.min_step_ratio == 0.02 and cfg.target.init.name == "denoised"

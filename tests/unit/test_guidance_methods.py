@@ -139,11 +139,28 @@ def test_sdi_closed_form_without_eta_and_jitter(stub_prior):
 
 def test_sdi_jitter_reports_the_timestep_it_used_and_is_seeded(stub_prior):
     x0, _ = inputs()
-    t = torch.full((B,), 400)
+    t = torch.full((B,), 450)
     a = make(SDI, SDIConfig(), stub_prior, seed=3)(x0, PROMPTS, 0, t=t)
     b = make(SDI, SDIConfig(), stub_prior, seed=3)(x0, PROMPTS, 0, t=t)
     assert torch.equal(a.grad, b.grad) and torch.equal(a.t, b.t)
-    assert ((a.t >= 400) & (a.t < 500)).all() and a.t.unique().numel() > 1
+    assert a.t.unique().numel() == 1 and 450 <= int(a.t[0]) < 550  # one delta for the batch
+    g = make(SDI, SDIConfig(), stub_prior, seed=4)
+    assert len({int(g(x0, PROMPTS, 0, t=t).t[0]) for _ in range(8)}) > 1
+
+
+def test_sdi_jitter_moves_only_the_last_inversion_step(stub_prior):
+    """The grid is chosen below the scheduled t; only the last step goes to t + delta (threestudio's SDI)."""
+    x0, _ = inputs()
+    g = make(SDI, SDIConfig(scale=7.5, inversion_eta=0.0, jitter=100), stub_prior, seed=0)
+    out = g(x0, PROMPTS, 0, t=torch.full((B,), 450))
+    t_used = int(out.t[0])
+    path = [torch.full((B,), v) for v in (0, 1, 101, 201, 301, 401, t_used)]
+    x_t, _ = _invert_by_hand(stub_prior, x0, path, PROMPTS, -7.5)
+    a = ab(stub_prior, out.t)
+    e_u, e_y = eps(stub_prior, x_t, out.t, [""] * B), eps(stub_prior, x_t, out.t, PROMPTS)
+    expected = ((1 - a) / a).sqrt() * (e_u + 7.5 * (e_y - e_u) - (x_t - a.sqrt() * x0) / (1 - a).sqrt())
+    torch.testing.assert_close(out.grad, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.noise, (x_t - a.sqrt() * x0) / (1 - a).sqrt(), rtol=1e-4, atol=1e-4)
 
 
 def test_inversion_path_grid():
