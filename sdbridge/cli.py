@@ -157,8 +157,8 @@ def run(
     prior = build_prior(config.prior)
     schedule = build_schedule(config.scheduler, prior.num_train_timesteps)
     guidance = build_guidance(config.guidance, prior, schedule, generator).to(prior.device)
-    guidance.prepare(prompts)
     target = TARGETS[type(config.target)](config.target, prior, len(prompts), generator, prompts)
+    guidance.prepare(target.guidance_prompts(prompts))
     system = DistillationSystem(prior, guidance, target, prompts, generator)
 
     ckpt_dir = run_dir / "checkpoints"
@@ -216,7 +216,7 @@ def run(
     if resume_from is not None:
         info["resumed_from_step"] = int(torch.load(resume_from, map_location="cpu", weights_only=False)["global_step"])
         summary_cb.info["resumed_from_step"] = info["resumed_from_step"]
-    trainer.fit(system, ckpt_path=str(resume_from) if resume_from else None)
+    trainer.fit(system, datamodule=target.datamodule(), ckpt_path=str(resume_from) if resume_from else None)
     if trainer.global_step > 0 and not trainer.interrupted:
         trainer.save_checkpoint(str(last_ckpt))
     extra = {

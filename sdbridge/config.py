@@ -20,7 +20,7 @@ from sdbridge.guidance import GUIDANCES
 from sdbridge.priors import AnalyticConfig, StableDiffusionConfig, TinySDConfig
 from sdbridge.prompts import PromptConfig
 from sdbridge.schedules import AnnealConfig, DDIMGridConfig, DreamTimeConfig, StagedConfig, UniformConfig
-from sdbridge.targets import ImageTargetConfig
+from sdbridge.targets import ImageTargetConfig, NeRFTargetConfig
 
 
 class LoggerKind(Enum):
@@ -98,7 +98,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "dreamtime": DreamTimeConfig,
     },
     "prompt": {"prompt": PromptConfig},
-    "target": {"image": ImageTargetConfig},
+    "target": {"image": ImageTargetConfig, "nerf": NeRFTargetConfig},
     "trainer": {"trainer": TrainerConfig},
     "logger": {"logger": LoggerConfig},
     "eval": {"eval": EvalConfig},

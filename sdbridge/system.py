@@ -70,13 +70,15 @@ class DistillationSystem(L.LightningModule):
         opt = self.optimizers()
         render = self.target(batch)
         x0 = render.x0 if render.x0 is not None else self.prior.encode(render.images)
-        out = self.guidance(x0, self.prompts, step)
+        prompts = render.prompts if render.prompts is not None else self.prompts
+        self.guidance.cameras = render.cameras
+        out = self.guidance(x0, prompts, step)
         regs = self.target.regularizers(step)
         loss = out.loss + sum(regs.values(), torch.zeros((), device=out.loss.device))
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         opt.step()
-        source_logs = self.guidance.train_step(x0.detach(), self.prompts, step)
+        source_logs = self.guidance.train_step(x0.detach(), prompts, step)
 
         n = x0.shape[0]
         self.total_nfe += out.nfe

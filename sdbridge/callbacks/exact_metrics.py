@@ -19,7 +19,8 @@ class ExactMetricsCallback(L.Callback):
         self.final: dict[str, Any] | None = None
 
     def compute(self, pl_module) -> dict[str, Any]:
-        return exact_metrics(self.prior, pl_module.target.model_samples(), pl_module.prompts)
+        target = pl_module.target
+        return exact_metrics(self.prior, target.model_samples(), target.sample_prompts(pl_module.prompts))
 
     def _log(self, trainer, metrics: dict[str, Any]) -> None:
         if trainer.logger:

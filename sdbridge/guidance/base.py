@@ -131,6 +131,9 @@ class Guidance(nn.Module):
         self.schedule = schedule
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.max_steps = 1
+        #: the current step's cameras ``(B, 16)`` (flattened camera-to-world), set by the training system for 3D
+        #: targets; None for image targets. Only camera-conditioned parts (VSD's LoRA) read it.
+        self.cameras: torch.Tensor | None = None
 
     def setup(self, max_steps: int) -> None:
         """Called once the trainer's real ``max_steps`` is known."""

@@ -229,6 +229,9 @@ class VSD(Guidance):
         return True
 
     def camera(self, batch_size: int, device) -> torch.Tensor:
+        """The step's cameras (3D targets) or zeros (images)."""
+        if self.cameras is not None and self.cameras.shape == (batch_size, CAMERA_DIM):
+            return self.cameras.to(device=device, dtype=torch.float32)
         return torch.zeros(batch_size, CAMERA_DIM, device=device)
 
     def source_from(self, eps, x_t, t, kappa, prompts, step):

@@ -12,6 +12,9 @@ A prompt is split on commas and white space (phrases such as "low quality" are m
   exact;
 * a **quality word** (detailed, high resolution, high quality, sharp, realistic, ...): the identity map — the world's
   images already are sharp, so the Bridge target modifiers describe the clean distribution;
+* a **view word** (front, side, back, overhead; the suffixes of view-dependent prompting): the identity map — the
+  exact world is view-invariant, as if every concept were a flat-shaded 3D object that looks the same from every
+  direction (a colored circle is a ball), so a NeRF has a well-defined exact target from every camera;
 * a **filler word** (a, an, the, photo, of, DSLR, ...): ignored (``STOP_WORDS``).
 
 Any other word is an error that lists this vocabulary.
@@ -38,6 +41,8 @@ IDENTITY_WORDS = frozenset(
     "detailed high resolution quality sharp realistic photorealistic natural real clean crisp beautiful "
     "high-resolution".split()
 )
+
+VIEW_WORDS = frozenset("front side back overhead".split())
 
 Images = torch.Tensor  # (n, 3, S, S)
 
@@ -148,6 +153,8 @@ ALIASES = {
     "stripe": "stripes",
     "striped": "stripes",
     "disk": "circle",
+    "ball": "circle",
+    "sphere": "circle",
     "disc": "circle",
     "violet": "purple",
 }
@@ -159,6 +166,7 @@ def vocabulary() -> dict[str, list[str]]:
         "colors": list(COLORS),
         "modifiers": list(MODIFIERS),
         "quality words (identity)": sorted(IDENTITY_WORDS),
+        "view words (identity)": sorted(VIEW_WORDS),
         "filler words (ignored)": sorted(STOP_WORDS),
         "aliases": [f"{k}->{v}" for k, v in sorted(ALIASES.items())],
     }
@@ -214,7 +222,7 @@ def parse_prompt(prompt: str) -> ParsedPrompt:
             colors.append(word)
         elif word in MODIFIERS:
             modifiers.append((start, word))
-        elif word in STOP_WORDS or word in IDENTITY_WORDS:
+        elif word in STOP_WORDS or word in IDENTITY_WORDS or word in VIEW_WORDS:
             continue
         else:
             unknown.append(word)
@@ -241,6 +249,7 @@ def markdown_table() -> str:
     for name, mod in MODIFIERS.items():
         lines.append(f"| {name} | modifier | {mod.description} |")
     lines.append(f"| {', '.join(sorted(IDENTITY_WORDS))} | quality | identity (the world's images are already sharp) |")
+    lines.append(f"| {', '.join(sorted(VIEW_WORDS))} | view | identity (the world looks the same from every view) |")
     lines.append(f"| {', '.join(sorted(STOP_WORDS))} | filler | ignored |")
     lines.append(f"| {', '.join(f'{k} → {v}' for k, v in sorted(ALIASES.items()))} | alias | same as the word after → |")
     return "\n".join(lines)

@@ -43,10 +43,14 @@ class TargetConfig:
 
 @dataclass
 class Render:
-    """A target's output for one step: either images in [0, 1] (to be encoded by the prior) or model-space x0."""
+    """A target's output for one step: either images in [0, 1] (to be encoded by the prior) or model-space x0;
+    optionally the step's own per-sample prompts (view-dependent prompting) and cameras ``(B, 16)`` (flattened
+    camera-to-world matrices, for camera-conditioned guidance such as VSD's LoRA)."""
 
     images: Optional[torch.Tensor] = None
     x0: Optional[torch.Tensor] = None
+    prompts: Optional[list[str]] = None
+    cameras: Optional[torch.Tensor] = None
 
 
 class Target(nn.Module):
@@ -57,6 +61,18 @@ class Target(nn.Module):
 
     def regularizers(self, step: int) -> dict[str, torch.Tensor]:
         return {}
+
+    def datamodule(self) -> Any:
+        """A LightningDataModule of training batches (cameras), or None: the target needs no data."""
+        return None
+
+    def guidance_prompts(self, prompts: list[str]) -> list[str]:
+        """Every text a training step may condition on (encoded once, before training, to fail early)."""
+        return list(prompts)
+
+    def sample_prompts(self, prompts: list[str]) -> list[str]:
+        """The prompt of each of :meth:`model_samples`' samples."""
+        return list(prompts)
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
         return self.config.optimizer.build(self.parameters())

@@ -1,0 +1,78 @@
+"""NeRF regularizers and their weight schedules.
+
+A weight is written in config as ``[value]`` (constant) or ``[start_step, start_value, end_value, end_step]``
+(threestudio's convention: ``start_value`` until ``start_step``, linear to ``end_value`` at ``end_step``, constant
+after). The official SDI preset, e.g., ramps sparsity ``[0, 0.15, 0, 3000]``; Bridge 3D steps the opacity entropy
+weight to 1000 at step 10,000 with ``[10000, 0, 1000, 10001]``.
+
+The losses (threestudio's formulas):
+
+* ``sparsity``: ``mean sqrt(opacity^2 + 0.01)`` over rays — empties space that is not needed;
+* ``opaque``: the binary entropy of each ray's opacity — pushes every ray to fully opaque or fully empty;
+* ``orient``: ``sum w_i max(0, n_i . d)^2 / #(rays with opacity > 0)`` with the weights detached — penalizes
+  normals that face away from the camera (DreamFusion's orientation loss);
+* ``z_variance``: the weighted variance of the sample depths along each ray, over rays with opacity > 0.5 —
+  concentrates each opaque ray's mass at one surface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def schedule_value(spec: list[float], step: int) -> float:
+    if len(spec) == 1:
+        return float(spec[0])
+    start_step, start_value, end_value, end_step = spec
+    if step <= start_step:
+        return float(start_value)
+    if step >= end_step:
+        return float(end_value)
+    return float(start_value + (end_value - start_value) * (step - start_step) / (end_step - start_step))
+
+
+def _check(name: str, spec: list[float]) -> None:
+    spec = list(spec)
+    if len(spec) not in (1, 4):
+        raise ValueError(
+            f"target.regularizers.{name}={spec}: write [value] or [start_step, start_value, end_value, end_step]"
+        )
+    if len(spec) == 4 and not spec[3] > spec[0]:
+        raise ValueError(f"target.regularizers.{name}={spec}: end_step must be > start_step")
+
+
+@dataclass
+class RegularizerConfig:
+    sparsity: list[float] = field(default_factory=lambda: [0.0])
+    opaque: list[float] = field(default_factory=lambda: [0.0])
+    orient: list[float] = field(default_factory=lambda: [0.0])
+    z_variance: list[float] = field(default_factory=lambda: [0.0])
+
+    def __post_init__(self) -> None:
+        for name in ("sparsity", "opaque", "orient", "z_variance"):
+            _check(name, getattr(self, name))
+
+    def weights(self, step: int) -> dict[str, float]:
+        return {name: schedule_value(list(getattr(self, name)), step)
+                for name in ("sparsity", "opaque", "orient", "z_variance")}
+
+    def needs_normals(self) -> bool:
+        return any(v != 0 for v in self.orient)
+
+
+def regularizer_losses(render: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Unweighted losses from a training render (see the module docstring)."""
+    opacity = render["opacity"].flatten()
+    losses = {"sparsity": (opacity**2 + 0.01).sqrt().mean()}
+    o = opacity.clamp(1e-4, 1 - 1e-4)
+    losses["opaque"] = -(o * o.log() + (1 - o) * (1 - o).log()).mean()
+    if "orient" in render:
+        w = render["weights"].detach().reshape(-1, render["weights"].shape[-1])
+        orient = render["orient"].reshape(w.shape)
+        losses["orient"] = (w * orient).sum() / (opacity > 0).sum().clamp_min(1)
+    zvar = render["z_variance"].flatten()
+    mask = opacity > 0.5
+    losses["z_variance"] = zvar[mask].mean() if bool(mask.any()) else zvar.sum() * 0
+    return losses
