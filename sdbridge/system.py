@@ -72,6 +72,7 @@ class DistillationSystem(L.LightningModule):
         x0 = render.x0 if render.x0 is not None else self.prior.encode(render.images)
         prompts = render.prompts if render.prompts is not None else self.prompts
         self.guidance.cameras = render.cameras
+        self.guidance.perp_neg = render.perp_neg
         out = self.guidance(x0, prompts, step)
         regs = self.target.regularizers(step)
         loss = out.loss + sum(regs.values(), torch.zeros((), device=out.loss.device))

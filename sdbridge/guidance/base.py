@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from sdbridge.guidance.perp_neg import PerpNegViews, perp_neg_guidance
 from sdbridge.priors.base import DiffusionPrior
 from sdbridge.sampling import classifier_free_guidance, ddim_step, timestep_path
 from sdbridge.schedules import TimestepSchedule
@@ -134,6 +135,9 @@ class Guidance(nn.Module):
         #: the current step's cameras ``(B, 16)`` (flattened camera-to-world), set by the training system for 3D
         #: targets; None for image targets. Only camera-conditioned parts (VSD's LoRA) read it.
         self.cameras: torch.Tensor | None = None
+        #: the current step's Perp-Neg view conditionings (3D targets with ``target.perp_neg=true``); when set,
+        #: the default CFG eps_tgt becomes the Perp-Neg combination (sdbridge/guidance/perp_neg.py)
+        self.perp_neg: PerpNegViews | None = None
 
     def setup(self, max_steps: int) -> None:
         """Called once the trainer's real ``max_steps`` is known."""
@@ -227,10 +231,14 @@ class Guidance(nn.Module):
 
     def target_texts(self, prompts: Sequence[str], step: int) -> dict[str, list[str]]:
         """Named conditionings eps_tgt needs (all evaluated with the source's in one batched call)."""
+        if self.perp_neg is not None:
+            return {"uncond": self.negatives(prompts), **self.perp_neg.texts()}
         return {"uncond": self.negatives(prompts), "cond": list(prompts)}
 
     def target_from(self, eps: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-        """eps_tgt from the predictions (default: CFG)."""
+        """eps_tgt from the predictions (default: CFG; Perp-Neg when the step's views are set)."""
+        if self.perp_neg is not None:
+            return perp_neg_guidance(eps, self.perp_neg, self.config.scale)
         return classifier_free_guidance(eps["uncond"], eps["cond"], self.config.scale)
 
     def source_texts(self, prompts: Sequence[str], step: int) -> dict[str, list[str]]:

@@ -51,6 +51,7 @@ class Render:
     x0: Optional[torch.Tensor] = None
     prompts: Optional[list[str]] = None
     cameras: Optional[torch.Tensor] = None
+    perp_neg: Optional[Any] = None  # sdbridge.guidance.perp_neg.PerpNegViews of the step's cameras
 
 
 class Target(nn.Module):

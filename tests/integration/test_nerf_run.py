@@ -119,3 +119,8 @@ def test_nerf_on_the_latent_sd_path_with_camera_conditioned_vsd(tmp_path, tiny_c
     assert summary["steps"] == 3
     cams = torch.cat(seen["cameras"])
     assert cams.abs().sum() > 0 and torch.allclose(cams[:, 15], torch.ones(len(cams)))  # a real c2w, not zeros
+
+
+def test_perp_neg_nerf_run_evaluates_five_conditionings(tmp_path, world_cache):
+    summary = run(_config(world_cache, "trainer.max_steps=3", "target.perp_neg=true"), tmp_path)
+    assert summary["steps"] == 3 and summary["nfe_per_step"] == 5  # uncond, 2 positives, 2 negatives

@@ -90,3 +90,43 @@ def test_every_guidance_yaml_composes_with_its_schedule():
     cfg = to_objects(compose(["experiment=painting2real"]))
     assert cfg.guidance.stage_two_start_step == 0 and cfg.guidance.source_modifier == ", painting"
     assert cfg.target.init.name == "image"
+
+
+def test_nerf_presets_compose_with_the_official_3d_settings():
+    from sdbridge.config import to_objects
+
+    cfg = to_objects(compose(["target=nerf"]))  # the CPU demo: exact prior, one prompt, small field
+    assert type(cfg.target).__name__ == "NeRFTargetConfig" and type(cfg.prior).__name__ == "AnalyticConfig"
+    assert cfg.prompt.text == "a red ball" and cfg.target.resolutions == [32]
+    sdi = to_objects(compose(["experiment=nerf_sdi"]))
+    assert type(sdi.prior).__name__ == "StableDiffusionConfig" and "2-1-base" in sdi.prior.model
+    assert sdi.trainer.max_steps == 10000 and sdi.target.resolutions == [512] and sdi.target.renderer.num_samples == 512
+    assert sdi.scheduler.min_step_ratio == 0.25 and sdi.guidance.inversion_scale == -7.5
+    enc = sdi.target.field.encoding
+    assert (enc.levels, enc.log2_table_size, enc.max_resolution, enc.start_level, enc.start_step) == (16, 19, 4096, 8, 2000)
+    assert sdi.target.regularizers.sparsity == [0, 0.15, 0.0, 3000]
+    bridge = to_objects(compose(["experiment=nerf_bridge"]))
+    assert bridge.guidance.scale == 100 and bridge.guidance.stage_two_start_step == 20000
+    assert bridge.target.resolutions == [64, 512] and bridge.target.resolution_milestones == [5000]
+    assert bridge.target.resolution(4999) == 64 and bridge.target.resolution(5000) == 512
+    assert bridge.scheduler.switch_steps == [5000] and bridge.scheduler.max_ratios == [0.5]
+    assert bridge.target.regularizers.weights(10001)["opaque"] == 1000
+    sds = to_objects(compose(["experiment=nerf_sds"]))
+    assert type(sds.guidance).__name__ == "SDSConfig" and sds.guidance.scale == 100
+    assert sds.target == bridge.target and sds.scheduler == bridge.scheduler  # only the guidance differs
+    vsd = to_objects(compose(["experiment=nerf_vsd"]))
+    assert type(vsd.guidance).__name__ == "VSDConfig" and vsd.target == bridge.target
+    assert type(vsd.scheduler).__name__ == "StagedConfig"
+
+
+def test_bad_nerf_values_name_the_key():
+    from sdbridge.config import to_objects
+
+    for override, key in [("target.resolution_milestones=[100]", "target.resolutions"),
+                          ("target.cameras.fovy_range=[70,40]", "target.cameras.fovy_range"),
+                          ("target.regularizers.sparsity=[1,2]", "target.regularizers.sparsity"),
+                          ("target.field.encoding.start_level=99", "start_level")]:
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            to_objects(compose(["target=nerf", override]))
+    with pytest.raises(Exception, match="background"):
+        compose(["target=nerf", "target.renderer.background=sky"])

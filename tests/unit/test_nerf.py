@@ -308,3 +308,30 @@ def test_mesh_of_the_blob_is_the_expected_sphere_and_files_round_trip(tmp_path):
     assert sum(ln.startswith("v ") for ln in obj) == len(verts) and sum(ln.startswith("f ") for ln in obj) == len(faces)
     with pytest.raises(ValueError, match="no surface"):
         extract_mesh(f, resolution=16, threshold=1e4)
+
+
+# ------------------------------------------------------------------ Perp-Neg
+def test_perp_neg_components_and_weights():
+    from sdbridge.guidance.perp_neg import F_SF, decay, perp_neg_guidance, perp_neg_views, perpendicular
+    from sdbridge.targets.nerf.cameras import view_prompt
+
+    x, y = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    p = perpendicular(x, y)
+    assert torch.allclose((p * y).sum((1, 2, 3)), torch.zeros(3), atol=1e-4)
+    views = perp_neg_views("a cat", torch.tensor([0.0, 0.0, 0.0, 80.0]), torch.tensor([0.0, 45.0, 180.0, 0.0]),
+                           view_prompt, uncond="")
+    assert views.pos_a[0] == "a cat, front view" and views.mix[0] == 1.0  # straight front: pos = front
+    assert views.weights[0, 0].item() == pytest.approx(0.0, abs=1e-3)  # f_fs(1) = 0 by construction
+    assert views.weights[0, 1].item() == pytest.approx(-decay(F_SF, 0.0))  # the side view is pushed away
+    assert views.mix[1] == pytest.approx(0.5) and views.pos_b[1] == "a cat, side view"
+    assert views.pos_b[2] == "a cat, back view" and views.mix[2] == pytest.approx(0.0)  # straight back
+    assert views.pos_a[3] == "a cat, overhead view" and (views.weights[3] == 0).all()
+    eps = {k: torch.randn(4, 3, 8, 8) for k in ("uncond", "pos_a", "pos_b", "neg_0", "neg_1")}
+    out = perp_neg_guidance(eps, views, 7.5)
+    # overhead: plain CFG of the overhead prompt
+    assert torch.allclose(out[3], eps["uncond"][3] + 7.5 * (eps["pos_a"][3] - eps["uncond"][3]), atol=1e-5)
+    # any sample: eps_tgt - CFG(pos) is perpendicular to e_pos
+    mix = views.mix.view(-1, 1, 1, 1)
+    e_pos = mix * eps["pos_a"] + (1 - mix) * eps["pos_b"] - eps["uncond"]
+    extra = out - eps["uncond"] - 7.5 * e_pos
+    assert torch.allclose((extra * e_pos).sum((1, 2, 3)), torch.zeros(4), atol=1e-3)

@@ -66,11 +66,15 @@ class RendererConfig:
     chunk: int = 8192  # rays per field evaluation chunk
     background: BackgroundKind = BackgroundKind.envmap
     background_color: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    random_background_prob: float = 0.0  # envmap: chance per training step of a random solid color instead
+    # (threestudio's random_aug, 0.5 in its ProlificDreamer config), so the scene cannot hide in the background
     shading: ShadingConfig = field(default_factory=ShadingConfig)
 
     def __post_init__(self) -> None:
         if self.num_samples < 2 or self.num_importance < 0:
             raise ValueError("target.renderer.num_samples must be >= 2 and num_importance >= 0")
+        if not 0 <= self.random_background_prob <= 1:
+            raise ValueError(f"target.renderer.random_background_prob={self.random_background_prob} must be in [0, 1]")
         if self.chunk < 1 or self.near < 0:
             raise ValueError("target.renderer.chunk must be >= 1 and near >= 0")
         if len(self.background_color) != 3 or not all(0 <= c <= 1 for c in self.background_color):
@@ -171,7 +175,8 @@ class VolumeRenderer(nn.Module):
         return light_color.expand_as(albedo) if shading == Shading.textureless else albedo * light_color
 
     def background_rgb(self, dirs: torch.Tensor, color: torch.Tensor | None) -> torch.Tensor:
-        if self.background is not None:
+        """The env map's color, or ``color`` (a random solid background this step), or the configured color."""
+        if self.background is not None and color is None:
             return self.background(dirs)
         fill = self.background_color if color is None else color
         return fill.to(dirs).expand(*dirs.shape[:-1], 3)

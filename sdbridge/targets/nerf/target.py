@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from sdbridge.guidance.perp_neg import perp_neg_views
 from sdbridge.media import make_grid, save_png, slug, write_video
 from sdbridge.priors.base import DiffusionPrior
 from sdbridge.targets.base import Render, Target, TargetConfig
@@ -58,6 +59,11 @@ class NeRFTargetConfig(TargetConfig):
     resolution_milestones: list[int] = dfield(default_factory=list)  # steps where the next resolution starts
     eval_resolution: int = 64  # validation grids, turntable video
     view_dependent_prompts: bool = True
+    perp_neg: bool = False  # Perp-Neg view prompting (sdbridge/guidance/perp_neg.py): 2 more conditionings/sample
+    front_threshold: float = 45.0  # degrees of azimuth around 0 that are "front" (threestudio: 45; ProlificDreamer 30)
+    back_threshold: float = 45.0
+    overhead_threshold: float = 60.0  # elevation above which a view is "overhead"
+    mlp_lr: Optional[float] = None  # the density/albedo MLPs' learning rate (None: optimizer.lr; ProlificDreamer 0.001)
     background_lr: Optional[float] = 0.001  # the env-map network's learning rate (None: the field's)
     mesh_resolution: int = 128  # marching-cubes grid (0: no mesh export)
     mesh_threshold: float = 5.0
@@ -72,6 +78,8 @@ class NeRFTargetConfig(TargetConfig):
             raise ValueError("target.resolutions and target.eval_resolution must be >= 8")
         if list(self.resolution_milestones) != sorted(set(self.resolution_milestones)):
             raise ValueError(f"target.resolution_milestones={list(self.resolution_milestones)} must increase")
+        if self.perp_neg and not self.view_dependent_prompts:
+            raise ValueError("target.perp_neg=true needs target.view_dependent_prompts=true")
         if self.mesh_resolution != 0 and self.mesh_resolution < 16:
             raise ValueError(f"target.mesh_resolution={self.mesh_resolution} must be 0 (off) or >= 16")
         if self.background_lr is not None and not self.background_lr > 0:
@@ -124,7 +132,9 @@ class NeRFTarget(Target):
         n = batch["c2w"].shape[0]
         if not self.config.view_dependent_prompts:
             return [self.prompt] * n
-        return [view_prompt(self.prompt, view_direction(float(e), float(a)))
+        c = self.config
+        return [view_prompt(self.prompt, view_direction(float(e), float(a), c.front_threshold, c.back_threshold,
+                                                        c.overhead_threshold))
                 for e, a in zip(batch["elevation"], batch["azimuth"])]
 
     def to_prior_size(self, images: torch.Tensor) -> torch.Tensor:
@@ -141,9 +151,12 @@ class NeRFTarget(Target):
         side = self.config.resolution(step)
         generator = torch.Generator().manual_seed(int(batch["render_seed"]))
         shading = pick_shading(self.config.renderer.shading, step, generator)
+        r = self.config.renderer
+        u, color = torch.rand(1, generator=generator).item(), torch.rand(3, generator=generator)  # always drawn
         background = None
-        if self.config.renderer.background == BackgroundKind.random:
-            background = torch.rand(3, generator=generator)
+        if r.background == BackgroundKind.random or (r.background == BackgroundKind.envmap
+                                                      and u < r.random_background_prob):
+            background = color
         device = self.field.encoding.embeddings.device
         c2w = batch["c2w"].to(device)
         origins, dirs = camera_rays(c2w, batch["fovy"].to(device), side, side)
@@ -152,7 +165,12 @@ class NeRFTarget(Target):
                             background_color=None if background is None else background.to(device))
         self._last = out
         images = out["rgb"].permute(0, 3, 1, 2)
-        return Render(images=self.to_prior_size(images), prompts=self.prompts_for(batch), cameras=c2w.flatten(1))
+        perp_neg = None
+        if self.config.perp_neg:
+            perp_neg = perp_neg_views(self.prompt, batch["elevation"].cpu(), batch["azimuth"].cpu(), view_prompt,
+                                      uncond="", overhead_threshold=self.config.overhead_threshold)
+        return Render(images=self.to_prior_size(images), prompts=self.prompts_for(batch), cameras=c2w.flatten(1),
+                      perp_neg=perp_neg)
 
     def regularizers(self, step: int) -> dict[str, torch.Tensor]:
         if self._last is None:
@@ -162,13 +180,17 @@ class NeRFTarget(Target):
         return {name: weights[name] * losses[name] for name in losses if weights[name] != 0}
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
         background = list(self.renderer.background.parameters()) if self.renderer.background is not None else []
-        ids = {id(p) for p in background}
-        main = [p for p in self.parameters() if id(p) not in ids]
-        groups: list[dict[str, Any]] = [{"params": main}]
+        mlps = [*self.field.density_net.parameters(), *self.field.albedo_net.parameters()]
+        groups: list[dict[str, Any]] = [
+            {"params": list(self.field.encoding.parameters())},
+            {"params": mlps, "lr": c.mlp_lr or c.optimizer.lr},
+        ]
         if background:
-            groups.append({"params": background, "lr": self.config.background_lr or self.config.optimizer.lr})
-        return self.config.optimizer.build(groups)
+            groups.append({"params": background, "lr": c.background_lr or c.optimizer.lr})
+        assert sum(len(g["params"]) for g in groups) == len(list(self.parameters())), "a parameter has no group"
+        return c.optimizer.build(groups)
 
     # ------------------------------------------------------------------ evaluation renders
     @torch.no_grad()
