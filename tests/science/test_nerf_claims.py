@@ -36,3 +36,12 @@ def test_nerf_of_a_ball_approaches_the_concept_distribution(tmp_path, world_cach
     after = run(config, tmp_path)["exact_metrics"]["mean"]["fd"]
     print(f"exact FD of 12 turntable renders to 'a red ball': {before:.0f} at init -> {after:.0f} after 300 SDS steps")
     assert after < 0.6 * before
+    # and the FD dropped because a red ball appeared, not because the scene emptied (an empty dark frame is
+    # also closer to the concept than the gray blob): reload the final field and look at its renders
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    initial.load_state_dict({k[len("target."):]: v for k, v in state.items() if k.startswith("target.")})
+    views = initial.turntable(side=32)
+    centre = (slice(None), slice(None), slice(12, 20), slice(12, 20))
+    assert views["opacity"][centre].mean() > 0.5  # an object in the middle of every view
+    r, g, b = views["rgb"][centre].mean(dim=(0, 2, 3)).tolist()
+    assert r > 0.5 and r > 2 * g and r > 2 * b, (r, g, b)  # and it is red

@@ -97,7 +97,7 @@ def test_nerf_presets_compose_with_the_official_3d_settings():
 
     cfg = to_objects(compose(["target=nerf"]))  # the CPU demo: exact prior, one prompt, small field
     assert type(cfg.target).__name__ == "NeRFTargetConfig" and type(cfg.prior).__name__ == "AnalyticConfig"
-    assert cfg.prompt.text == "a red ball" and cfg.target.resolutions == [32]
+    assert cfg.prompt.texts == ["a red ball"] and cfg.prompt.repeat == 1 and cfg.target.resolutions == [32]
     sdi = to_objects(compose(["experiment=nerf_sdi"]))
     assert type(sdi.prior).__name__ == "StableDiffusionConfig" and "2-1-base" in sdi.prior.model
     assert sdi.trainer.max_steps == 10000 and sdi.target.resolutions == [512] and sdi.target.renderer.num_samples == 512
