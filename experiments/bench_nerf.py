@@ -64,9 +64,12 @@ def main() -> None:
     parser.add_argument("--train-max-resolution", type=int, default=512,
                         help="skip training steps above this side (CPU memory)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--readme", action="store_true", help="write the table into experiments/README.md")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     field_ = RadianceField(FieldConfig(encoding=HashGridConfig(start_level=16, start_step=0))).to(device)
     field_.set_step(0)

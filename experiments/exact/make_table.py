@@ -6,7 +6,7 @@
 
 Each method's summary is kept in ``results.json`` beside the README, keyed by the protocol, so a table can be
 rebuilt method by method (an interrupted run loses only the method it was on) and a rerun of some methods keeps
-the others' numbers. ``--fresh`` ignores the stored results.
+the others' numbers. ``--fresh`` ignores the stored results; ``--no-run`` only rewrites the README from them.
 
 Methods are run with their conf/guidance/<name>.yaml defaults; DDIM (exact eps, eta 0, CFG 1) and exact samples are
 the reference rows. New guidances appear by rerunning it.
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=None, help=f"subset of {names}")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "exact" / "README.md")
     parser.add_argument("--fresh", action="store_true", help="rerun every method, ignoring results.json")
+    parser.add_argument("--no-run", action="store_true", help="only rewrite the README from results.json")
     args = parser.parse_args()
 
     protocol = ExactProtocol()
@@ -47,7 +48,7 @@ def main() -> None:
     store_path = args.out.with_name("results.json")
     store = json.loads(store_path.read_text()) if store_path.exists() and not args.fresh else {}
     stored = store.get(protocol.describe(), {})
-    to_run = args.methods or [n for n in names if n not in stored]
+    to_run = [] if args.no_run else args.methods or [n for n in names if n not in stored]
     prior = AnalyticPrior(AnalyticConfig(device="cpu"))
     rows = reference_rows(prior, protocol)
     for name in to_run:
@@ -61,6 +62,9 @@ def main() -> None:
     for name in names:
         if name in stored:
             rows[name] = stored[name]
+    missing = [n for n in names if n not in stored]
+    pending = (f"\n**Not yet measured with this protocol:** {', '.join(missing)} (the script runs only these "
+               "next time).\n") if missing else ""
     command = "python experiments/exact/make_table.py" + (" --quick" if args.quick else "")
     text = f"""# The exact-prior table
 
@@ -78,7 +82,7 @@ to its exact expectation (1 = as sharp as the truth, < 1 over-smoothed). Time is
 this machine ({platform.processor() or platform.machine()}, torch {torch.__version__}, CPU).
 
 {markdown_table(rows)}
-
+{pending}
 FD per prompt:
 
 {per_prompt_table(rows, 'fd')}
