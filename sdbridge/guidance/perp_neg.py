@@ -14,6 +14,9 @@ weights ``-f_fs(r)``, ``-f_sf(1 - r)``; otherwise r = 2 - |a| / 90, pos = r * si
 ``f(r) = a exp(-b r) + c`` with threestudio's constants (below). threestudio interpolates the two positive *text
 embeddings*; here the two positive *predictions* are interpolated (both are evaluated in the same batched call), which
 works for every prior, the exact one included, at the cost of one more conditioning per sample.
+
+It replaces the default CFG eps_tgt of :class:`~sdbridge.guidance.base.Guidance`, so it applies to every method that
+keeps that target (SDS, NFSD, CSD, SDI, ISM, VSD, Bridge's stage 1); Bridge's stage 2 uses its own modifier texts.
 """
 
 from __future__ import annotations
