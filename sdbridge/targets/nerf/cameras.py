@@ -164,9 +164,6 @@ class CameraDataModule(L.LightningDataModule):
         start = int(self.trainer.global_step) if self.trainer is not None else 0
         return DataLoader(CameraStream(self.config, self.seed, start), batch_size=None, num_workers=0)
 
-    def turntable(self, views: int | None = None) -> dict[str, Any]:
-        return turntable_cameras(self.config, views)
-
 
 def view_direction(elevation: float, azimuth: float, front: float = 45.0, back: float = 45.0,
                    overhead: float = 60.0) -> str:

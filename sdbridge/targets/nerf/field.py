@@ -81,10 +81,13 @@ class RadianceField(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoding((x / self.config.radius + 1) / 2)
 
+    def density_from(self, feats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Density of points ``x`` whose encoded features are ``feats`` (the blob-shifted softplus)."""
+        return F.softplus(self.density_net(feats).squeeze(-1) + self.blob(x) - 1)
+
     def density(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, 3)`` world points -> ``(N,)`` density."""
-        raw = self.density_net(self.features(x)).squeeze(-1)
-        return F.softplus(raw + self.blob(x) - 1)
+        return self.density_from(self.features(x), x)
 
     def forward(self, x: torch.Tensor, with_normals: bool = False) -> dict[str, torch.Tensor]:
         """``(N, 3)`` points -> ``density (N,)``, ``albedo (N, 3)`` in [0, 1] and, if asked, unit ``normals (N, 3)``."""
@@ -94,8 +97,7 @@ class RadianceField(nn.Module):
         outer_grad = torch.is_grad_enabled()
         with torch.enable_grad() if analytic else contextlib.nullcontext():
             feats = self.features(x)
-            raw = self.density_net(feats).squeeze(-1)
-            sigma = F.softplus(raw + self.blob(x) - 1)
+            sigma = self.density_from(feats, x)
             out = {"density": sigma, "albedo": torch.sigmoid(self.albedo_net(feats))}
             if analytic:
                 grad = torch.autograd.grad(sigma.sum(), x, create_graph=outer_grad)[0]

@@ -96,19 +96,27 @@ def ray_sphere(origins: torch.Tensor, dirs: torch.Tensor, radius: float, near: f
     return t0, t1, hit
 
 
+def stratified_fractions(rows: int, n: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """``(rows, n)`` increasing fractions in [0, 1], one uniform in each of n equal bins (bin centres without a
+    generator, for deterministic evaluation renders)."""
+    u = torch.full((rows, n), 0.5) if generator is None else torch.rand(rows, n, generator=generator)
+    return (torch.arange(n) + u).to(device) / n
+
+
 def stratified(near: torch.Tensor, far: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
-    """``(R, n)`` sorted samples, one uniform in each of n equal bins (bin centres without a generator)."""
-    u = torch.full((near.shape[0], n), 0.5, device=near.device) if generator is None else \
-        torch.rand(near.shape[0], n, generator=generator).to(near.device)
-    frac = (torch.arange(n, device=near.device) + u) / n
+    """``(R, n)`` sorted samples, one uniform in each of n equal bins of [near, far]."""
+    frac = stratified_fractions(near.shape[0], n, generator, near.device)
     return near[:, None] + (far - near)[:, None] * frac
+
+
+def interval_edges(t: torch.Tensor, near: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
+    """``(R, N + 1)`` edges of the intervals around the samples: near, the midpoints, far."""
+    return torch.cat([near[:, None], (t[:, 1:] + t[:, :-1]) / 2, far[:, None]], dim=1)
 
 
 def interval_lengths(t: torch.Tensor, near: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
     """Lengths of the intervals around each sample, tiling [near, far] (see the module docstring)."""
-    mids = (t[:, 1:] + t[:, :-1]) / 2
-    edges = torch.cat([near[:, None], mids, far[:, None]], dim=1)
-    return edges[:, 1:] - edges[:, :-1]
+    return interval_edges(t, near, far).diff(dim=1)
 
 
 def composite_weights(sigma: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -121,14 +129,11 @@ def composite_weights(sigma: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 def sample_pdf(t: torch.Tensor, weights: torch.Tensor, near: torch.Tensor, far: torch.Tensor, n: int,
                generator: torch.Generator | None) -> torch.Tensor:
     """Inverse-CDF samples of the piecewise-constant density ``weights`` over the intervals around ``t``."""
-    mids = (t[:, 1:] + t[:, :-1]) / 2
-    edges = torch.cat([near[:, None], mids, far[:, None]], dim=1)  # (R, N + 1)
+    edges = interval_edges(t, near, far)  # (R, N + 1)
     pdf = weights + 1e-5
     pdf = pdf / pdf.sum(-1, keepdim=True)
     cdf = torch.cat([torch.zeros_like(pdf[:, :1]), pdf.cumsum(-1)], dim=1).clamp(max=1)
-    u = torch.full((t.shape[0], n), 0.5, device=t.device) if generator is None else \
-        torch.rand(t.shape[0], n, generator=generator).to(t.device)
-    u = (torch.arange(n, device=t.device) + u) / n
+    u = stratified_fractions(t.shape[0], n, generator, t.device)  # stratified in the CDF
     idx = torch.searchsorted(cdf.contiguous(), u.contiguous(), right=True).clamp(1, cdf.shape[1] - 1)
     c0, c1 = cdf.gather(1, idx - 1), cdf.gather(1, idx)
     e0, e1 = edges.gather(1, idx - 1), edges.gather(1, idx)

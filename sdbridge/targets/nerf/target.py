@@ -116,7 +116,6 @@ class NeRFTarget(Target):
             self.renderer = VolumeRenderer(config.renderer, self.field)
         self.to(prior.device)
         self._last: dict[str, torch.Tensor] | None = None
-        self.step = 0
 
     # ------------------------------------------------------------------ training
     def datamodule(self) -> CameraDataModule:
@@ -146,7 +145,6 @@ class NeRFTarget(Target):
 
     def forward(self, batch: dict[str, Any]) -> Render:
         step = int(batch["step"])
-        self.step = step
         self.field.set_step(step)
         side = self.config.resolution(step)
         generator = torch.Generator().manual_seed(int(batch["render_seed"]))
@@ -194,9 +192,10 @@ class NeRFTarget(Target):
 
     # ------------------------------------------------------------------ evaluation renders
     @torch.no_grad()
-    def render_views(self, cameras: dict[str, Any], side: int, shading: Shading = Shading.albedo) -> dict[str, torch.Tensor]:
-        """Deterministic renders (bin-centre samples) of ``cameras``: ``rgb``, ``normal`` (in [0, 1]) and
-        ``opacity`` as ``(V, 3, side, side)`` CPU images."""
+    def render_views(self, cameras: dict[str, Any], side: int, shading: Shading = Shading.albedo,
+                     normals: bool = True) -> dict[str, torch.Tensor]:
+        """Deterministic renders (bin-centre samples) of ``cameras``: ``rgb``, ``opacity`` and (if ``normals``)
+        ``normal`` (in [0, 1]) as ``(V, 3, side, side)`` CPU images."""
         device = self.field.encoding.embeddings.device
         c2w = cameras["c2w"].to(device)
         origins, dirs = camera_rays(c2w, cameras["fovy"].to(device), side, side)
@@ -204,25 +203,29 @@ class NeRFTarget(Target):
         self.eval()
         try:
             out = self.renderer(origins, dirs, with_lights(cameras, side, side).to(device), shading, None,
-                                need_normals=True)
+                                need_normals=normals)
         finally:
             self.train(was_training)
         to_img = lambda x: x.permute(0, 3, 1, 2).float().cpu()  # noqa: E731
         opacity = out["opacity"][..., None]
-        normal = (F.normalize(out["normal"], dim=-1) + 1) / 2 * opacity + (1 - opacity)  # white where empty
-        return {
+        images = {
             "rgb": to_img(out["rgb"]).clamp(0, 1),
-            "normal": to_img(normal).clamp(0, 1),
-            "opacity": to_img(out["opacity"][..., None].expand(*out["opacity"].shape, 3)),
+            "opacity": to_img(opacity.expand(*out["opacity"].shape, 3)),
         }
+        if normals:
+            normal = (F.normalize(out["normal"], dim=-1) + 1) / 2 * opacity + (1 - opacity)  # white where empty
+            images["normal"] = to_img(normal).clamp(0, 1)
+        return images
 
-    def turntable(self, side: int | None = None, views: int | None = None) -> dict[str, torch.Tensor]:
-        return self.render_views(turntable_cameras(self.config.cameras, views), side or self.config.eval_resolution)
+    def turntable(self, side: int | None = None, views: int | None = None,
+                  normals: bool = True) -> dict[str, torch.Tensor]:
+        return self.render_views(turntable_cameras(self.config.cameras, views), side or self.config.eval_resolution,
+                                 normals=normals)
 
     @torch.no_grad()
     def model_samples(self) -> torch.Tensor:
         """Turntable renders at the prior's image size, in model space: what the exact metrics score."""
-        rgb = self.turntable(side=self.prior.image_size)["rgb"].to(self.prior.device)
+        rgb = self.turntable(side=self.prior.image_size, normals=False)["rgb"].to(self.prior.device)
         return self.prior.encode(rgb)
 
     def sample_prompts(self, prompts: list[str]) -> list[str]:
