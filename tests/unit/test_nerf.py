@@ -265,7 +265,7 @@ def test_renderer_shading_modes_and_regularizers():
     centre = lit["rgb"][:, 8, 8]  # light at the camera, surface facing it: ambient + diffuse = 1
     assert torch.allclose(centre, torch.ones_like(centre), atol=0.1)
     losses = regularizer_losses(lit)
-    assert set(losses) == {"sparsity", "opaque", "orient", "z_variance"}
+    assert set(losses) == {"sparsity", "opaque", "orient", "z_variance", "convexity"}
     assert losses["orient"] < 0.05  # a ball seen from outside faces the camera
     assert all(torch.isfinite(v) for v in losses.values())
 
@@ -335,3 +335,24 @@ def test_perp_neg_components_and_weights():
     e_pos = mix * eps["pos_a"] + (1 - mix) * eps["pos_b"] - eps["uncond"]
     extra = out - eps["uncond"] - 7.5 * e_pos
     assert torch.allclose((extra * e_pos).sum((1, 2, 3)), torch.zeros(4), atol=1e-3)
+
+
+def test_convexity_loss_matches_the_hand_computed_cross_products():
+    from sdbridge.targets.nerf.regularizers import RegularizerConfig, convexity_loss
+
+    flat = torch.tensor([0.3, -0.2, 0.9]).expand(1, 6, 6, 3)
+    assert convexity_loss(flat, torch.ones(1, 6, 6), 4).abs() < 1e-7  # parallel normals: no turning, no loss
+    n = torch.nn.functional.normalize(torch.randn(1, 2, 2, 3, generator=torch.Generator().manual_seed(0)), dim=-1)
+    opacity = torch.tensor([[[1.0, 0.5], [0.8, 1.0]]])
+    s = (n + 1) / 2 * opacity[..., None]  # threestudio's comp_normal; res 2 keeps the 2x2 map as it is
+
+    def cross_z(a, b):
+        return a[0] * b[1] - a[1] * b[0]
+
+    horizontal = (cross_z(s[0, 0, 0], s[0, 0, 1]) + cross_z(s[0, 1, 0], s[0, 1, 1])) / 2  # left x right
+    vertical = (cross_z(s[0, 1, 0], s[0, 0, 0]) + cross_z(s[0, 1, 1], s[0, 0, 1])) / 2  # down x up
+    torch.testing.assert_close(convexity_loss(n, opacity, 2), -(horizontal + vertical))
+    config = RegularizerConfig(convexity=[0, 1.0, 0.1, 4000])
+    assert config.needs_normals() and config.weights(2000)["convexity"] == pytest.approx(0.55)
+    with pytest.raises(ValueError, match="convexity_res"):
+        RegularizerConfig(convexity_res=1)

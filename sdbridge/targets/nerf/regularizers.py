@@ -12,7 +12,13 @@ The losses (threestudio's formulas):
 * ``orient``: ``sum w_i max(0, n_i . d)^2 / #(rays with opacity > 0)`` with the weights detached — penalizes
   normals that face away from the camera (DreamFusion's orientation loss);
 * ``z_variance``: the weighted variance of the sample depths along each ray, over rays with opacity > 0.5 —
-  concentrates each opaque ray's mass at one surface.
+  concentrates each opaque ray's mass at one surface;
+* ``convexity``: SDI's "naive convexity loss" (threestudio-based SDI system, ``lambda_convex``, 1 -> 0.1 over 4000
+  steps in its 3D preset): the composited normal map, mapped to [0, 1] and multiplied by the opacity as threestudio's
+  ``comp_normal``, is downscaled bilinearly to ``convexity_res`` x ``convexity_res`` (8); the loss is minus the mean
+  z-component of the cross products of horizontally (left x right) and vertically (down x up) adjacent normals.
+  A heuristic, reproduced as the SDI code computes it (world-space normals after the [0, 1] mapping: a normal map
+  and its inside-out negation can score the same).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 
 def schedule_value(spec: list[float], step: int) -> float:
@@ -49,21 +56,37 @@ class RegularizerConfig:
     opaque: list[float] = field(default_factory=lambda: [0.0])
     orient: list[float] = field(default_factory=lambda: [0.0])
     z_variance: list[float] = field(default_factory=lambda: [0.0])
+    convexity: list[float] = field(default_factory=lambda: [0.0])
+    convexity_res: int = 8  # side of the downscaled normal map of the convexity loss (SDI's convexity_res)
 
     def __post_init__(self) -> None:
-        for name in ("sparsity", "opaque", "orient", "z_variance"):
+        for name in REGULARIZERS:
             _check(name, getattr(self, name))
+        if self.convexity_res < 2:
+            raise ValueError(f"target.regularizers.convexity_res={self.convexity_res} must be >= 2")
 
     def weights(self, step: int) -> dict[str, float]:
-        return {name: schedule_value(list(getattr(self, name)), step)
-                for name in ("sparsity", "opaque", "orient", "z_variance")}
+        return {name: schedule_value(list(getattr(self, name)), step) for name in REGULARIZERS}
 
     def needs_normals(self) -> bool:
-        return any(v != 0 for v in self.orient)
+        return any(v != 0 for v in [*self.orient, *self.convexity])
 
 
-def regularizer_losses(render: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Unweighted losses from a training render (see the module docstring)."""
+REGULARIZERS = ("sparsity", "opaque", "orient", "z_variance", "convexity")
+
+
+def convexity_loss(normal: torch.Tensor, opacity: torch.Tensor, res: int) -> torch.Tensor:
+    """SDI's naive convexity loss of composited normals ``(B, H, W, 3)`` and opacities ``(B, H, W)``."""
+    shown = (F.normalize(normal, dim=-1) + 1) / 2 * opacity[..., None]  # threestudio's comp_normal
+    small = F.interpolate(shown.permute(0, 3, 1, 2), (res, res), mode="bilinear", align_corners=False)
+    small = small.permute(0, 2, 3, 1)
+    horizontal = torch.linalg.cross(small[:, :, :-1], small[:, :, 1:], dim=-1)[..., 2]  # left x right
+    vertical = torch.linalg.cross(small[:, 1:], small[:, :-1], dim=-1)[..., 2]  # down x up
+    return -(horizontal.mean() + vertical.mean())
+
+
+def regularizer_losses(render: dict[str, torch.Tensor], convexity_res: int = 8) -> dict[str, torch.Tensor]:
+    """Unweighted losses from a training render ``(B, H, W, ...)`` (see the module docstring)."""
     opacity = render["opacity"].flatten()
     losses = {"sparsity": (opacity**2 + 0.01).sqrt().mean()}
     o = opacity.clamp(1e-4, 1 - 1e-4)
@@ -75,4 +98,6 @@ def regularizer_losses(render: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     zvar = render["z_variance"].flatten()
     mask = opacity > 0.5
     losses["z_variance"] = zvar[mask].mean() if bool(mask.any()) else zvar.sum() * 0
+    if "normal" in render and render["normal"].dim() == 4:
+        losses["convexity"] = convexity_loss(render["normal"], render["opacity"], convexity_res)
     return losses

@@ -174,7 +174,7 @@ class NeRFTarget(Target):
         if self._last is None:
             return {}
         weights = self.config.regularizers.weights(step)
-        losses = regularizer_losses(self._last)
+        losses = regularizer_losses(self._last, self.config.regularizers.convexity_res)
         return {name: weights[name] * losses[name] for name in losses if weights[name] != 0}
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
