@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from sdbridge import rng
 from sdbridge.priors.base import DiffusionPrior
 
 
@@ -95,5 +96,5 @@ def ddim_sample(
         sigma = eta * ddpm_posterior_std(a_prev, a_t)
         x = a_prev.sqrt() * x0_hat + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
         if eta > 0 and i + 1 < len(ts):
-            x = x + sigma * torch.randn(shape, generator=gen).to(x)
+            x = x + sigma * rng.randn(shape, gen).to(x)
     return x

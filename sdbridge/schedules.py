@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sdbridge import rng
 from sdbridge.priors.base import NUM_TRAIN_TIMESTEPS
 
 
@@ -122,9 +123,8 @@ class TimestepSchedule:
 
     def __call__(self, step: int, batch_size: int, generator: torch.Generator | None) -> torch.Tensor:
         cand = self.candidates(step)
-        n = batch_size if self.config.per_sample else 1
-        idx = torch.randint(len(cand), (n,), generator=generator)
-        return cand[idx].expand(batch_size).clone()
+        idx = rng.randint(len(cand), batch_size, generator, shared=not self.config.per_sample)
+        return cand[idx]
 
 
 class UniformSchedule(TimestepSchedule):

@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from sdbridge import rng
 from sdbridge.guidance.perp_neg import PerpNegViews, perp_neg_guidance
 from sdbridge.priors.base import DiffusionPrior
 from sdbridge.sampling import classifier_free_guidance, ddim_step, timestep_path
@@ -199,7 +200,7 @@ class Guidance(nn.Module):
         return torch.ones_like(abar)
 
     def sample_noise(self, x0: torch.Tensor) -> torch.Tensor:
-        return torch.randn(x0.shape, generator=self.generator, dtype=torch.float32).to(x0)
+        return rng.randn(x0.shape, self.generator).to(x0)
 
     def sample_timesteps(self, step: int, batch_size: int) -> torch.Tensor:
         return self.schedule(step, batch_size, self.generator)

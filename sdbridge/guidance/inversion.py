@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 
+from sdbridge import rng
 from sdbridge.guidance.base import Guidance, classifier_free_guidance
 from sdbridge.sampling import ddim_step, ddpm_posterior_std
 
@@ -66,7 +67,7 @@ def invert(
             eps = classifier_free_guidance(e["uncond"], e["cond"], scale)
         x_next = ddim_step(x, eps, a_from, a_to)
         if eta > 0:
-            noise = torch.randn(x.shape, generator=generator).to(x)
+            noise = rng.randn(x.shape, generator).to(x)
             x_next = x_next + eta * ddpm_posterior_std(a_from, a_to) * noise
         x = torch.where(moved, x_next, x)
     return x, eps

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from sdbridge import rng
 from sdbridge.guidance.base import Guidance, GuidanceConfig, Weighting
 from sdbridge.guidance.inversion import inversion_path, invert
 
@@ -57,7 +58,7 @@ class SDI(Guidance):
         c = self.config
         path = inversion_path(t, c.inversion_steps, self.prior.num_train_timesteps)  # grid points below t ...
         if c.jitter > 0:  # ... then the last step goes to t + delta, one delta for the batch (as threestudio's SDI)
-            delta = int(torch.randint(c.jitter, (1,), generator=self.generator))
+            delta = rng.randint(c.jitter, t.shape[0], self.generator, shared=True).to(t.device)
             t = (t + delta).clamp(max=self.prior.num_train_timesteps - 1)
             path[-1] = t
         x_t, _ = invert(self, x0, path, prompts, c.inversion_scale, c.inversion_eta, self.generator)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdbridge import rng
 from sdbridge.guidance.base import Guidance, GuidanceConfig
 from sdbridge.priors.stable_diffusion import StableDiffusionPrior
 
@@ -247,10 +248,10 @@ class VSD(Guidance):
         losses = []
         for _ in range(c.lora_steps):
             B = x0.shape[0]
-            t = torch.randint(c.train_min_step, c.train_max_step, (B,), generator=self.generator).to(x0.device)
+            t = rng.randint(c.train_max_step, B, self.generator, low=c.train_min_step).to(x0.device)
             noise = self.sample_noise(x0)
             x_t = self.add_noise(x0, noise, t)
-            drop = (torch.rand(B, generator=self.generator) < c.condition_dropout).to(x0.device)
+            drop = (rng.rand(B, self.generator) < c.condition_dropout).to(x0.device)
             camera = self.camera(B, x0.device) * (~drop).float().unsqueeze(1)
             texts = [("" if bool(d) else p) for d, p in zip(drop, prompts)]
             with self.source.train_context():

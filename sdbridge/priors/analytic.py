@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sdbridge.rng import SampleGenerators
 from sdbridge.priors.base import DiffusionPrior, PriorConfig, TextEmbedding, resolve_device
 from sdbridge.priors.vocabulary import MODIFIERS, ParsedPrompt, parse_prompt
 from sdbridge.priors.world import World, WorldSpec, load_world
@@ -243,6 +244,9 @@ class AnalyticPrior(DiffusionPrior):
         0.5 * abar_T * |mu|^2, several nats, and a deterministic DDIM run from N(0, I) carries that error to t = 0.
         The exact prior knows p_T, so its samplers start there.
         """
+        if isinstance(generator, SampleGenerators):  # independent samples: each from its own generator
+            generator.check(len(prompts))
+            return torch.cat([self.sample_x_T([p], g) for p, g in zip(prompts, generator.generators)])
         a_T = self.alphas_cumprod[-1].float()
         x0 = torch.cat([self.sample(p, 1, generator) for p in prompts])
         return a_T.sqrt() * x0 + (1 - a_T).sqrt() * torch.randn(x0.shape, generator=generator).to(x0)

@@ -23,6 +23,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from sdbridge import rng
+
 NUM_TRAIN_TIMESTEPS = 1000
 
 
@@ -168,7 +170,7 @@ class DiffusionPrior(nn.Module, abc.ABC):
     @torch.no_grad()
     def sample_x_T(self, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
         """Starting points for samplers at t = T - 1: N(0, I) (priors that know p_T exactly override this)."""
-        return torch.randn((len(prompts), *self.sample_shape), generator=generator).to(self.device)
+        return rng.randn((len(prompts), *self.sample_shape), generator).to(self.device)
 
     # ------------------------------------------------------------------ sample space
     @abc.abstractmethod

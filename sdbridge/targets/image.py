@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdbridge import rng
 from sdbridge.media import load_image, make_grid, save_png, slug
 from sdbridge.priors.base import DiffusionPrior
 from sdbridge.targets.base import Render, Target, TargetConfig
@@ -99,7 +100,7 @@ class ImageTarget(Target):
                 pixels = F.interpolate(pixels, shape[-2:], mode="bilinear", antialias=True)
             return pixels.cpu()
         if cfg.init == Init.randn:
-            return torch.randn(shape, generator=generator) * cfg.init_scale
+            return rng.randn(shape, generator) * cfg.init_scale
         if cfg.init == Init.zeros:
             return torch.zeros(shape)
         image = load_image(cfg.init_image, size=self.prior.image_size if self.parameterization == Parameterization.latent
