@@ -16,6 +16,7 @@ Bad input fails before anything is written: the run directory Hydra made is remo
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -28,6 +29,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sdbridge.config import SCHEMAS, LoggerKind, RunConfig, to_objects
+from sdbridge.priors.analytic import AnalyticPrior
+from sdbridge.targets import ImageTargetConfig
 
 log = logging.getLogger("sdbridge")
 
@@ -78,8 +81,9 @@ def resume_overrides(run_dir: Path, new_overrides: Sequence[str]) -> list[str]:
     Changing a config group (``guidance=...``) or the seed would make the checkpoint meaningless and is refused.
     """
     saved_file = run_dir / "overrides.yaml"
-    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
-        raise FileNotFoundError(f"resume={str(run_dir)!r}: no checkpoint at {run_dir / 'checkpoints' / 'last.ckpt'}")
+    if not has_checkpoint(run_dir):
+        raise FileNotFoundError(f"resume={str(run_dir)!r}: no checkpoint at {run_dir / 'checkpoints' / 'last.ckpt'} "
+                                f"(nor under {run_dir / 'batches'})")
     saved = list(OmegaConf.load(saved_file)) if saved_file.is_file() else []
     merged = {_override_key(o): o for o in saved}
     for o in new_overrides:
@@ -90,6 +94,27 @@ def resume_overrides(run_dir: Path, new_overrides: Sequence[str]) -> list[str]:
             raise ValueError(f"cannot change {key!r} when resuming {run_dir}: start a new run instead")
         merged[key] = o
     return list(merged.values())
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that can be continued (its checkpoint, or those of its batches)."""
+    return (run_dir / "checkpoints" / "last.ckpt").is_file() or any((run_dir / "batches").glob("*/checkpoints/last.ckpt"))
+
+
+def continues_in_place(run_dir: Path, overrides: Sequence[str]) -> bool:
+    """A fresh launch into a directory that already holds this very run (a requeued or re-launched SLURM job).
+
+    True when ``run_dir`` has a checkpoint and was started with the same overrides: the run then continues instead
+    of starting over. The same directory with other overrides is refused rather than overwritten.
+    """
+    saved = run_dir / "overrides.yaml"
+    if not (saved.is_file() and has_checkpoint(run_dir)):
+        return False
+    before = [o for o in OmegaConf.load(saved) if _override_key(o) != "resume"]
+    if sorted(before) != sorted(o for o in overrides if _override_key(o) != "resume"):
+        raise ValueError(f"{run_dir} already holds a run with other overrides ({before}); continue it with "
+                         f"resume={run_dir} or choose a new hydra.run.dir")
+    return True
 
 
 def compose_for_resume(cfg: DictConfig, task_overrides: Sequence[str]) -> tuple[DictConfig, list[str]]:
@@ -103,6 +128,11 @@ def compose_for_resume(cfg: DictConfig, task_overrides: Sequence[str]) -> tuple[
 
 # ---------------------------------------------------------------------------------------------------------- build
 def build_logger(config: RunConfig, run_dir: Path, resolved: dict[str, Any], run_name: str):
+    """The metric logger of ``logger.kind``. W&B runs offline (files under ``<run>/wandb``) unless WANDB_MODE=online.
+
+    W&B naming makes a multirun sweep readable: group = the method (each method's shards together), job type = the
+    prior, name = ``<method>-<prior>[-shard<i>of<n>]-<job>``, tags = method, prior, target, prompt set and the sweep.
+    """
     kind = config.logger.kind
     if kind == LoggerKind.none:
         return False
@@ -112,16 +142,26 @@ def build_logger(config: RunConfig, run_dir: Path, resolved: dict[str, Any], run
         return CSVLogger(save_dir=str(run_dir), name="logs", version="")
     from lightning.pytorch.loggers import WandbLogger
 
+    os.environ.setdefault("WANDB_SILENT", "true")
     offline = os.environ.get("WANDB_MODE", "offline") != "online"
+    if offline:
+        os.environ["WANDB_MODE"] = "offline"
+    choices = resolved.get("_choices", {})
+    guidance = choices.get("guidance", "run")
+    tags = [guidance, choices.get("prior", "prior"), choices.get("target", "target"),
+            f"prompt:{choices.get('prompt', 'prompt')}"]
+    if resolved.get("_sweep"):
+        tags.append(f"sweep:{resolved['_sweep']}")
     return WandbLogger(
         project=config.logger.project,
         entity=config.logger.entity,
-        group=config.logger.group or resolved.get("_choices", {}).get("guidance"),
+        group=config.logger.group or guidance,
+        job_type=choices.get("prior"),
         name=config.logger.name or run_name,
-        tags=list(config.logger.tags),
+        tags=[*tags, *config.logger.tags],
         save_dir=str(run_dir),
         offline=offline,
-        config=resolved,
+        config={k: v for k, v in resolved.items() if not k.startswith("_")} | {"choices": choices},
         id=hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16],  # stable: a resume reattaches
         resume="allow",
     )
@@ -133,28 +173,146 @@ def run(
     resolved: dict[str, Any] | None = None,
     callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
-    """Build everything from ``config`` and train; returns the summary (also written to ``summary.json``)."""
+    """Build everything from ``config`` and train; returns the summary (also written to ``summary.json``).
+
+    With ``prompt.batch_size`` smaller than the run's sample count, the samples are optimized one batch at a time,
+    each batch a complete optimization in ``batches/NNNN/`` (its own images, checkpoints and summary); finished
+    batches are skipped and a started one continues from its checkpoint when the run is resumed or requeued. The
+    run's ``summary.json`` then merges the batches.
+    """
+    import time
+
+    from sdbridge.priors import build_prior
+    from sdbridge.prompts import load_prompt_set
+
+    _quiet_libraries()
+    run_dir = Path(run_dir)
+    resolved = resolved or {}
+    setup_start = time.perf_counter()
+    prompt_set = load_prompt_set(config.prompt)
+    _check_batching(config, prompt_set)
+    prior = build_prior(config.prior)
+    setup_s = time.perf_counter() - setup_start
+    batches = prompt_set.batches(config.prompt.batch_size)
+    logger = build_logger(config, run_dir, resolved, _run_name(config, resolved, run_dir))
+    if len(batches) == 1:
+        summary = _optimize(config, prior, prompt_set, run_dir, resolved, callbacks, logger)
+    else:
+        parts = []
+        for k, batch in enumerate(batches):
+            batch_dir = run_dir / "batches" / f"{k:04d}"
+            done = batch_dir / "summary.json"
+            if done.is_file() and json.loads(done.read_text()).get("steps") == config.trainer.max_steps:
+                parts.append(json.loads(done.read_text()))
+                continue
+            log.info("sdbridge: batch %d/%d (%d samples)", k + 1, len(batches), len(batch))
+            batch_logger = logger if config.logger.kind == LoggerKind.wandb else build_logger(
+                config, batch_dir, resolved, f"{_run_name(config, resolved, run_dir)}-b{k:04d}")
+            parts.append(_optimize(config, prior, batch, batch_dir, resolved, callbacks, batch_logger, batch=k))
+        summary = merge_summaries(parts, run_dir)
+        if isinstance(prior, AnalyticPrior) and config.eval.exact:
+            from sdbridge.eval.exact import exact_metrics
+
+            samples = torch.cat([torch.load(Path(p["model_samples"]), weights_only=True) for p in parts])
+            summary["exact_metrics"] = exact_metrics(prior, samples, [r["prompt"] for r in summary["samples"]])
+    summary["setup_s"] = round(setup_s, 3)
+    summary["batch_size"] = config.prompt.batch_size
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if logger:
+        from sdbridge.callbacks.summary import summary_metrics
+
+        logger.log_metrics(summary_metrics(summary), step=summary["steps"])
+        logger.finalize("success")
+        _finish_wandb(logger)
+    return summary
+
+
+def _check_batching(config: RunConfig, prompt_set: Any) -> None:
+    from sdbridge.targets import NeRFTargetConfig
+
+    if isinstance(config.target, NeRFTargetConfig):
+        if config.prompt.seed_per_prompt or (config.prompt.batch_size or len(prompt_set)) < len(prompt_set):
+            raise ValueError("prompt.batch_size and prompt.seed_per_prompt apply to image targets: a NeRF is one "
+                             "scene rendered for all of its prompts")
+        return
+    if config.prompt.seed_per_prompt and getattr(config.guidance, "lora_rank", None) is not None:
+        log.warning("sdbridge: %s trains one source network on the whole batch, so with prompt.seed_per_prompt a "
+                    "sample's result still depends on its batch", type(config.guidance).__name__)
+
+
+def _run_name(config: RunConfig, resolved: dict[str, Any], run_dir: Path) -> str:
+    """``<method>-<prior>[-shard<i>of<n>]-<job>``: the job number in a sweep, the time of a single run."""
+    choices = resolved.get("_choices", {})
+    shard = f"-shard{config.prompt.shard}of{config.prompt.num_shards}" if config.prompt.num_shards > 1 else ""
+    job = run_dir.name.split("_", 1)[0] if resolved.get("_sweep") else run_dir.name
+    return f"{choices.get('guidance', 'run')}-{choices.get('prior', 'prior')}{shard}-{job}"
+
+
+def _finish_wandb(logger: Any) -> None:
+    """Close the W&B run so a second run in the same process (tests, sweeps with the basic launcher) starts anew."""
+    if type(logger).__name__ == "WandbLogger" and getattr(logger, "_experiment", None) is not None:
+        logger.experiment.finish()
+
+
+def merge_summaries(parts: Sequence[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
+    """One summary for a run optimized in batches: totals and per-image / per-step averages over the batches."""
+    first = parts[0]
+    wall = sum(p["wall_clock_s"] for p in parts)
+    steps = sum(p["steps"] for p in parts)
+    nfe = sum(p["nfe_total"] for p in parts)
+    images = sum(p["num_images"] for p in parts)
+    merged = {k: first[k] for k in ("guidance", "prior", "target", "seed", "prompt_set", "protocol") if k in first}
+    merged.update(
+        run_dir=str(run_dir),
+        steps=first["max_steps"],
+        max_steps=first["max_steps"],
+        batches=len(parts),
+        wall_clock_s=round(wall, 3),
+        time_per_image_s=round(wall / images, 3),
+        ms_per_step=round(1000 * wall / steps, 3) if steps else None,
+        nfe_total=nfe,
+        nfe_per_step=round(nfe / steps, 3) if steps else None,
+        peak_memory_mb=max(p["peak_memory_mb"] for p in parts),
+        peak_memory_kind=first["peak_memory_kind"],
+        final_loss=sum(p["final_loss"] * p["num_images"] for p in parts) / images,
+        num_images=images,
+        prompts=[q for p in parts for q in p["prompts"]],
+        samples=[s for p in parts for s in p["samples"]],
+        batch_dirs=[p["run_dir"] for p in parts],
+    )
+    return merged
+
+
+def _optimize(
+    config: RunConfig,
+    prior: Any,
+    prompt_set: Any,
+    run_dir: Path,
+    resolved: dict[str, Any],
+    callbacks: Sequence[Any],
+    logger: Any,
+    batch: int | None = None,
+) -> dict[str, Any]:
+    """One optimization of ``prompt_set``'s samples in ``run_dir`` (continued from its checkpoint if it has one)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from sdbridge.callbacks import MediaCallback, SummaryCallback
     from sdbridge.callbacks.exact_metrics import ExactMetricsCallback
     from sdbridge.callbacks.progress import StepProgressBar
-    from sdbridge.priors.analytic import AnalyticPrior
     from sdbridge.guidance import build_guidance
-    from sdbridge.priors import build_prior
-    from sdbridge.prompts import load_prompts
+    from sdbridge.rng import SampleGenerators
     from sdbridge.schedules import build_schedule
     from sdbridge.system import DistillationSystem
     from sdbridge.targets import TARGETS
 
-    _quiet_libraries()
-    run_dir = Path(run_dir)
-    resolved = resolved or {}
+    run_dir.mkdir(parents=True, exist_ok=True)
     choices = resolved.get("_choices", {})
-    prompts = load_prompts(config.prompt)
-    generator = torch.Generator().manual_seed(config.seed)
-    prior = build_prior(config.prior)
+    prompts = list(prompt_set.texts)
+    if config.prompt.seed_per_prompt:
+        generator: Any = SampleGenerators(config.seed, prompt_set.keys)
+    else:
+        generator = torch.Generator().manual_seed(config.seed)
     schedule = build_schedule(config.scheduler, prior.num_train_timesteps)
     guidance = build_guidance(config.guidance, prior, schedule, generator).to(prior.device)
     target = TARGETS[type(config.target)](config.target, prior, len(prompts), generator, prompts)
@@ -163,19 +321,21 @@ def run(
 
     ckpt_dir = run_dir / "checkpoints"
     last_ckpt = ckpt_dir / "last.ckpt"
-    resume_from = last_ckpt if config.resume else None
-    run_name = f"{choices.get('guidance', type(guidance).__name__.lower())}-{choices.get('prior', 'prior')}-{run_dir.name}"
+    resume_from = last_ckpt if last_ckpt.is_file() and (config.resume or batch is not None) else None
     info = {
         "run_dir": str(run_dir),
         "guidance": choices.get("guidance", type(guidance).__name__),
         "prior": choices.get("prior", type(prior).__name__),
         "target": choices.get("target", type(target).__name__),
         "seed": config.seed,
+        "prompt_set": prompt_set.description,
+        "protocol": protocol_of(config, prior, prompt_set, choices),
+        "batch": batch,
         "prompts": prompts,
         "resumed_from_step": None,
     }
     media = MediaCallback(run_dir, config.trainer.save_every, config.trainer.video_every)
-    summary_cb = SummaryCallback(run_dir, info)
+    summary_cb = SummaryCallback(run_dir, info, prior.device)
     all_callbacks: list[Any] = [media, summary_cb, *callbacks]
     if config.trainer.checkpoint_every > 0:
         all_callbacks.append(
@@ -203,7 +363,7 @@ def run(
         accelerator=accelerator,
         devices=[prior.device.index or 0] if accelerator == "gpu" else 1,
         precision=config.trainer.precision,
-        logger=build_logger(config, run_dir, resolved, run_name),
+        logger=logger,
         callbacks=all_callbacks,
         enable_progress_bar=config.trainer.progress_bar,
         enable_model_summary=False,
@@ -212,6 +372,7 @@ def run(
         num_sanity_val_steps=0,
         limit_val_batches=0,
         default_root_dir=str(run_dir),
+        plugins=_cluster_plugins(),
     )
     if resume_from is not None:
         info["resumed_from_step"] = int(torch.load(resume_from, map_location="cpu", weights_only=False)["global_step"])
@@ -219,19 +380,46 @@ def run(
     trainer.fit(system, datamodule=target.datamodule(), ckpt_path=str(resume_from) if resume_from else None)
     if trainer.global_step > 0 and not trainer.interrupted:
         trainer.save_checkpoint(str(last_ckpt))
-    extra = {
+    samples = [dict(r) for r in prompt_set.records]
+    if len(media.final_paths) >= len(samples) and isinstance(config.target, ImageTargetConfig):
+        for record, path in zip(samples, media.final_paths):
+            record["file"] = str(path)
+    extra: dict[str, Any] = {
+        "samples": samples,
         "images": [str(p) for p in media.final_paths],
         "grid": str(run_dir / "images" / "final" / "grid.png"),
         "video": str(media.video_path) if media.video_path else None,
         "checkpoint": str(last_ckpt) if last_ckpt.exists() else None,
     }
+    if isinstance(prior, AnalyticPrior):  # model-space samples, so exact metrics can be merged across batches
+        extra["model_samples"] = str(run_dir / "model_samples.pt")
+        torch.save(target.model_samples().cpu(), run_dir / "model_samples.pt")
     if exact_cb is not None and exact_cb.final is not None:
         extra["exact_metrics"] = exact_cb.final
-    summary = summary_cb.write(trainer, system, extra)
-    if trainer.logger:
-        trainer.logger.log_metrics({"summary/final_loss": summary["final_loss"]}, step=trainer.global_step)
-        trainer.logger.finalize("success")
-    return summary
+    return summary_cb.write(trainer, system, extra)
+
+
+def protocol_of(config: RunConfig, prior: Any, prompt_set: Any, choices: dict[str, Any]) -> dict[str, Any]:
+    """What must match for two runs to be compared in one table (the method aside)."""
+    prompts = {k: v for k, v in prompt_set.description.items() if k not in ("shard", "num_shards")}
+    return {
+        "prior": choices.get("prior", type(prior).__name__),
+        "target": choices.get("target", type(config.target).__name__),
+        "sample_shape": list(prior.sample_shape),
+        "resolution": getattr(config.target, "resolution", None),
+        "steps": config.trainer.max_steps,
+        "seed": config.seed,
+        "prompts": prompts,
+    }
+
+
+def _cluster_plugins() -> list[Any]:
+    """Under SLURM, leave requeueing to submitit (hydra/launcher=slurm): Lightning's own SIGUSR1 auto-requeue off."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return []
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)]
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -248,6 +436,12 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     fresh = not cfg.resume
     overrides = list(hc.overrides.task)
     try:
+        if not cfg.resume and continues_in_place(run_dir, overrides):
+            log.warning("sdbridge: %s already holds this run: continuing it from its checkpoint", run_dir)
+            print(f"sdbridge: continuing the run in {run_dir} from its checkpoint", file=sys.stderr)
+            cfg.resume = str(run_dir)
+            fresh = False
+            overrides = []  # the saved overrides are the same ones
         if cfg.resume:
             cfg, overrides = compose_for_resume(cfg, overrides)
         config = to_objects(cfg)
@@ -255,6 +449,8 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         return _fail(err, run_dir if fresh else None)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["_choices"] = {k: v for k, v in hc.runtime.choices.items() if not k.startswith(("hydra", "schema"))}
+    if str(hc.mode) == "RunMode.MULTIRUN":
+        resolved["_sweep"] = Path(hc.sweep.dir).name
     OmegaConf.save(OmegaConf.create({k: v for k, v in resolved.items() if k != "_choices"}), run_dir / "config.yaml")
     OmegaConf.save(OmegaConf.create(overrides), run_dir / "overrides.yaml")
     try:
@@ -279,7 +475,8 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         print(format_metrics(summary["exact_metrics"]))
     print(f"\nsdbridge: {summary['steps']} steps in {summary['wall_clock_s']:.1f} s, "
           f"{summary['nfe_per_step']} NFEs/step, final loss {summary['final_loss']:.4g}")
-    print(f"sdbridge: images in {run_dir / 'images' / 'final'}, summary in {run_dir / 'summary.json'}")
+    images = run_dir / ("batches/*/images/final" if summary.get("batches") else "images/final")
+    print(f"sdbridge: images in {images}, summary in {run_dir / 'summary.json'}")
     return summary
 
 

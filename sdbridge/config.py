@@ -18,7 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sdbridge.guidance import GUIDANCES
 from sdbridge.priors import AnalyticConfig, StableDiffusionConfig, TinySDConfig
-from sdbridge.prompts import PromptConfig
+from sdbridge.prompts import CocoPromptConfig, PromptConfig
 from sdbridge.schedules import AnnealConfig, DDIMGridConfig, DreamTimeConfig, StagedConfig, UniformConfig
 from sdbridge.targets import ImageTargetConfig, NeRFTargetConfig
 
@@ -97,7 +97,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "staged": StagedConfig,
         "dreamtime": DreamTimeConfig,
     },
-    "prompt": {"prompt": PromptConfig},
+    "prompt": {"prompt": PromptConfig, "coco": CocoPromptConfig},
     "target": {"image": ImageTargetConfig, "nerf": NeRFTargetConfig},
     "trainer": {"trainer": TrainerConfig},
     "logger": {"logger": LoggerConfig},

@@ -55,9 +55,13 @@ class MediaCallback(L.Callback):
                 frames.append(grid_path)
             if frames:
                 self.video_path = write_video(frames, self.run_dir / "video.mp4", fps=self.fps)
-        if grid_path.exists():
+        logger = trainer.logger
+        if grid_path.exists() and logger is not None and hasattr(logger, "log_image"):
             import imageio.v3 as iio
 
-            logger = trainer.logger
-            if logger is not None and hasattr(logger, "log_image"):
-                logger.log_image(key="images/final", images=[iio.imread(grid_path)], step=trainer.global_step)
+            logger.log_image(key="images/final", images=[iio.imread(grid_path)], step=trainer.global_step)
+        if logger is not None and hasattr(logger, "log_video"):  # W&B: the optimization video, NeRF turntables
+            videos = [p for p in self.final_paths if Path(p).suffix == ".mp4"]
+            for key, path in [("video/optimization", self.video_path)] + [(f"video/{Path(p).stem}", p) for p in videos]:
+                if path is not None and Path(path).is_file():
+                    logger.log_video(key=key, videos=[str(path)], step=trainer.global_step, format=["mp4"])

@@ -1,21 +1,39 @@
-"""Wall-clock, NFE and loss accounting, written to ``summary.json`` at the end of a run."""
+"""Time, cost and loss accounting, written to ``summary.json`` and the logger at the end of a run.
+
+Recorded per run: optimization wall-clock (accumulated across resumes; model loading and text encoding are
+``setup_s``, reported apart), wall-clock per image, ms per iteration, NFEs per iteration, and peak memory: CUDA max
+allocated on a GPU (reset when training starts), else the process's peak resident set size (RSS, which includes
+the loaded models).
+"""
 
 from __future__ import annotations
 
 import json
+import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+
+
+def peak_memory(device: torch.device | None) -> tuple[float, str]:
+    """``(megabytes, kind)``: CUDA max allocated on a CUDA device, else this process's peak RSS."""
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return (rss / 2**20 if sys.platform == "darwin" else rss / 2**10), "rss"
 
 
 class SummaryCallback(L.Callback):
     """Measures the training wall-clock (accumulated across resumes) and writes ``summary.json``."""
 
-    def __init__(self, run_dir: Path, info: dict[str, Any]):
+    def __init__(self, run_dir: Path, info: dict[str, Any], device: torch.device | None = None):
         self.run_dir = Path(run_dir)
         self.info = dict(info)
+        self.device = device
         self.elapsed_before = 0.0
         self.steps_before = 0
         self._t0 = 0.0
@@ -28,6 +46,8 @@ class SummaryCallback(L.Callback):
         self.elapsed_before = float(state_dict.get("elapsed", 0.0))
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if self.device is not None and self.device.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats(self.device)
         self._t0 = time.perf_counter()
         self.steps_before = trainer.global_step
 
@@ -35,18 +55,33 @@ class SummaryCallback(L.Callback):
         session = time.perf_counter() - self._t0 if self._t0 else 0.0
         steps = trainer.global_step
         session_steps = steps - self.steps_before
+        wall = self.elapsed_before + session
+        num_images = len(pl_module.prompts)
+        memory_mb, memory_kind = peak_memory(self.device)
         summary = {
             **self.info,
             "steps": steps,
             "max_steps": trainer.max_steps,
-            "wall_clock_s": round(self.elapsed_before + session, 3),
+            "wall_clock_s": round(wall, 3),
+            "time_per_image_s": round(wall / num_images, 3),
             "ms_per_step": round(1000 * session / session_steps, 3) if session_steps else None,
             "nfe_total": pl_module.total_nfe,
             "nfe_per_step": round(pl_module.total_nfe / steps, 3) if steps else None,
+            "peak_memory_mb": round(memory_mb, 1),
+            "peak_memory_kind": memory_kind,
             "final_loss": pl_module.last_loss,
-            "num_images": len(pl_module.prompts),
+            "num_images": num_images,
             **extra,
         }
         self.summary = summary
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        if trainer.logger:
+            trainer.logger.log_metrics(summary_metrics(summary), step=steps)
         return summary
+
+
+def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The numeric cost fields of a summary as ``summary/<name>`` logger metrics."""
+    keys = ("wall_clock_s", "time_per_image_s", "ms_per_step", "nfe_per_step", "peak_memory_mb", "final_loss",
+            "num_images")
+    return {f"summary/{k}": float(summary[k]) for k in keys if isinstance(summary.get(k), (int, float))}
