@@ -10,7 +10,7 @@ from sdbridge.config import RunConfig, to_objects
 from sdbridge.guidance import BridgeConfig
 from sdbridge.priors import AnalyticConfig
 from sdbridge.targets import ImageTargetConfig
-from tests.conftest import compose
+from tests.conftest import CONF, compose
 
 
 def test_default_config_composes_to_typed_objects():
@@ -130,3 +130,18 @@ def test_bad_nerf_values_name_the_key():
             to_objects(compose(["target=nerf", override]))
     with pytest.raises(Exception, match="background"):
         compose(["target=nerf", "target.renderer.background=sky"])
+
+
+def test_slurm_and_local_launchers_compose_from_the_environment(monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    monkeypatch.setenv("SDB_SLURM_PARTITION", "gpu-long")
+    monkeypatch.setenv("SDB_GPUS_PER_NODE", "2")
+    monkeypatch.setenv("SDB_ARRAY_PARALLELISM", "16")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        slurm = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True).hydra.launcher
+        local = compose("config", overrides=["hydra/launcher=local"], return_hydra_config=True).hydra.launcher
+    assert slurm._target_.endswith("SlurmLauncher") and local._target_.endswith("LocalLauncher")
+    assert (slurm.partition, slurm.gpus_per_node, slurm.array_parallelism) == ("gpu-long", 2, 16)
+    assert slurm.max_num_timeout >= 1 and slurm.signal_delay_s > 0  # requeue on preemption / time-out
+    assert local.gpus_per_node == 2 and local.tasks_per_node == 1  # SDB_GPUS_PER_NODE serves both
