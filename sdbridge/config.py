@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sdbridge.guidance import GUIDANCES
-from sdbridge.priors import AnalyticConfig, StableDiffusionConfig, TinySDConfig
+from sdbridge.priors import AnalyticConfig, RandomSDConfig, StableDiffusionConfig, TinySDConfig
 from sdbridge.prompts import CocoPromptConfig, PromptConfig
 from sdbridge.schedules import AnnealConfig, DDIMGridConfig, DreamTimeConfig, StagedConfig, UniformConfig
 from sdbridge.targets import ImageTargetConfig, NeRFTargetConfig
@@ -88,7 +88,8 @@ class RunConfig:
 
 #: group -> {option name: schema}
 SCHEMAS: dict[str, dict[str, type]] = {
-    "prior": {"stable_diffusion": StableDiffusionConfig, "tiny_sd": TinySDConfig, "analytic": AnalyticConfig},
+    "prior": {"stable_diffusion": StableDiffusionConfig, "tiny_sd": TinySDConfig, "analytic": AnalyticConfig,
+              "sd21_base_random": RandomSDConfig},
     "guidance": {name: cfg for name, (cfg, _) in GUIDANCES.items()},
     "scheduler": {
         "uniform": UniformConfig,

@@ -5,12 +5,14 @@ from __future__ import annotations
 from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior
 from sdbridge.priors.base import DiffusionPrior, PriorConfig, TextEmbedding, scaled_linear_alphas_cumprod
 from sdbridge.priors.stable_diffusion import PriorUnavailableError, StableDiffusionConfig, StableDiffusionPrior
+from sdbridge.priors.random_sd import RandomSDConfig, RandomSDPrior
 from sdbridge.priors.tiny import TinySDConfig, TinySDPrior
 
 #: config class -> prior class (the most specific config type wins)
 PRIORS: dict[type[PriorConfig], type[DiffusionPrior]] = {
     StableDiffusionConfig: StableDiffusionPrior,
     TinySDConfig: TinySDPrior,
+    RandomSDConfig: RandomSDPrior,
     AnalyticConfig: AnalyticPrior,
 }
 
@@ -29,6 +31,8 @@ __all__ = [
     "DiffusionPrior",
     "PriorConfig",
     "PriorUnavailableError",
+    "RandomSDConfig",
+    "RandomSDPrior",
     "StableDiffusionConfig",
     "StableDiffusionPrior",
     "TextEmbedding",

@@ -114,7 +114,22 @@ class StableDiffusionConfig(PriorConfig):
     model: str = "stabilityai/stable-diffusion-2-1-base"
     revision: Optional[str] = None
     cache_dir: Optional[str] = None  # Hugging Face cache folder (default: HF_HOME)
-    channels_last: bool = False
+    # speed options (experiments/bench/README.md measures each against the plain path)
+    channels_last: bool = False  # UNet weights and inputs in channels-last memory format
+    attention: str = "sdpa"  # "sdpa": PyTorch scaled_dot_product_attention; "classic": explicit softmax(QK^T)V
+    compile: bool = False  # torch.compile the UNet in place (first steps are slow while it compiles)
+    compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs, "max-autotune"
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION:
+            raise ValueError(f"prior.attention={self.attention!r} is not one of {list(ATTENTION)}")
+        if self.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+            raise ValueError(f"prior.compile_mode={self.compile_mode!r} is not one of ['default', 'reduce-overhead', "
+                             "'max-autotune', 'max-autotune-no-cudagraphs']")
+
+
+#: prior.attention -> diffusers attention processor class name
+ATTENTION = {"sdpa": "AttnProcessor2_0", "classic": "AttnProcessor"}
 
 
 class StableDiffusionPrior(DiffusionPrior):
@@ -122,16 +137,22 @@ class StableDiffusionPrior(DiffusionPrior):
 
     is_latent = True
 
-    def __init__(self, config: StableDiffusionConfig, path: Path | None = None):
+    def __init__(self, config: StableDiffusionConfig, path: Path | None = None,
+                 components: dict[str, Any] | None = None):
+        """Load the model from ``path`` (or ``config.model``), or take prebuilt ``components`` (tokenizer,
+        text_encoder, unet, vae, scheduler_config), as the random-weight benchmark prior does."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         self.config = config
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
-        path = Path(path) if path is not None else resolve_model_path(config.model, config.revision, config.cache_dir)
-
-        scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler")
+        if components is None:
+            path = Path(path) if path is not None else resolve_model_path(config.model, config.revision,
+                                                                          config.cache_dir)
+            scheduler_config = DDPMScheduler.load_config(path, subfolder="scheduler")
+        else:
+            scheduler_config = components["scheduler_config"]
         if scheduler_config.get("beta_schedule", "scaled_linear") == "scaled_linear":
             alphas_cumprod = scaled_linear_alphas_cumprod(
                 scheduler_config.get("beta_start", 0.00085),
@@ -145,16 +166,19 @@ class StableDiffusionPrior(DiffusionPrior):
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"{config.model}: prediction_type {self.prediction_type!r} is not supported")
 
-        self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        check_tokenizer(self.tokenizer, path / "tokenizer")
-        self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
-        self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
-        self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+        if components is None:
+            self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+            check_tokenizer(self.tokenizer, path / "tokenizer")
+            self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
+            self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+            self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+        else:
+            self.tokenizer = components["tokenizer"]  # modules come in the configured dtype
+            self.text_encoder, self.unet, self.vae = (components[k] for k in ("text_encoder", "unet", "vae"))
         for module in (self.text_encoder, self.unet, self.vae):
             module.requires_grad_(False)
             module.eval()
-        if config.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
+        self.set_speed_options(config)
         self.dtype = dtype
         self.model_path = path
         self.vae_scale = float(self.vae.config.scaling_factor)
@@ -165,6 +189,17 @@ class StableDiffusionPrior(DiffusionPrior):
             int(self.unet.config.sample_size),
         )
         self.to(device)
+
+    def set_speed_options(self, config: StableDiffusionConfig) -> None:
+        """Memory format, attention kernel and compilation of the UNet (the module stays the same object, so
+        adapters (VSD's LoRA) and attribute access keep working)."""
+        import diffusers.models.attention_processor as processors
+
+        if config.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        self.unet.set_attn_processor(getattr(processors, ATTENTION[config.attention])())
+        if config.compile:
+            self.unet.compile(mode=config.compile_mode)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:

@@ -1,0 +1,123 @@
+"""Speed options change how fast a gradient is computed, never which gradient (within stated tolerances), and a
+batched multi-caption step equals the per-caption steps. Timings live in experiments/bench, not here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sdbridge.guidance import build_guidance
+from sdbridge.rng import SampleGenerators
+from sdbridge.schedules import build_schedule
+from tests.conftest import compose
+
+PROMPTS = ["a dog", "a red car", "a bowl of fruit"]
+
+
+def _prior(tiny_cache, *overrides):
+    from sdbridge.config import to_objects
+    from sdbridge.priors import build_prior
+
+    config = to_objects(compose(["prior=tiny_sd", f"prior.cache_dir={tiny_cache}", "prior.device=cpu", *overrides]))
+    return build_prior(config.prior)
+
+
+def _guidance(prior, method: str, generator):
+    from sdbridge.config import to_objects
+
+    config = to_objects(compose([f"guidance={method}", "prior=tiny_sd"]))
+    g = build_guidance(config.guidance, prior, build_schedule(config.scheduler, prior.num_train_timesteps), generator)
+    g.setup(1000)
+    g.prepare(PROMPTS)
+    return g
+
+
+def _sds_grad(prior) -> torch.Tensor:
+    g = _guidance(prior, "sds", torch.Generator().manual_seed(0))
+    x0 = torch.randn(3, *prior.sample_shape, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    return g(x0, PROMPTS, 0, t=torch.tensor([100, 500, 900]), noise=noise).grad
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+#: option -> (overrides, max relative L2 error of the SDS gradient against plain fp32)
+SPEED_OPTIONS = {
+    "channels_last": (["prior.channels_last=true"], 1e-4),  # same math, other memory order: fp32 rounding only
+    "classic attention": (["prior.attention=classic"], 1e-4),  # softmax(QK^T)V by hand vs PyTorch SDPA
+    # half precision: SDS at CFG 40 multiplies the rounding error of eps_cond - eps_uncond by 40
+    "float16": (["prior.dtype=float16"], 3e-2),  # 11-bit mantissa (measured 1.4e-2 on the tiny SD)
+    "bfloat16": (["prior.dtype=bfloat16"], 1.5e-1),  # 8-bit mantissa: the loosest
+}
+
+
+@pytest.mark.parametrize("option", list(SPEED_OPTIONS))
+def test_speed_option_gives_the_plain_gradient(tiny_cache, tiny_prior, option):
+    overrides, tolerance = SPEED_OPTIONS[option]
+    plain = _sds_grad(tiny_prior)
+    fast = _sds_grad(_prior(tiny_cache, *overrides))
+    assert fast.dtype == torch.float32 and torch.isfinite(fast).all()
+    print(f"{option}: relative error {_relative_error(fast, plain):.2e}")
+    assert _relative_error(fast, plain) <= tolerance, _relative_error(fast, plain)
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_plain_gradient(tiny_cache, tiny_prior):
+    """torch.compile (inductor, CPU here) fuses kernels: the gradient agrees to float rounding."""
+    fast = _sds_grad(_prior(tiny_cache, "prior.compile=true"))
+    assert _relative_error(fast, _sds_grad(tiny_prior)) <= 1e-4
+
+
+@pytest.mark.parametrize("method", ["sds", "nfsd", "csd", "bridge", "sdi", "ism", "vsd"])
+def test_batched_multi_caption_step_equals_the_per_caption_steps(tiny_prior, method):
+    """With one generator per caption, one step on 3 captions gives each caption the gradient of its own step
+    (noise, t, SDI's jitter and inversion noise all drawn per caption)."""
+    keys = ["11", "22", "33"]
+    x0 = torch.randn(3, *tiny_prior.sample_shape, generator=torch.Generator().manual_seed(5))
+    together = _guidance(tiny_prior, method, SampleGenerators(7, keys))(x0, PROMPTS, 3)
+    nfes = []
+    for i, key in enumerate(keys):
+        alone = _guidance(tiny_prior, method, SampleGenerators(7, [key]))(x0[i : i + 1], PROMPTS[i : i + 1], 3)
+        assert torch.equal(together.t[i : i + 1], alone.t)
+        # fp32 kernels over batch 3 vs 1 round differently; the CFG scale (up to 40) and SDI's 10 inversion steps
+        # amplify that to ~1e-5 of the gradient's norm
+        assert _relative_error(together.grad[i : i + 1], alone.grad) <= 1e-4
+        nfes.append(alone.nfe)
+    # an NFE is one batched call per conditioning: a batch costs the calls of its longest sample (ISM and SDI
+    # invert each sample to its own t; shorter paths are padded)
+    assert together.nfe == max(nfes)
+
+
+def test_quick_benchmark_writes_its_tables(tmp_path):
+    """The harness's CPU smoke run: every method at batch 1 and 4, one table row each (numbers not asserted)."""
+    from experiments.bench.run import ALL_METHODS, main
+
+    out = tmp_path / "bench.json"
+    assert main(["--quick", "--methods", "sds", "sdi", "vsd", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["batch"]) for r in rows] == [(m, b) for b in (1, 4) for m in ("sds", "sdi", "vsd")]
+    for r in rows:
+        assert r["ms_per_iter"] > 0 and r["denoiser_ms"] > 0 and r["overhead"] > 0 and r["images_per_hour"] > 0
+        assert r["nfe_per_iter"] >= 2
+    assert set(ALL_METHODS) >= {"sds", "sdi", "vsd"}
+
+
+def test_sd21_base_random_has_the_published_architecture():
+    """Built on the meta device (shapes only): the parameter counts of SD 2.1 base's UNet, VAE and text encoder."""
+    from sdbridge.config import to_objects
+    from sdbridge.priors import RandomSDConfig
+    from sdbridge.priors.random_sd import build_random_sd21_base
+
+    parts = build_random_sd21_base("meta")
+    counts = {k: sum(p.numel() for p in parts[k].parameters()) for k in ("unet", "vae", "text_encoder")}
+    assert counts == {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840}
+    assert parts["unet"].config.cross_attention_dim == parts["text_encoder"].config.hidden_size == 1024
+    assert len(parts["tokenizer"]) == 49408
+    config = to_objects(compose(["prior=sd21_base_random"])).prior
+    assert isinstance(config, RandomSDConfig) and config.attention == "sdpa"
+    with pytest.raises(ValueError, match="prior.attention='flash3'"):
+        RandomSDConfig(attention="flash3")
