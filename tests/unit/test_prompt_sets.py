@@ -153,3 +153,25 @@ def test_reference_statistics_are_cached_and_crop_real_images(fake_coco, tmp_pat
     assert np.allclose(cropped, fidlib.image_features([square], extractor), atol=0.05)
     with pytest.raises(ValueError, match="unknown feature extractor 'nope'"):
         fidlib.build_extractor("nope")
+
+
+def test_clip_features_follow_clean_fids_clip_preprocessing(monkeypatch, fake_coco):
+    """The CLIP-FID extractor on a random-weight ViT-B/32 (the real weights need the hub): 224 bicubic resize +
+    center crop, CLIP normalization, 512-d embeddings."""
+    import open_clip
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms",
+                        lambda name, pretrained, device: (open_clip.create_model(name, device=device), None, None))
+    extractor = fidlib.build_extractor("clip", "cpu")
+    image = np.asarray(Image.open(sorted((fake_coco / "val2014").iterdir())[0]).convert("RGB"))
+    assert fidlib.clip_resize(image).shape == (224, 224, 3)
+    feats = fidlib.image_features(sorted((fake_coco / "val2014").iterdir())[:3], extractor, crop=True)
+    assert feats.shape == (3, 512) and np.isfinite(feats).all()
+
+
+def test_offline_inception_fails_with_the_expected_path(monkeypatch):
+    if fidlib.INCEPTION_PATH.is_file():
+        pytest.skip("clean-fid's Inception weights are present on this machine")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=str(fidlib.INCEPTION_PATH)):
+        fidlib.build_extractor("inception", "cpu")
