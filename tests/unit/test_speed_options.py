@@ -121,3 +121,16 @@ def test_sd21_base_random_has_the_published_architecture():
     assert isinstance(config, RandomSDConfig) and config.attention == "sdpa"
     with pytest.raises(ValueError, match="prior.attention='flash3'"):
         RandomSDConfig(attention="flash3")
+
+
+def test_vsd_and_sdi_keep_no_second_unet(tiny_prior):
+    """VSD's source is LoRA adapters on the prior's own UNet (plus a camera embedding), SDI only inverts with it."""
+    from diffusers import UNet2DConditionModel
+
+    unet_size = sum(p.numel() for n, p in tiny_prior.unet.named_parameters() if "sdbridge_vsd" not in n)
+    for method in ("vsd", "sdi"):
+        g = _guidance(tiny_prior, method, torch.Generator().manual_seed(0))
+        g(torch.randn(1, *tiny_prior.sample_shape), PROMPTS[:1], 0)
+        assert not any(isinstance(m, UNet2DConditionModel) for m in g.modules())
+        own = sum(p.numel() for p in g.parameters())
+        assert own < 0.25 * unet_size, (method, own, unet_size)  # tiny SD: LoRA rank 4 + camera MLP vs the UNet
