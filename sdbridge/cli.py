@@ -101,11 +101,12 @@ def has_checkpoint(run_dir: Path) -> bool:
     return (run_dir / "checkpoints" / "last.ckpt").is_file() or any((run_dir / "batches").glob("*/checkpoints/last.ckpt"))
 
 
-def continues_in_place(run_dir: Path, overrides: Sequence[str]) -> bool:
+def continues_in_place(run_dir: Path, overrides: Sequence[str], cfg: DictConfig | None = None) -> bool:
     """A fresh launch into a directory that already holds this very run (a requeued or re-launched SLURM job).
 
-    True when ``run_dir`` has a checkpoint and was started with the same overrides: the run then continues instead
-    of starting over. The same directory with other overrides is refused rather than overwritten.
+    True when ``run_dir`` has a checkpoint and was started with the same overrides and, if ``cfg`` is given, the
+    same resolved config: the run then continues instead of starting over. The same directory with other overrides
+    or another config (e.g. changed defaults) is refused rather than overwritten.
     """
     saved = run_dir / "overrides.yaml"
     if not (saved.is_file() and has_checkpoint(run_dir)):
@@ -114,7 +115,22 @@ def continues_in_place(run_dir: Path, overrides: Sequence[str]) -> bool:
     if sorted(before) != sorted(o for o in overrides if _override_key(o) != "resume"):
         raise ValueError(f"{run_dir} already holds a run with other overrides ({before}); continue it with "
                          f"resume={run_dir} or choose a new hydra.run.dir")
+    if cfg is not None and (run_dir / "config.yaml").is_file():
+        old = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+        new = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        changed = sorted(_differences(old, new) - {"resume"})
+        if changed:
+            raise ValueError(f"{run_dir} already holds a run made with another config (differs in {changed[:6]}); "
+                             f"choose a new hydra.run.dir")
     return True
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> set[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = set(a) | set(b)
+        return {d for k in keys for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")}
+    return set() if a == b else {prefix.rstrip(".")}
 
 
 def compose_for_resume(cfg: DictConfig, task_overrides: Sequence[str]) -> tuple[DictConfig, list[str]]:
@@ -380,7 +396,13 @@ def _optimize(
     if resume_from is not None:
         info["resumed_from_step"] = int(torch.load(resume_from, map_location="cpu", weights_only=False)["global_step"])
         summary_cb.info["resumed_from_step"] = info["resumed_from_step"]
-    trainer.fit(system, datamodule=target.datamodule(), ckpt_path=str(resume_from) if resume_from else None)
+    try:
+        trainer.fit(system, datamodule=target.datamodule(), ckpt_path=str(resume_from) if resume_from else None)
+    except RuntimeError as err:
+        if resume_from is None or "loading state_dict" not in str(err):
+            raise
+        raise ValueError(f"the checkpoint {resume_from} does not fit this run's config (made with other settings or "
+                         f"another sdbridge version): {str(err).splitlines()[-1].strip()}") from err
     if trainer.global_step > 0 and not trainer.interrupted:
         trainer.save_checkpoint(str(last_ckpt))
     samples = [dict(r) for r in prompt_set.records]
@@ -439,7 +461,7 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     fresh = not cfg.resume
     overrides = list(hc.overrides.task)
     try:
-        if not cfg.resume and continues_in_place(run_dir, overrides):
+        if not cfg.resume and continues_in_place(run_dir, overrides, cfg):
             log.warning("sdbridge: %s already holds this run: continuing it from its checkpoint", run_dir)
             print(f"sdbridge: continuing the run in {run_dir} from its checkpoint", file=sys.stderr)
             cfg.resume = str(run_dir)

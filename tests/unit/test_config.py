@@ -145,3 +145,25 @@ def test_slurm_and_local_launchers_compose_from_the_environment(monkeypatch):
     assert (slurm.partition, slurm.gpus_per_node, slurm.array_parallelism) == ("gpu-long", 2, 16)
     assert slurm.max_num_timeout >= 1 and slurm.signal_delay_s > 0  # requeue on preemption / time-out
     assert local.gpus_per_node == 2 and local.tasks_per_node == 1  # SDB_GPUS_PER_NODE serves both
+
+
+def test_a_run_directory_is_continued_only_by_the_same_run(tmp_path):
+    """Relaunching into a run directory (a requeued job) continues it only with the same overrides and config."""
+    from omegaconf import OmegaConf
+
+    from sdbridge.cli import continues_in_place
+
+    overrides = ["guidance=sds", "trainer.max_steps=12"]
+    cfg = compose(overrides)
+    assert not continues_in_place(tmp_path, overrides, cfg)  # nothing there yet
+    OmegaConf.save(OmegaConf.create(overrides), tmp_path / "overrides.yaml")
+    OmegaConf.save(cfg, tmp_path / "config.yaml")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert continues_in_place(tmp_path, list(reversed(overrides)), cfg)
+    with pytest.raises(ValueError, match="other overrides"):
+        continues_in_place(tmp_path, ["guidance=sds", "trainer.max_steps=20"], compose(["guidance=sds"]))
+    changed = compose(overrides)
+    changed.guidance.scale = 7.0  # e.g. the YAML defaults changed since the run started
+    with pytest.raises(ValueError, match=r"another config \(differs in \['guidance.scale'\]"):
+        continues_in_place(tmp_path, overrides, changed)
