@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-fast clean
+.PHONY: install run test test-slow test-all clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,11 +19,15 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) run.py
 
+# `make test`: everything but the slow science checks (~9 min on 2 cores); CI also runs `make test-slow`.
 test: $(STAMP)
-	$(PY) -m pytest tests
-
-test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest tests -m slow
+
+test-all: $(STAMP)
+	$(PY) -m pytest tests
 
 clean:
 	rm -rf outputs multirun .pytest_cache
