@@ -220,9 +220,10 @@ def run(
         parts = []
         for k, batch in enumerate(batches):
             batch_dir = run_dir / "batches" / f"{k:04d}"
-            done = batch_dir / "summary.json"
-            if done.is_file() and json.loads(done.read_text()).get("steps") == config.trainer.max_steps:
-                parts.append(json.loads(done.read_text()))
+            done = json.loads((batch_dir / "summary.json").read_text()) if (batch_dir / "summary.json").is_file() \
+                else {}
+            if done.get("steps") == config.trainer.max_steps:
+                parts.append(done)
                 continue
             log.info("sdbridge: batch %d/%d (%d samples)", k + 1, len(batches), len(batch))
             batch_logger = logger if config.logger.kind == LoggerKind.wandb else build_logger(
@@ -238,9 +239,10 @@ def run(
     summary["batch_size"] = config.prompt.batch_size
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     if logger:
-        from sdbridge.callbacks.summary import summary_metrics
+        if summary.get("batches"):  # a single optimization's summary was logged by its SummaryCallback already
+            from sdbridge.callbacks.summary import summary_metrics
 
-        logger.log_metrics(summary_metrics(summary), step=summary["steps"])
+            logger.log_metrics(summary_metrics(summary), step=summary["steps"])
         logger.finalize("success")
         _finish_wandb(logger)
     return summary
@@ -275,26 +277,19 @@ def _finish_wandb(logger: Any) -> None:
 
 def merge_summaries(parts: Sequence[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
     """One summary for a run optimized in batches: totals and per-image / per-step averages over the batches."""
+    from sdbridge.callbacks.summary import cost_totals
+
     first = parts[0]
-    wall = sum(p["wall_clock_s"] for p in parts)
-    steps = sum(p["steps"] for p in parts)
-    nfe = sum(p["nfe_total"] for p in parts)
-    images = sum(p["num_images"] for p in parts)
+    totals = {k: round(v, 3) if isinstance(v, float) else v for k, v in cost_totals(parts).items()}
     merged = {k: first[k] for k in ("guidance", "prior", "target", "seed", "prompt_set", "protocol") if k in first}
     merged.update(
+        totals,
         run_dir=str(run_dir),
         steps=first["max_steps"],
         max_steps=first["max_steps"],
         batches=len(parts),
-        wall_clock_s=round(wall, 3),
-        time_per_image_s=round(wall / images, 3),
-        ms_per_step=round(1000 * wall / steps, 3) if steps else None,
-        nfe_total=nfe,
-        nfe_per_step=round(nfe / steps, 3) if steps else None,
-        peak_memory_mb=max(p["peak_memory_mb"] for p in parts),
         peak_memory_kind=first["peak_memory_kind"],
-        final_loss=sum(p["final_loss"] * p["num_images"] for p in parts) / images,
-        num_images=images,
+        final_loss=sum(p["final_loss"] * p["num_images"] for p in parts) / totals["num_images"],
         prompts=[q for p in parts for q in p["prompts"]],
         samples=[s for p in parts for s in p["samples"]],
         batch_dirs=[p["run_dir"] for p in parts],

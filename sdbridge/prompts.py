@@ -157,8 +157,9 @@ def coco_paths(config: CocoPromptConfig) -> tuple[Path, Path]:
     return annotations, images
 
 
-def select_coco(config: CocoPromptConfig) -> list[dict[str, Any]]:
-    """The whole selection (before sharding): ``num`` records ``{key, prompt, caption_id, image_id, image}``."""
+def select_coco(config: CocoPromptConfig) -> tuple[list[dict[str, Any]], Path, Path]:
+    """The whole selection (before sharding): ``num`` records ``{key, prompt, caption_id, image_id, image}``, with
+    the captions file and the real-image folder they came from."""
     annotations, images_dir = coco_paths(config)
     try:
         data = json.loads(annotations.read_text(encoding="utf-8"))
@@ -189,14 +190,13 @@ def select_coco(config: CocoPromptConfig) -> list[dict[str, Any]]:
         if missing:
             raise FileNotFoundError(f"prompt=coco: {len(missing)} selected real images are missing from {images_dir}, "
                                     f"e.g. {missing[0]}")
-    return records
+    return records, annotations, images_dir
 
 
 def load_prompt_set(config: PromptConfig) -> PromptSet:
     """The run's samples: the selection, then this run's shard of it."""
     if isinstance(config, CocoPromptConfig):
-        records = select_coco(config)
-        annotations, images = coco_paths(config)
+        records, annotations, images = select_coco(config)
         description = {"set": "coco", "annotations": str(annotations), "images": str(images), "num": config.num,
                        "select_seed": config.select_seed}
     else:

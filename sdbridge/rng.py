@@ -64,20 +64,17 @@ class SampleGenerators:
 Generator = Union[torch.Generator, SampleGenerators]
 
 
-def per_sample(generator: Generator, batch_size: int, draw: Callable[[torch.Generator], torch.Tensor],
-               shared: bool = False) -> torch.Tensor:
+def per_sample(generator: Generator, batch_size: int, draw: Callable[[torch.Generator], torch.Tensor]) -> torch.Tensor:
     """``draw(g)`` returns one sample's value with a leading dim of 1; returns the batch ``(batch_size, ...)``.
 
-    With one run generator, ``shared=False`` draws the rows one after another from it, and ``shared=True`` draws one
-    row and repeats it. With :class:`SampleGenerators` row i is always drawn from generator i.
+    With :class:`SampleGenerators` row i is drawn from generator i; with one run generator a single row is drawn
+    and shared by the batch (the helpers below draw unshared batches from a run generator directly).
     """
     if isinstance(generator, SampleGenerators):
         generator.check(batch_size)
         return torch.cat([draw(g) for g in generator.generators])
-    if shared:
-        one = draw(generator)
-        return one.expand(batch_size, *one.shape[1:]).clone()
-    return torch.cat([draw(generator) for _ in range(batch_size)]) if batch_size else draw(generator)[:0]
+    one = draw(generator)
+    return one.expand(batch_size, *one.shape[1:]).clone()
 
 
 def randn(shape: Sequence[int], generator: Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -91,7 +88,7 @@ def randn(shape: Sequence[int], generator: Generator, dtype: torch.dtype = torch
 def randint(high: int, batch_size: int, generator: Generator, shared: bool = False, low: int = 0) -> torch.Tensor:
     """``(batch_size,)`` integers in [low, high): one per sample, or one for the batch when ``shared``."""
     if isinstance(generator, SampleGenerators) or shared:
-        return per_sample(generator, batch_size, lambda g: torch.randint(low, high, (1,), generator=g), shared=shared)
+        return per_sample(generator, batch_size, lambda g: torch.randint(low, high, (1,), generator=g))
     return torch.randint(low, high, (batch_size,), generator=generator)
 
 

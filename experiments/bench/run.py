@@ -65,17 +65,6 @@ def _sync(device: torch.device) -> Callable[[], None]:
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
-def _peak_mb(device: torch.device) -> float:
-    from sdbridge.callbacks.summary import peak_memory
-
-    return peak_memory(device)[0]
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def denoiser_ms(prior, batch: int, repeats: int) -> float:
     """Median ms of one conditioning of the denoiser on ``batch`` latents (the unit an NFE counts)."""
     sync = _sync(prior.device)
@@ -108,7 +97,6 @@ def time_method(prior, prior_name: str, method: str, batch: int, warmup: int, it
 
     config, _ = compose_run_config(overrides_for(prior_name, method, batch, warmup + iters, extra))
     timer = StepTimer(_sync(prior.device))
-    _reset_peak(prior.device)
     with tempfile.TemporaryDirectory() as tmp:
         summary = run(config, Path(tmp), callbacks=[timer], prior=prior)
     unet = getattr(prior, "unet", None)
@@ -116,7 +104,7 @@ def time_method(prior, prior_name: str, method: str, batch: int, warmup: int, it
         unet.delete_adapters(list(unet.peft_config))
     step_s = statistics.median(timer.times[warmup:])
     return {"ms_per_iter": 1000 * step_s, "nfe_per_iter": summary["nfe_per_step"],
-            "peak_memory_mb": _peak_mb(prior.device), "images_per_hour": 3600 * batch / (1000 * step_s)}
+            "peak_memory_mb": summary["peak_memory_mb"], "images_per_hour": 3600 * batch / (1000 * step_s)}
 
 
 def bench_methods(prior_name: str, prior_overrides: list[str], methods: list[str], batches: list[int], warmup: int,

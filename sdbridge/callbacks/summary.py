@@ -13,7 +13,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import torch
@@ -78,6 +78,25 @@ class SummaryCallback(L.Callback):
         if trainer.logger:
             trainer.logger.log_metrics(summary_metrics(summary), step=steps)
         return summary
+
+
+def cost_totals(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Totals and rates over several summaries (a run's batches, a method's shards): wall-clock, steps, NFEs and
+    images summed; time per image, ms and NFEs per step from the sums; the largest peak memory."""
+    wall = sum(p["wall_clock_s"] for p in parts)
+    steps = sum(p.get("steps_total", p["steps"] * p.get("batches", 1)) for p in parts)
+    nfe = sum(p["nfe_total"] for p in parts)
+    images = sum(p["num_images"] for p in parts)
+    return {
+        "wall_clock_s": wall,
+        "steps_total": steps,
+        "nfe_total": nfe,
+        "num_images": images,
+        "time_per_image_s": wall / images,
+        "ms_per_step": 1000 * wall / steps if steps else None,
+        "nfe_per_step": nfe / steps if steps else None,
+        "peak_memory_mb": max(p["peak_memory_mb"] for p in parts),
+    }
 
 
 def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:

@@ -21,6 +21,7 @@ list, crop) and cached as ``.npz`` files.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import importlib
 import os
@@ -39,8 +40,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class FeatureExtractor:
-    """Maps a batch ``(N, 3, H, W)`` of float images in [0, 255] to features ``(N, D)``.
+class FeatureExtractor(abc.ABC):
+    """Maps a batch ``(N, 3, H, W)`` of float images in [0, 255] to features ``(N, D)``, on ``device``.
 
     ``resize`` takes one ``(H, W, 3)`` uint8 image and returns it at the network's input size (clean-fid's
     ``custom_fn_resize``); None means clean-fid's clean 299x299 resize.
@@ -48,9 +49,11 @@ class FeatureExtractor:
 
     name: str = "features"
     resize: Optional[Callable[[np.ndarray], np.ndarray]] = None
+    device: torch.device = torch.device("cpu")
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """Features of the batch."""
 
 
 class InceptionFeatures(FeatureExtractor):
@@ -62,6 +65,7 @@ class InceptionFeatures(FeatureExtractor):
                                     f"downloads them from {INCEPTION_URL}; this process is offline)")
         from cleanfid.features import build_feature_extractor
 
+        self.device = device
         try:
             self.model = build_feature_extractor("clean", device, use_dataparallel=False)
         except Exception as err:  # network errors come in many types
@@ -166,9 +170,8 @@ def image_features(files: Sequence[str | Path], extractor: FeatureExtractor, cro
     missing = [str(f) for f in files if not Path(f).is_file()]
     if missing:
         raise FileNotFoundError(f"FID: {len(missing)} image files are missing, e.g. {missing[0]}")
-    device = getattr(extractor, "device", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     return get_files_features(
-        [str(f) for f in files], model=extractor, num_workers=0, batch_size=batch_size, device=device,
+        [str(f) for f in files], model=extractor, num_workers=0, batch_size=batch_size, device=extractor.device,
         mode="clean", custom_fn_resize=extractor.resize, custom_image_tranform=center_crop if crop else None,
         verbose=False,
     ).astype(np.float64)

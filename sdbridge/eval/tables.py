@@ -103,17 +103,35 @@ def collect(summaries: Sequence[dict[str, Any]], by_protocol: bool = False) -> l
     return [list(methods.values()) for methods in groups.values()]
 
 
-def _merged_exact_metrics(runs: MethodRuns) -> dict[str, float]:
+def _analytic_prior(summary: dict[str, Any], built: dict[str, Any]):
+    """The exact prior a run used (its ``config.yaml``'s prior section; the default one if the file is missing),
+    built once per distinct config."""
+    from dataclasses import fields
+
+    from omegaconf import OmegaConf
+
+    from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior
+
+    saved = Path(summary["run_dir"]) / "config.yaml"
+    section = OmegaConf.to_container(OmegaConf.load(saved)).get("prior", {}) if saved.is_file() else {}
+    names = {f.name for f in fields(AnalyticConfig)} - {"device"}
+    kwargs = {k: v for k, v in section.items() if k in names}
+    key = json.dumps(kwargs, sort_keys=True, default=str)
+    if key not in built:
+        built[key] = AnalyticPrior(AnalyticConfig(device="cpu", **kwargs))
+    return built[key]
+
+
+def _merged_exact_metrics(runs: MethodRuns, built: dict[str, Any]) -> dict[str, float]:
     import torch
 
     from sdbridge.eval.exact import exact_metrics
-    from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior
 
     files = [p for s in runs.summaries for p in (
         [s["model_samples"]] if "model_samples" in s else
         [str(Path(d) / "model_samples.pt") for d in s.get("batch_dirs", [])])]
     samples = torch.cat([torch.load(f, weights_only=True) for f in files])
-    prior = AnalyticPrior(AnalyticConfig(device="cpu"))
+    prior = _analytic_prior(runs.summaries[0], built)
     return exact_metrics(prior, samples, [x["prompt"] for x in runs.samples])["mean"]
 
 
@@ -121,9 +139,11 @@ def score(group: Sequence[MethodRuns], fid_features: Optional[str] = "inception"
           clip_features: Optional[str] = "clip", cache_dir: str | Path = "~/.cache/sdbridge/fid",
           device: str | None = None) -> list[dict[str, Any]]:
     """One row per method of one protocol: FID / CLIP-FID (or exact metrics), time and cost."""
+    from sdbridge.callbacks.summary import cost_totals
     from sdbridge.eval import fid as fidlib
 
     extractors: dict[str, Any] = {}
+    priors: dict[str, Any] = {}  # exact priors, built once per distinct config
 
     def extractor(name: str):
         if name not in extractors:
@@ -134,16 +154,14 @@ def score(group: Sequence[MethodRuns], fid_features: Optional[str] = "inception"
     for runs in sorted(group, key=lambda r: r.method):
         num_shards, missing = runs.coverage()
         samples = runs.samples
-        wall = sum(s["wall_clock_s"] for s in runs.summaries)
-        steps = sum(s["steps"] * s.get("batches", 1) for s in runs.summaries)
-        nfe = sum(s["nfe_total"] for s in runs.summaries)
+        cost = cost_totals(runs.summaries)
         row: dict[str, Any] = {
             "method": runs.method,
             "images": len(samples),
-            "time_per_image_s": wall / len(samples),
-            "ms_per_iteration": 1000 * wall / steps if steps else None,
-            "nfe_per_iteration": nfe / steps if steps else None,
-            "peak_memory_mb": max(s["peak_memory_mb"] for s in runs.summaries),
+            "time_per_image_s": cost["time_per_image_s"],
+            "ms_per_iteration": cost["ms_per_step"],
+            "nfe_per_iteration": cost["nfe_per_step"],
+            "peak_memory_mb": cost["peak_memory_mb"],
             "shards": f"{num_shards - len(missing)}/{num_shards}",
             "missing_shards": missing,
         }
@@ -158,7 +176,7 @@ def score(group: Sequence[MethodRuns], fid_features: Optional[str] = "inception"
                     reference = fidlib.reference_statistics(reals, ex, cache_dir, crop=True)
                     row[column] = fidlib.fid(files, reference, ex)
         if runs.protocol.get("prior") == "analytic":  # the true distributions are known: exact metrics
-            row.update({f"exact_{k}": v for k, v in _merged_exact_metrics(runs).items()})
+            row.update({f"exact_{k}": v for k, v in _merged_exact_metrics(runs, priors).items()})
         rows.append(row)
     return rows
 

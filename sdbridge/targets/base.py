@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -54,11 +55,13 @@ class Render:
     perp_neg: Optional[Any] = None  # sdbridge.guidance.perp_neg.PerpNegViews of the step's cameras
 
 
-class Target(nn.Module):
-    """Base class: ``forward(batch) -> Render``, ``regularizers(step)``, ``export(dir)``."""
+class Target(nn.Module, abc.ABC):
+    """Base class: ``forward(batch) -> Render``, ``regularizers(step)``, ``export(dir)``. Subclasses implement
+    :meth:`forward`, :meth:`model_samples`, :meth:`preview` and :meth:`export`."""
 
-    def forward(self, batch: dict[str, Any]) -> Render:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, batch: dict[str, Any]) -> Render:
+        """The step's render of the current state."""
 
     def regularizers(self, step: int) -> dict[str, torch.Tensor]:
         return {}
@@ -78,15 +81,14 @@ class Target(nn.Module):
     def configure_optimizer(self) -> torch.optim.Optimizer:
         return self.config.optimizer.build(self.parameters())
 
-    @torch.no_grad()
+    @abc.abstractmethod
     def model_samples(self) -> torch.Tensor:
         """The current samples in the prior's model space ``(N, *sample_shape)`` (what exact metrics evaluate)."""
-        raise NotImplementedError
 
-    @torch.no_grad()
+    @abc.abstractmethod
     def preview(self) -> torch.Tensor:
         """Images ``(N, 3, H, W)`` in [0, 1] that show the current state (for grids and videos)."""
-        raise NotImplementedError
 
-    def export(self, directory: Path, names: list[str]) -> list[Path]:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def export(self, directory: Path, names: list[str]) -> list[Path]:
+        """Write the final outputs into ``directory``; returns their paths (one image per sample first)."""

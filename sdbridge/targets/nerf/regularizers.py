@@ -24,6 +24,7 @@ The losses (threestudio's formulas):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Collection
 
 import torch
 import torch.nn.functional as F
@@ -75,9 +76,15 @@ class RegularizerConfig:
 REGULARIZERS = ("sparsity", "opaque", "orient", "z_variance", "convexity")
 
 
+def normal_colors(normal: torch.Tensor, opacity: torch.Tensor) -> torch.Tensor:
+    """Composited normals ``(..., 3)`` as colors in [0, 1], faded by the opacity ``(...)`` (threestudio's
+    ``comp_normal``; validation images add white where the ray is empty)."""
+    return (F.normalize(normal, dim=-1) + 1) / 2 * opacity[..., None]
+
+
 def convexity_loss(normal: torch.Tensor, opacity: torch.Tensor, res: int) -> torch.Tensor:
     """SDI's naive convexity loss of composited normals ``(B, H, W, 3)`` and opacities ``(B, H, W)``."""
-    shown = (F.normalize(normal, dim=-1) + 1) / 2 * opacity[..., None]  # threestudio's comp_normal
+    shown = normal_colors(normal, opacity)
     small = F.interpolate(shown.permute(0, 3, 1, 2), (res, res), mode="bilinear", align_corners=False)
     small = small.permute(0, 2, 3, 1)
     horizontal = torch.linalg.cross(small[:, :, :-1], small[:, :, 1:], dim=-1)[..., 2]  # left x right
@@ -85,19 +92,25 @@ def convexity_loss(normal: torch.Tensor, opacity: torch.Tensor, res: int) -> tor
     return -(horizontal.mean() + vertical.mean())
 
 
-def regularizer_losses(render: dict[str, torch.Tensor], convexity_res: int = 8) -> dict[str, torch.Tensor]:
-    """Unweighted losses from a training render ``(B, H, W, ...)`` (see the module docstring)."""
+def regularizer_losses(render: dict[str, torch.Tensor], convexity_res: int = 8,
+                       names: Collection[str] = REGULARIZERS) -> dict[str, torch.Tensor]:
+    """Unweighted losses ``names`` from a training render ``(B, H, W, ...)`` (see the module docstring); the
+    normal-based ones only when the render has normals."""
     opacity = render["opacity"].flatten()
-    losses = {"sparsity": (opacity**2 + 0.01).sqrt().mean()}
-    o = opacity.clamp(1e-4, 1 - 1e-4)
-    losses["opaque"] = -(o * o.log() + (1 - o) * (1 - o).log()).mean()
-    if "orient" in render:
+    losses = {}
+    if "sparsity" in names:
+        losses["sparsity"] = (opacity**2 + 0.01).sqrt().mean()
+    if "opaque" in names:
+        o = opacity.clamp(1e-4, 1 - 1e-4)
+        losses["opaque"] = -(o * o.log() + (1 - o) * (1 - o).log()).mean()
+    if "orient" in names and "orient" in render:
         w = render["weights"].detach().reshape(-1, render["weights"].shape[-1])
         orient = render["orient"].reshape(w.shape)
         losses["orient"] = (w * orient).sum() / (opacity > 0).sum().clamp_min(1)
-    zvar = render["z_variance"].flatten()
-    mask = opacity > 0.5
-    losses["z_variance"] = zvar[mask].mean() if bool(mask.any()) else zvar.sum() * 0
-    if "normal" in render and render["normal"].dim() == 4:
+    if "z_variance" in names:
+        zvar = render["z_variance"].flatten()
+        mask = opacity > 0.5
+        losses["z_variance"] = zvar[mask].mean() if bool(mask.any()) else zvar.sum() * 0
+    if "convexity" in names and "normal" in render and render["normal"].dim() == 4:
         losses["convexity"] = convexity_loss(render["normal"], render["opacity"], convexity_res)
     return losses

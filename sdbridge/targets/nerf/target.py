@@ -36,7 +36,7 @@ from sdbridge.targets.nerf.cameras import (
 )
 from sdbridge.targets.nerf.export import extract_mesh, write_obj, write_ply
 from sdbridge.targets.nerf.field import FieldConfig, RadianceField
-from sdbridge.targets.nerf.regularizers import RegularizerConfig, regularizer_losses
+from sdbridge.targets.nerf.regularizers import RegularizerConfig, normal_colors, regularizer_losses
 from sdbridge.targets.nerf.renderer import (
     BackgroundKind,
     RendererConfig,
@@ -173,9 +173,9 @@ class NeRFTarget(Target):
     def regularizers(self, step: int) -> dict[str, torch.Tensor]:
         if self._last is None:
             return {}
-        weights = self.config.regularizers.weights(step)
-        losses = regularizer_losses(self._last, self.config.regularizers.convexity_res)
-        return {name: weights[name] * losses[name] for name in losses if weights[name] != 0}
+        weights = {name: w for name, w in self.config.regularizers.weights(step).items() if w != 0}
+        losses = regularizer_losses(self._last, self.config.regularizers.convexity_res, names=weights)
+        return {name: weights[name] * loss for name, loss in losses.items()}
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -213,7 +213,7 @@ class NeRFTarget(Target):
             "opacity": to_img(opacity.expand(*out["opacity"].shape, 3)),
         }
         if normals:
-            normal = (F.normalize(out["normal"], dim=-1) + 1) / 2 * opacity + (1 - opacity)  # white where empty
+            normal = normal_colors(out["normal"], out["opacity"]) + (1 - opacity)  # white where empty
             images["normal"] = to_img(normal).clamp(0, 1)
         return images
 
