@@ -116,5 +116,23 @@ def small_analytic_prior(world_cache):
     """A 16 x 16 exact prior (D = 768) where dense linear algebra is cheap enough to cross-check."""
     from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior
 
-    return AnalyticPrior(AnalyticConfig(size=16, rank=16, samples_per_concept=128, cache_dir=str(world_cache),
+    return AnalyticPrior(AnalyticConfig(size=16, clusters=4, rank=4, coarse_clusters=2, coarse_rank=3,
+                                        renders_per_cluster=24, precision="float64", cache_dir=str(world_cache),
                                         device="cpu"))
+
+
+def dense_components(mix):
+    """The mixture's components as dense tensors: means (K, D), covariances (K, D, D), log weights (K,), for
+    cross-checks on a small prior (the order is ``mix.sets``, then (geometry, color) as in the responsibilities)."""
+    means, covs, logw = [], [], []
+    for s, lp in zip(mix.sets, mix.log_pi):
+        geo = s.geo
+        P = geo.mu.shape[1]
+        eye = torch.eye(3 * P, dtype=torch.float64)
+        for g in range(geo.num):
+            for c in range(6):
+                means.append((s.beta.view(3, 1) + s.delta[c].view(3, 1) * geo.mu[g].view(1, P)).reshape(-1))
+                U = torch.kron(s.dhat[c].view(3, 1), geo.Q[g])  # (3 P, r)
+                covs.append((U * (s.dnorm[c] ** 2 * geo.lam[g])) @ U.T + s.s2 * eye)
+                logw.append(lp[g, c])
+    return torch.stack(means), torch.stack(covs), torch.stack(logw)

@@ -1,25 +1,23 @@
 """Exact metrics against the exact prior's true distribution of a prompt.
 
-All metrics take images in model units (x0 in [-1, 1], ``(n, 3, S, S)``) and a prompt's
-:class:`~sdbridge.priors.analytic.Mixture` p = sum_k pi_k N(mu_k, Sigma_k). Let X be the n images as rows (n, D).
+All metrics take images in model units (x0 = z, ``(n, 3, S, S)``) and a prompt's
+:class:`~sdbridge.priors.analytic.Mixture` p = sum_k pi_k N(m_k, Sigma_k). Let X be the n images as rows (n, D).
 
-* **Frechet distance** (FD, the FID formula on raw pixels, no feature network) between the images' Gaussian fit
+* **Frechet distance** (FD, the FID formula in model space, no feature network) between the images' Gaussian fit
   (mean m1, covariance C1 with n - 1 normalization) and p's exact mean m2 and covariance C2:
   ``FD = |m1 - m2|^2 + tr C1 + tr C2 - 2 tr (C1^1/2 C2 C1^1/2)^1/2``. The last trace equals the sum of square roots of
   the eigenvalues of ``Xc C2 Xc^T / (n - 1)`` (n x n, Xc the centered images), so no D x D matrix is ever formed.
-  Lower is better; exact samples score near 0 up to the finite-n bias.
-* **NLL** in bits per dimension under p at t = 0: ``-log p(x) / (D ln 2) + log2(127.5)``, the usual 8-bit
-  equivalent for data scaled from [0, 255] to [-1, 1]. Lower is better.
-* **Collapse score**: ``max(0, 1 - sqrt(tr C1 / tr C2))``: one minus the images' RMS distance to the point they
-  collapsed to (their own mean) relative to the true distribution's RMS distance to its mean (the typical sample
-  distance; ``tr C2`` is exact). 0 for a set as diverse as the truth, 1 when every image is the same image (for
-  example a concept's mean). Measuring the spread around the set's own centre, not around the true mean, keeps the
-  score blind to a common shift such as over-saturation (FD and sharpness report that); across a multi-concept
-  prompt it also catches mode collapse onto one concept.
+  Lower is better; exact samples score above 0 only through the finite-sample bias.
+* **NLL** in bits per dimension of the *pixel* image (``x = scale z + shift`` in [-1, 1]) under p at t = 0:
+  ``(-log p(z) + D log scale) / (D ln 2) + log2(127.5)``, the usual 8-bit equivalent. Lower is better.
+* **Collapse score**: ``max(0, 1 - sqrt(tr C1 / tr C2))``: 0 for a set as diverse as the truth, 1 when every image
+  is the same image. Measured around the set's own centre, so a common shift (over-saturation) does not count.
 * **Sharpness ratio**: high-frequency energy (mean squared response to the 3x3 Laplacian, circular padding) of the
-  images divided by its exact expectation under p:
-  ``E|Hx|^2 = sum_k pi_k (|H mu_k|^2 + |H U_k diag(sqrt(lam_k))|_F^2 + s_k^2 |H|_F^2)``.
-  1 matches the true distribution; < 1 is over-smoothed, > 1 noisier than real.
+  images divided by its exact expectation under p. 1 matches the truth; < 1 is over-smoothed, > 1 noisier.
+* **Saturation ratio**: mean squared chroma (each pixel's RGB minus its gray level, pixel units) divided by its exact
+  expectation under p. 1 matches the truth; > 1 is over-saturated.
+* **Adherence** / **recognizable**: the share of images that the nearest-template classifier
+  (``sdbridge/eval/classify.py``) reads as one of the prompt's concepts, recognizably / that are recognizable at all.
 """
 
 from __future__ import annotations
@@ -31,13 +29,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from sdbridge.eval.classify import classifier_for
 from sdbridge.priors.analytic import AnalyticPrior, Mixture
 
 LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
 
 
 def _rows(images: torch.Tensor, mix: Mixture) -> torch.Tensor:
-    return images.reshape(images.shape[0], -1).to(mix.mu)
+    return images.reshape(images.shape[0], -1).to(mix.sets[0].beta)
 
 
 def frechet_distance(images: torch.Tensor, mix: Mixture) -> float:
@@ -48,16 +47,16 @@ def frechet_distance(images: torch.Tensor, mix: Mixture) -> float:
     m1 = X.mean(0)
     Xc = (X - m1) / math.sqrt(n - 1)
     tr_c1 = (Xc**2).sum()
-    m2 = mix.mean()
     M = mix.cov_apply(Xc) @ Xc.T
     eig = torch.linalg.eigvalsh(0.5 * (M + M.T)).clamp(min=0)
-    fd = ((m1 - m2) ** 2).sum() + tr_c1 + mix.trace_cov() - 2 * eig.sqrt().sum()
+    fd = ((m1 - mix.mean()) ** 2).sum() + tr_c1 + mix.trace_cov() - 2 * eig.sqrt().sum()
     return float(fd)
 
 
-def nll_bits_per_dim(images: torch.Tensor, mix: Mixture) -> float:
+def nll_bits_per_dim(images: torch.Tensor, mix: Mixture, scale: float) -> float:
     X = _rows(images, mix)
-    return float((-mix.log_prob(X)).mean() / (mix.dim * math.log(2)) + math.log2(127.5))
+    nats = (-mix.log_prob(X)).mean() + mix.dim * math.log(scale)
+    return float(nats / (mix.dim * math.log(2)) + math.log2(127.5))
 
 
 def collapse_score(images: torch.Tensor, mix: Mixture) -> float:
@@ -68,41 +67,38 @@ def collapse_score(images: torch.Tensor, mix: Mixture) -> float:
     return float((1 - (spread / mix.trace_cov()).sqrt()).clamp(min=0))
 
 
-def _highpass(images: torch.Tensor) -> torch.Tensor:
+def highpass(images: torch.Tensor) -> torch.Tensor:
     c = images.shape[1]
     k = LAPLACIAN.to(images).view(1, 1, 3, 3).repeat(c, 1, 1, 1)
     return F.conv2d(F.pad(images, (1, 1, 1, 1), mode="circular"), k, groups=c)
 
 
-def expected_highfreq_energy(mix: Mixture, shape: Sequence[int]) -> float:
-    """Exact E|Hx|^2 / D under the mixture."""
-    c, h, w = shape
-    as_img = lambda v: v.reshape(-1, c, h, w)  # noqa: E731
-    pi = mix.log_pi.exp()
-    mean_term = (_highpass(as_img(mix.mu)) ** 2).flatten(1).sum(1)  # (K,)
-    K, D, r = mix.U.shape
-    cols = (mix.U * mix.lam.sqrt().unsqueeze(1)).transpose(1, 2).reshape(K * r, D)
-    low_term = (_highpass(as_img(cols)) ** 2).flatten(1).sum(1).view(K, r).sum(1)
-    iso_term = mix.s2 * D * float((LAPLACIAN**2).sum())
-    return float((pi * (mean_term + low_term + iso_term)).sum() / D)
-
-
 def sharpness_ratio(images: torch.Tensor, mix: Mixture) -> float:
-    x = images.to(mix.mu)
-    energy = (_highpass(x) ** 2).flatten(1).mean(1).mean()
-    return float(energy / expected_highfreq_energy(mix, images.shape[1:]))
+    x = images.to(mix.sets[0].beta)
+    energy = (highpass(x) ** 2).flatten(1).mean(1).mean()
+    return float(energy / mix.expected_spatial_energy(LAPLACIAN))
 
 
+def saturation_ratio(images: torch.Tensor, mix: Mixture, prior: AnalyticPrior) -> float:
+    x = prior.to_pixels(images.to(mix.sets[0].beta))
+    chroma = ((x - x.mean(1, keepdim=True)) ** 2).sum(1).mean()
+    return float(chroma / mix.expected_chroma_energy(prior.shift.to(x), prior.scale))
+
+
+#: name -> function(images, mixture, prior)
 METRICS = OrderedDict(
-    fd=frechet_distance,
-    nll_bpd=nll_bits_per_dim,
-    collapse=collapse_score,
-    sharpness=sharpness_ratio,
+    fd=lambda x, mix, prior: frechet_distance(x, mix),
+    nll_bpd=lambda x, mix, prior: nll_bits_per_dim(x, mix, prior.scale),
+    collapse=lambda x, mix, prior: collapse_score(x, mix),
+    sharpness=lambda x, mix, prior: sharpness_ratio(x, mix),
+    saturation=lambda x, mix, prior: saturation_ratio(x, mix, prior),
 )
-
+#: from the nearest-template classifier, one pass for both
+CLASSIFIER_METRICS = ("adherence", "recognizable")
+ALL_METRICS = (*METRICS, *CLASSIFIER_METRICS)
 
 #: metrics defined for a single image (the others compare sets)
-SINGLE_IMAGE = ("nll_bpd", "sharpness")
+SINGLE_IMAGE = ("nll_bpd", "sharpness", "saturation", "adherence", "recognizable")
 
 
 @torch.no_grad()
@@ -120,16 +116,13 @@ def exact_metrics(prior: AnalyticPrior, x0: torch.Tensor, prompts: Sequence[str]
     for p, rows in groups.items():
         mix = prior.mixture(p)
         imgs = x0[rows]
-        values = {name: fn(imgs, mix) for name, fn in METRICS.items() if len(rows) >= 2 or name in SINGLE_IMAGE}
+        values = {name: fn(imgs, mix, prior) for name, fn in METRICS.items()
+                  if len(rows) >= 2 or name in SINGLE_IMAGE}
+        values.update(zip(CLASSIFIER_METRICS, classifier_for(prior).adherence(imgs, mix.concepts)))
         per_prompt[p] = {**values, "n": len(rows)}
     mean = {
         name: sum(v[name] for v in per_prompt.values() if name in v) / max(1, sum(name in v for v in per_prompt.values()))
-        for name in METRICS
+        for name in ALL_METRICS
         if any(name in v for v in per_prompt.values())
     }
     return {"per_prompt": per_prompt, "mean": mean}
-
-
-def images_to_x0(images01: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] (what a person sees) to the exact prior's model units."""
-    return 2 * images01.clamp(0, 1) - 1

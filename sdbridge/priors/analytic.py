@@ -1,211 +1,455 @@
-"""The exact prior: a Gaussian-mixture image world whose denoiser is known in closed form.
+"""The exact prior: a miniature latent text-to-image model whose denoiser is known in closed form.
 
-Each prompt selects a mixture of concepts (``sdbridge/priors/vocabulary.py``), each concept a low-rank Gaussian
-``N(mu_k, U_k diag(lam_k) U_k^T + s_k^2 I)`` (``sdbridge/priors/world.py``). Noising with SD 2.1's schedule keeps the
-mixture Gaussian:
+**World** (``sdbridge/priors/world.py``): one sharp shape of one color per image; each concept (shape, color) is a
+mixture of low-rank Gaussians over clusters of its renderings (factor analyzers along the rendering manifold).
+**Text** (``sdbridge/priors/vocabulary.py``) tilts one shared mixture over all 36 concepts (``text_adherence``), and
+modifier words mix in corrupted copies (``modifier_weight``). **Model space**: like SD's scaled latents, the model
+works on ``z = (x - shift) / scale`` where x is the image in [-1, 1] and ``shift`` (per channel) and ``scale`` are the
+exact mean and RMS deviation of the unconditional distribution, so ``randn`` samples are in scale with the data.
 
-    p_t(x) = sum_k pi_k N(x; sqrt(abar) mu_k, U_k diag(abar lam_k) U_k^T + c_k I),   c_k = abar s_k^2 + 1 - abar
+Every component is ``N(m_k, U_k diag(l_k) U_k^T + s^2 I)`` in model space with the color x geometry structure
 
-and the exact epsilon is ``eps(x_t, t) = -sqrt(1 - abar_t) * grad log p_t(x_t)``. With Woodbury,
+    m_(g,c) = beta 1 + delta_c (x) mu_g,     U_(g,c) = dhat_c (x) Q_g,     l_(g,c) = |delta_c|^2 lam_g
 
-    Sigma_k^-1 d = (d - U_k (g_k * U_k^T d)) / c_k,     g_k = abar lam_k / (abar lam_k + c_k)
-    log det Sigma_k = D log c_k + sum log(1 + abar lam_k / c_k)
+(``beta`` the background, ``delta_c`` color c minus background, both in model units; ``mu_g, Q_g, lam_g`` a
+geometry component over pixels). Noising with SD 2.1's schedule keeps each Gaussian:
+``N(sqrt(a) m_k, a U diag(l) U^T + c I)``, ``c = a s^2 + 1 - a``, and the exact epsilon is
+``eps(x_t, t) = -sqrt(1 - a) grad log p_t(x_t)``. By Woodbury,
 
-so one evaluation costs O(K D r) for K components of rank r. Responsibilities use log-sum-exp in float64, which keeps
-t near 0 (tiny c_k) and near 999 stable. The prior lives in pixel space: x0 is the image in [-1, 1], 3 x S x S.
+    Sigma_k^-1 d = (d - U_k (g_k * U_k^T d)) / c,       g_k = a l_k / (a l_k + c)
+    log det Sigma_k = D log c + sum log(1 + a l_k / c)
+
+and because of the factorization the projections ``U_k^T x`` of all 6 colors of a geometry component come from
+three per-channel projections ``x_ch Q_g``: one evaluation costs O(B 3 P G r) for G geometry components of rank r
+(P pixels), shared by every conditioning of the call (text only changes the weights). Responsibilities use
+log-sum-exp in float64, which keeps t near 0 (small c) and near 999 stable.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from sdbridge.rng import SampleGenerators
 from sdbridge.priors.base import DiffusionPrior, PriorConfig, TextEmbedding, resolve_device
-from sdbridge.priors.vocabulary import MODIFIERS, ParsedPrompt, parse_prompt
-from sdbridge.priors.world import World, WorldSpec, load_world
+from sdbridge.priors.vocabulary import MODIFIERS, Modifier, ParsedPrompt, parse_prompt
+from sdbridge.priors.world import COLORS, SHAPES, GeometryModel, World, WorldSpec, color_vectors, load_world
+from sdbridge.rng import SampleGenerators
 
 
 @dataclass
 class AnalyticConfig(PriorConfig):
-    """``prior=analytic``: the exact Gaussian-mixture world (pixel space)."""
+    """``prior=analytic``: the exact world (model space = affinely scaled pixels, ``3 x size x size``)."""
 
     size: int = 32  # S: images are 3 x S x S (16..64)
-    rank: int = 32  # r: principal directions per concept
-    samples_per_concept: int = 512
-    noise_floor: float = 0.01  # s0: isotropic std of every concept, [-1, 1] units (small: sensor noise only)
+    clusters: int = 96  # geometry components per shape
+    rank: int = 12  # principal directions per component
+    coarse_clusters: int = 16  # components per shape of the corrupted copies
+    coarse_rank: int = 8
+    renders_per_cluster: int = 80
+    noise_floor: float = 0.2  # s: isotropic std of every component, model units (sensor noise; keeps eps O(1))
+    precision: str = "mixed"  # "float64": all in float64; "mixed": the projections in float32 (measured: README)
+    text_adherence: float = 0.9  # share of a prompt's mass on the concepts it names
+    modifier_weight: float = 1.0  # mass of each modifier word's corrupted copy, relative to the clean distribution
     seed: int = 0  # the world's seed (not the run's)
     cache_dir: str = "~/.cache/sdbridge/world"
 
     def __post_init__(self) -> None:
-        if not 16 <= self.size <= 64:
-            raise ValueError(f"prior.size={self.size} must be between 16 and 64")
-        if not 1 <= self.rank < self.samples_per_concept:
-            raise ValueError(f"prior.rank={self.rank} must be >= 1 and < prior.samples_per_concept")
-        if not self.noise_floor > 0:
-            raise ValueError(f"prior.noise_floor={self.noise_floor} must be > 0")
+        self.world_spec().check()
+        if not 0 < self.noise_floor < 1:
+            raise ValueError(f"prior.noise_floor={self.noise_floor} must be in (0, 1) (model units)")
+        if not 1 / 36 < self.text_adherence < 1:
+            raise ValueError(f"prior.text_adherence={self.text_adherence} must be in (1/36, 1): the share of a prompt's "
+                             "mass on the concepts it names (1 would make text select, not tilt)")
+        if self.precision not in ("float64", "mixed"):
+            raise ValueError(f"prior.precision={self.precision!r} is not one of ['float64', 'mixed']")
+        if not self.modifier_weight > 0:
+            raise ValueError(f"prior.modifier_weight={self.modifier_weight} must be > 0")
+
+    def world_spec(self) -> WorldSpec:
+        return WorldSpec(self.size, self.clusters, self.rank, self.coarse_clusters, self.coarse_rank,
+                         self.renders_per_cluster, seed=self.seed)
+
+
+# --------------------------------------------------------------------------------------------- components
+@dataclass
+class Geometry:
+    """Geometry components over pixels, on the prior's device (float64): ``mu`` (G, P), ``Q`` (G, P, r) orthonormal,
+    ``lam`` (G, r), ``log_w`` (G,), ``shape`` (G,); with the stacked basis and the constants the score needs."""
+
+    mu: torch.Tensor
+    Q: torch.Tensor
+    lam: torch.Tensor
+    log_w: torch.Tensor
+    shape: torch.Tensor
+    Q_all: torch.Tensor = field(init=False)  # (P, G r)
+    Qtmu: torch.Tensor = field(init=False)  # (G, r)
+    mu2: torch.Tensor = field(init=False)  # (G,)
+    mu_sum: torch.Tensor = field(init=False)  # (G,)
+    Q_all32: torch.Tensor = field(init=False)  # Q_all in float32, for precision="mixed"
+    mu32: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        G, P, r = self.Q.shape
+        self.Q_all = self.Q.permute(1, 0, 2).reshape(P, G * r).contiguous()
+        self.Q_all32 = self.Q_all.float()
+        self.mu32 = self.mu.float()
+        self.Qtmu = torch.einsum("gpr,gp->gr", self.Q, self.mu)
+        self.mu2 = (self.mu**2).sum(1)
+        self.mu_sum = self.mu.sum(1)
+
+    @classmethod
+    def from_model(cls, model: GeometryModel, modifier: Modifier | None, size: int, device) -> "Geometry":
+        """The model's components, pushed through the modifier's spatial maps (re-orthonormalized by SVD)."""
+        mu, V, lam = model.mu.double(), model.V.double(), model.lam.double()
+        if modifier is not None and modifier.spatial:
+            G, P, r = V.shape
+            as_img = lambda v: v.reshape(-1, 1, size, size)  # noqa: E731
+            mu = modifier.apply_spatial(as_img(mu)).reshape(G, P)
+            cols = (V * lam.sqrt().unsqueeze(1)).transpose(1, 2).reshape(G * r, P)
+            F_ = modifier.apply_spatial(as_img(cols)).reshape(G, r, P).transpose(1, 2)
+            V, sv, _ = torch.linalg.svd(F_, full_matrices=False)
+            lam = sv**2
+        return cls(mu.to(device), V.contiguous().to(device), lam.to(device), model.log_w.double().to(device),
+                   model.shape.to(device))
+
+    @property
+    def num(self) -> int:
+        return int(self.mu.shape[0])
+
+    @property
+    def rank(self) -> int:
+        return int(self.Q.shape[2])
+
+
+@dataclass
+class ComponentSet:
+    """All (geometry g, color c) components of one corruption: geometry, background ``beta`` (3,) and color vectors
+    ``delta`` (6, 3) in model units, isotropic variance ``s2``. Shared by every prompt that uses it; ``key`` names it."""
+
+    key: str
+    geo: Geometry
+    beta: torch.Tensor
+    delta: torch.Tensor
+    s2: float
+    mixed: bool = False  # projections and per-component terms in float32, densities and sums in float64
+    dnorm: torch.Tensor = field(init=False)  # (6,)
+    dhat: torch.Tensor = field(init=False)  # (6, 3)
+
+    def __post_init__(self) -> None:
+        self.dnorm = self.delta.norm(dim=1)
+        self.dhat = self.delta / self.dnorm.unsqueeze(1)
+
+    @property
+    def dim(self) -> int:
+        return 3 * int(self.geo.mu.shape[1])
+
+    def terms(self, x: torch.Tensor, abar: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-component Gaussian log-densities of x (B, 3, P) at noise level abar (B,), float64, and what the score
+        needs: ``log_prob`` (B, G, 6), ``c`` (B,), ``gproj`` (B, 6, G, r) (color-major, the layout of the matmuls).
+
+        The shrinkage ``g`` and the log-determinant depend on the sample only through its noise level, so they are
+        computed once per distinct timestep of the batch (usually one)."""
+        geo = self.geo
+        B, _, P = x.shape
+        G, r = geo.num, geo.rank
+        D = 3 * P
+        work = torch.float32 if self.mixed else torch.float64
+        a = abar.view(B, 1, 1)
+        sa = a.sqrt()
+        c = abar * self.s2 + (1 - abar)  # (B,)
+        levels, inverse = torch.unique(abar, return_inverse=True)
+        rho = levels / (levels * self.s2 + (1 - levels))  # a / c per distinct level
+        al = rho.view(-1, 1, 1, 1) * (self.dnorm**2).view(1, -1, 1, 1) * geo.lam.view(1, 1, G, r)  # a l / c
+        shrink = (al / (1 + al)).to(work)  # (levels, 6, G, r)
+        logdet = torch.log1p(al).sum(3)  # (levels, 6, G)
+        if levels.numel() == 1:
+            shrink, logdet = shrink.expand(B, -1, -1, -1), logdet.expand(B, -1, -1)
+        else:
+            shrink, logdet = shrink[inverse], logdet[inverse]
+        y = x - sa * self.beta.view(1, 3, 1)  # x minus the noised background
+        y_mu = torch.matmul(y, geo.mu.T)  # (B, 3, G)
+        Q_all = geo.Q_all32 if self.mixed else geo.Q_all
+        y_q = (y.reshape(B * 3, P).to(work) @ Q_all).view(B, 3, G * r)
+        proj = (self.dhat.to(work) @ y_q).view(B, 6, G, r) \
+            - (sa.view(B, 1, 1, 1) * self.dnorm.view(1, -1, 1, 1)).to(work) * geo.Qtmu.to(work).view(1, 1, G, r)
+        d2 = (y * y).sum((1, 2)).view(B, 1, 1) - 2 * sa * (self.delta @ y_mu) \
+            + a * (self.dnorm**2).view(1, -1, 1) * geo.mu2.view(1, 1, -1)  # (B, 6, G)
+        gproj = shrink * proj
+        maha = (d2 - (gproj * proj).sum(3).double()) / c.view(B, 1, 1)
+        log_prob = -0.5 * (maha + logdet + D * torch.log(c).view(B, 1, 1) + D * math.log(2 * math.pi))
+        return {"log_prob": log_prob.transpose(1, 2), "c": c, "gproj": gproj}
+
+    def inv_cov_sum(self, x: torch.Tensor, abar: torch.Tensor, resp: torch.Tensor, terms: dict) -> torch.Tensor:
+        """``sum_k resp_k Sigma_k^-1 (x - sqrt(a) m_k)`` over this set's components (resp: (B, G, 6)), (B, 3, P)."""
+        geo = self.geo
+        B, _, P = x.shape
+        rc = (resp / terms["c"].view(B, 1, 1)).transpose(1, 2)  # (B, 6, G)
+        gproj = terms["gproj"]
+        total = rc.sum((1, 2)).view(B, 1, 1)
+        coef_mu = (self.delta.T @ rc).reshape(B * 3, -1)  # (B 3, G)
+        weighted = (rc.to(gproj).unsqueeze(3) * gproj).reshape(B, 6, -1)  # (B, 6, G r)
+        coef_q = (self.dhat.T.to(gproj) @ weighted).reshape(B * 3, -1)
+        if self.mixed:
+            mu_part = (coef_mu.float() @ geo.mu32).double()
+            q_part = (coef_q @ geo.Q_all32.T).double()
+        else:
+            mu_part, q_part = coef_mu @ geo.mu, coef_q @ geo.Q_all.T
+        sa = abar.sqrt().view(B, 1, 1)
+        return x * total - sa * (self.beta.view(1, 3, 1) * total + mu_part.view(B, 3, P)) - q_part.view(B, 3, P)
 
 
 @dataclass
 class Mixture:
-    """A prompt's exact distribution: K low-rank Gaussians (float64 on the prior's device)."""
+    """A prompt's exact distribution: component sets with log weights ``log_pi[i]`` (G_i, 6) that sum (exp) to 1
+    over all sets. ``concepts`` are the (shape, color) pairs the prompt names."""
 
     prompt: str
-    mu: torch.Tensor  # (K, D)
-    U: torch.Tensor  # (K, D, r) orthonormal columns
-    lam: torch.Tensor  # (K, r) >= 0
-    s2: torch.Tensor  # (K,) isotropic variance
-    log_pi: torch.Tensor  # (K,)
+    sets: list[ComponentSet]
+    log_pi: list[torch.Tensor]
     concepts: list[tuple[str, str]]
-
-    @property
-    def num_components(self) -> int:
-        return int(self.mu.shape[0])
+    size: int
 
     @property
     def dim(self) -> int:
-        return int(self.mu.shape[1])
+        return self.sets[0].dim
 
-    # ------------------------------------------------------------------ moments
+    @property
+    def num_components(self) -> int:
+        return sum(int(lp.numel()) for lp in self.log_pi)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], 3, -1).to(self.sets[0].beta)
+
+    # ------------------------------------------------------------------ noised density
+    def log_joint(self, x: torch.Tensor, abar: torch.Tensor) -> tuple[list[dict], torch.Tensor]:
+        """Per-set terms and the joint log weights ``log pi_k + log N_k`` (B, K) over all components."""
+        terms = [s.terms(x, abar) for s in self.sets]
+        logits = torch.cat([(t["log_prob"] + lp).flatten(1) for t, lp in zip(terms, self.log_pi)], 1)
+        return terms, logits
+
+    def log_prob(self, x: torch.Tensor, abar: torch.Tensor | None = None) -> torch.Tensor:
+        """log p_t(x) in model space (t = 0, the clean distribution, when ``abar`` is None). x: (B, D) or images."""
+        x = self._rows(x)
+        if abar is None:
+            abar = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+        return torch.logsumexp(self.log_joint(x, abar.to(x))[1], dim=1)
+
+    def responsibilities(self, x: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+        """Posterior over all components (B, K), in the order of ``sets`` then (geometry, color)."""
+        x = self._rows(x)
+        return torch.softmax(self.log_joint(x, abar.to(x))[1], dim=1)
+
+    def score(self, x: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+        """grad_x log p_t(x), (B, D)."""
+        x = self._rows(x)
+        abar = abar.to(x)
+        terms, logits = self.log_joint(x, abar)
+        resp = torch.softmax(logits, dim=1)
+        out = torch.zeros_like(x)
+        start = 0
+        for s, t, lp in zip(self.sets, terms, self.log_pi):
+            n = lp.numel()
+            out = out + s.inv_cov_sum(x, abar, resp[:, start:start + n].view(-1, *lp.shape), t)
+            start += n
+        return -out.reshape(x.shape[0], -1)
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n exact samples of the clean distribution, (n, D) float64 (draws on the CPU generator's stream)."""
+        flat = torch.cat([lp.flatten() for lp in self.log_pi]).exp().cpu()
+        idx = torch.multinomial(flat.float(), n, replacement=True, generator=generator)
+        out = torch.empty(n, 3, self.sets[0].geo.mu.shape[1], dtype=torch.float64)
+        r_max = max(s.geo.rank for s in self.sets)
+        z = torch.randn(n, r_max, generator=generator, dtype=torch.float64)
+        e = torch.randn(n, self.dim, generator=generator, dtype=torch.float64).view(n, 3, -1)
+        start = 0
+        for s, lp in zip(self.sets, self.log_pi):
+            count = lp.numel()
+            rows = ((idx >= start) & (idx < start + count)).nonzero().flatten()
+            start_i = start
+            start += count
+            if rows.numel() == 0:
+                continue
+            local = (idx[rows] - start_i).to(s.beta.device)
+            g, c = local // 6, local % 6
+            geo = s.geo
+            zz = z[rows, : geo.rank].to(s.beta)
+            m = geo.mu[g] + torch.einsum("npr,nr->np", geo.Q[g], geo.lam[g].sqrt() * zz)
+            x = s.beta.view(1, 3, 1) + s.delta[c].unsqueeze(2) * m.unsqueeze(1) + math.sqrt(s.s2) * e[rows].to(s.beta)
+            out[rows] = x.cpu()
+        return out.reshape(n, -1).to(self.sets[0].beta.device)
+
+    # ------------------------------------------------------------------ moments (exact metrics)
+    def _weights(self) -> Iterator[tuple[ComponentSet, torch.Tensor]]:
+        for s, lp in zip(self.sets, self.log_pi):
+            yield s, lp.exp()
+
     def mean(self) -> torch.Tensor:
-        return (self.log_pi.exp().unsqueeze(1) * self.mu).sum(0)
+        """E[x], (D,)."""
+        out = 0
+        for s, pi in self._weights():
+            out = out + pi.sum() * s.beta.view(3, 1) + torch.einsum("gc,ck,gp->kp", pi, s.delta, s.geo.mu)
+        return out.reshape(-1)
+
+    def trace_cov(self) -> torch.Tensor:
+        second = 0
+        for s, pi in self._weights():
+            P = s.geo.mu.shape[1]
+            m2 = P * (s.beta**2).sum() + 2 * (s.delta @ s.beta).view(1, -1) * s.geo.mu_sum.view(-1, 1) \
+                + (s.dnorm**2).view(1, -1) * s.geo.mu2.view(-1, 1)  # |m_k|^2, (G, 6)
+            low = (s.dnorm**2).view(1, -1) * s.geo.lam.sum(1).view(-1, 1)
+            second = second + (pi * (m2 + low + s.dim * s.s2)).sum()
+        return second - (self.mean() ** 2).sum()
 
     def cov_apply(self, X: torch.Tensor) -> torch.Tensor:
         """``X @ Sigma`` for the mixture covariance Sigma (X: (n, D)), without forming Sigma (D x D)."""
-        pi = self.log_pi.exp()
+        X3 = self._rows(X)
+        n = X3.shape[0]
+        out = torch.zeros_like(X3)
+        for s, pi in self._weights():
+            geo = s.geo
+            xm = (X3 * s.beta.view(1, 3, 1)).sum((1, 2)).view(n, 1, 1) \
+                + torch.einsum("nkg,ck->ngc", torch.einsum("nkp,gp->nkg", X3, geo.mu), s.delta)  # X m_k
+            w = xm * pi.unsqueeze(0)
+            out = out + w.sum((1, 2)).view(n, 1, 1) * s.beta.view(1, 3, 1) \
+                + torch.einsum("ngc,ck,gp->nkp", w, s.delta, geo.mu)
+            xq = torch.einsum("nkgr,ck->ngcr", (X3.reshape(n * 3, -1) @ geo.Q_all).view(n, 3, geo.num, geo.rank),
+                              s.dhat)
+            coef = xq * (pi * s.dnorm.view(1, -1) ** 2).unsqueeze(0).unsqueeze(3) * geo.lam.view(1, geo.num, 1, -1)
+            coef_q = torch.einsum("ngcr,ck->nkgr", coef, s.dhat).reshape(n * 3, -1)
+            out = out + (coef_q @ geo.Q_all.T).view(n, 3, -1) + pi.sum() * s.s2 * X3
         m = self.mean()
-        proj = torch.einsum("nd,kdr->knr", X, self.U) * self.lam.unsqueeze(1)  # (K, n, r)
-        low = torch.einsum("knr,kdr->knd", proj, self.U)
-        iso = self.s2.view(-1, 1, 1) * X.unsqueeze(0)
-        outer = (X @ self.mu.T).T.unsqueeze(2) * self.mu.unsqueeze(1)  # (K, n, D)
-        within = (pi.view(-1, 1, 1) * (low + iso + outer)).sum(0)
-        return within - (X @ m).unsqueeze(1) * m.unsqueeze(0)
+        Xf = X3.reshape(n, -1)
+        return out.reshape(n, -1) - (Xf @ m).unsqueeze(1) * m.unsqueeze(0)
 
-    def trace_cov(self) -> torch.Tensor:
-        pi = self.log_pi.exp()
-        m = self.mean()
-        per = self.lam.sum(1) + self.dim * self.s2 + (self.mu**2).sum(1)
-        return (pi * per).sum() - (m**2).sum()
+    def expected_spatial_energy(self, kernel: torch.Tensor) -> float:
+        """Exact ``E|H x|^2 / D`` for H a per-channel convolution with ``kernel`` (k x k, circular padding) whose
+        entries sum to 0 (so constant images map to 0)."""
+        k = kernel.to(self.sets[0].beta)
+        filt = lambda m: _conv_circular(m.reshape(-1, 1, self.size, self.size), k)  # noqa: E731
+        total = 0
+        for s, pi in self._weights():
+            geo = s.geo
+            mean_term = (filt(geo.mu) ** 2).flatten(1).sum(1)  # (G,)
+            cols = geo.Q.transpose(1, 2).reshape(-1, geo.mu.shape[1])
+            low_term = ((filt(cols) ** 2).flatten(1).sum(1).view(geo.num, geo.rank) * geo.lam).sum(1)
+            per = (s.dnorm**2).view(1, -1) * (mean_term + low_term).view(-1, 1) + s.s2 * s.dim * float((k**2).sum())
+            total = total + (pi * per).sum()
+        return float(total / self.dim)
 
-    # ------------------------------------------------------------------ noised density
-    def _flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Cached stacked bases: U_all (D, K r), U^T mu (K, r), |mu|^2 (K,)."""
-        cache = getattr(self, "_flat_cache", None)
-        if cache is None:
-            K, D, r = self.U.shape
-            U_all = self.U.permute(1, 0, 2).reshape(D, K * r).contiguous()
-            Utmu = torch.einsum("kdr,kd->kr", self.U, self.mu)
-            cache = (U_all, Utmu, (self.mu**2).sum(1))
-            object.__setattr__(self, "_flat_cache", cache)
-        return cache
-
-    def noised_terms(self, x: torch.Tensor, abar: torch.Tensor):
-        """Per-component log N(x; sqrt(abar) mu_k, Sigma_k(t)) and what the score needs.
-
-        x: (B, D) float64, abar: (B,) float64. Everything is computed from matmuls against the stacked bases, so no
-        (B, K, D) tensor is formed: with d = x - sqrt(abar) mu_k,
-        ``|d|^2 = |x|^2 - 2 sqrt(abar) x.mu_k + abar |mu_k|^2`` and ``U_k^T d = U_k^T x - sqrt(abar) U_k^T mu_k``.
-
-        Returns ``(log_prob (B, K), c (B, K), g * proj (B, K, r))``.
-        """
-        K, D, r = self.U.shape
-        U_all, Utmu, mu2 = self._flat()
-        a = abar.view(-1, 1)  # (B, 1)
-        sa = a.sqrt()
-        c = a * self.s2.view(1, -1) + (1 - a)  # (B, K)
-        al = a.unsqueeze(2) * self.lam.unsqueeze(0)  # (B, K, r)
-        g = al / (al + c.unsqueeze(2))
-        proj = (x @ U_all).view(-1, K, r) - sa.unsqueeze(2) * Utmu.unsqueeze(0)  # (B, K, r)
-        d2 = (x * x).sum(1, keepdim=True) - 2 * sa * (x @ self.mu.T) + a * mu2.unsqueeze(0)  # (B, K)
-        maha = (d2 - (g * proj * proj).sum(2)) / c
-        logdet = D * torch.log(c) + torch.log1p(al / c.unsqueeze(2)).sum(2)
-        log_prob = -0.5 * (maha + logdet + D * math.log(2 * math.pi))
-        return log_prob, c, g * proj
-
-    def responsibilities(self, x: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
-        log_prob, _, _ = self.noised_terms(x, abar)
-        return torch.softmax(log_prob + self.log_pi, dim=1)
-
-    def log_prob(self, x: torch.Tensor, abar: torch.Tensor | None = None) -> torch.Tensor:
-        """log p_t(x) (t = 0, the clean distribution, when ``abar`` is None). x: (B, D)."""
-        if abar is None:
-            abar = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
-        log_prob, _, _ = self.noised_terms(x, abar)
-        return torch.logsumexp(log_prob + self.log_pi, dim=1)
-
-    def score(self, x: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
-        """grad_x log p_t(x), (B, D):
-
-        ``-sum_k r_k Sigma_k^-1 d_k = -[ x sum_k r_k / c_k - sqrt(abar) sum_k (r_k / c_k) mu_k
-        - sum_k U_k (r_k g_k proj_k / c_k) ]``
-        """
-        K, D, r = self.U.shape
-        U_all, _, _ = self._flat()
-        log_prob, c, gproj = self.noised_terms(x, abar)
-        resp = torch.softmax(log_prob + self.log_pi, dim=1)  # (B, K)
-        rc = resp / c
-        coeff = (rc.unsqueeze(2) * gproj).reshape(-1, K * r)
-        inv = x * rc.sum(1, keepdim=True) - abar.sqrt().view(-1, 1) * (rc @ self.mu) - coeff @ U_all.T
-        return -inv
-
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """n exact samples of the clean distribution, (n, D) float64 on the CPU generator's stream."""
-        k = torch.multinomial(self.log_pi.exp().cpu().float(), n, replacement=True, generator=generator)
-        z = torch.randn(n, self.lam.shape[1], generator=generator, dtype=torch.float64)
-        e = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
-        k = k.to(self.mu.device)
-        z, e = z.to(self.mu), e.to(self.mu)
-        low = torch.einsum("ndr,nr->nd", self.U[k], self.lam[k].sqrt() * z)
-        return self.mu[k] + low + self.s2[k].sqrt().unsqueeze(1) * e
+    def expected_chroma_energy(self, shift: torch.Tensor, scale: float) -> float:
+        """Exact mean squared chroma (deviation of each pixel's RGB from its gray level) of the images in [-1, 1]
+        units, ``x = scale z + shift``, per pixel."""
+        Pc = torch.eye(3, dtype=torch.float64, device=shift.device) - 1 / 3
+        total_sq, mean_z = 0, self.mean().view(3, -1)
+        for s, pi in self._weights():
+            P = s.geo.mu.shape[1]
+            pb, pd = Pc @ s.beta, s.delta @ Pc  # (3,), (6, 3)
+            m2 = P * (pb**2).sum() + 2 * (pd @ pb).view(1, -1) * s.geo.mu_sum.view(-1, 1) \
+                + (pd**2).sum(1).view(1, -1) * s.geo.mu2.view(-1, 1)
+            low = (pd**2).sum(1).view(1, -1) * s.geo.lam.sum(1).view(-1, 1)
+            total_sq = total_sq + (pi * (m2 + low + 2 * P * s.s2)).sum()
+        P = mean_z.shape[1]
+        ps = Pc @ shift
+        cross = 2 * scale * (ps.view(3, 1) * (Pc @ mean_z)).sum()
+        return float((scale**2 * total_sq + cross + P * (ps**2).sum()) / P)
 
 
-def build_mixture(world: World, parsed: ParsedPrompt, prompt: str, device: torch.device) -> Mixture:
-    """Select the prompt's concepts and push each through the modifier chain (affine maps of the clean image)."""
-    concepts = parsed.concepts()
-    idx = torch.tensor([world.index(*c) for c in concepts])
-    S = world.spec.size
-    mu = world.mu[idx].double()
-    W = (world.U[idx] * world.lam[idx].sqrt().unsqueeze(1)).double()  # (K, D, r): U diag(sqrt(lam))
-    K, D, r = W.shape
-    s2 = torch.full((K,), world.spec.noise_floor**2, dtype=torch.float64)
-    for name in parsed.modifiers:
-        mod = MODIFIERS[name]
-        as_images = lambda v: v.reshape(-1, 3, S, S)  # noqa: E731
-        offset = mod.apply(torch.zeros(1, 3, S, S, dtype=torch.float64)).reshape(1, D)
-        mu = mod.apply(as_images(mu)).reshape(K, D)
-        cols = mod.apply(as_images(W.transpose(1, 2).reshape(K * r, D))).reshape(K, r, D)
-        W = (cols - offset.unsqueeze(0)).transpose(1, 2)  # linear part only
-        s2 = s2 + mod.noise_std**2
-    # Re-orthonormalize: W = Q diag(sigma) V^T  =>  W W^T = Q diag(sigma^2) Q^T
-    Q, sigma, _ = torch.linalg.svd(W, full_matrices=False)
-    log_pi = torch.full((K,), -math.log(K), dtype=torch.float64)
-    return Mixture(prompt, mu.to(device), Q.contiguous().to(device), (sigma**2).to(device), s2.to(device),
-                   log_pi.to(device), concepts)
+def _conv_circular(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    r = kernel.shape[-1] // 2
+    return F.conv2d(F.pad(x, (r, r, r, r), mode="circular"), kernel.view(1, 1, *kernel.shape))
+
+
+def tilt_logits(parsed: ParsedPrompt, adherence: float) -> torch.Tensor:
+    """Log weights (6 shapes, 6 colors) of the prompt's concepts: ``lambda * matches`` normalized, with lambda
+    such that the named concepts hold ``adherence`` of the mass (all equal when the prompt names nothing)."""
+    matches = torch.tensor([[parsed.matches(s, c) for c in COLORS] for s in SHAPES], dtype=torch.float64)
+    full = matches == 2
+    if bool(full.all()):
+        return torch.full((len(SHAPES), len(COLORS)), -math.log(full.numel()), dtype=torch.float64)
+    mass = lambda lam: float(torch.softmax((lam * matches).flatten(), 0).view_as(matches)[full].sum())  # noqa: E731
+    lo, hi = 0.0, 60.0
+    if mass(lo) >= adherence:
+        hi = 0.0
+    for _ in range(80):  # bisection: the named concepts' mass rises monotonically with lambda
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if mass(mid) < adherence else (lo, mid)
+    return torch.log_softmax((hi * matches).flatten(), 0).view_as(matches)
 
 
 class AnalyticPrior(DiffusionPrior):
-    """Exact pixel-space prior (``prior=analytic``). ``sample_shape = (3, S, S)``; x0 in [-1, 1]."""
+    """Exact prior (``prior=analytic``). ``sample_shape = (3, S, S)`` in model units ``z = (x - shift) / scale``."""
 
-    is_latent = False
+    is_latent = True  # its model space is an (affine) latent space: image targets optimize z, as with SD latents
 
     def __init__(self, config: AnalyticConfig | None = None):
         super().__init__()
         self.config = config or AnalyticConfig()
-        spec = WorldSpec(self.config.size, self.config.rank, self.config.samples_per_concept,
-                         self.config.noise_floor, self.config.seed)
-        self.world = load_world(spec, self.config.cache_dir)
-        self.to(resolve_device(self.config.device))
+        self.world: World = load_world(self.config.world_spec(), self.config.cache_dir)
+        self._device = resolve_device(self.config.device)
+        self.to(self._device)
+        self._sets: dict[str, ComponentSet] = {}
+        self._model_space()
+
+    # ------------------------------------------------------------------ model space
+    def _model_space(self) -> None:
+        """shift (per channel) and scale: the exact mean and RMS deviation of the unconditional distribution."""
+        b, d = color_vectors()
+        geo = Geometry.from_model(self.world.fine, None, self.config.size, "cpu")
+        pixel = ComponentSet("pixels", geo, b, d, 0.0)
+        uncond = self._weights(geo, tilt_logits(parse_prompt(""), self.config.text_adherence))
+        mix = Mixture("", [pixel], [uncond], [], self.config.size)
+        shift = mix.mean().view(3, -1).mean(1)
+        spread = ((mix.mean().view(3, -1) - shift.view(3, 1)) ** 2).sum() + mix.trace_cov()
+        # data = geometry + sensor noise of std noise_floor * scale: scale^2 = spread / D + noise_floor^2 scale^2
+        scale = math.sqrt(float(spread) / mix.dim / (1 - self.config.noise_floor**2))
+        self.shift, self.scale = shift.to(self._device), scale
+
+    def _component_set(self, modifier: str | None) -> ComponentSet:
+        key = modifier or "clean"
+        if key not in self._sets:
+            mod = MODIFIERS[modifier] if modifier else None
+            model = self.world.coarse if mod else self.world.fine
+            geo = Geometry.from_model(model, mod, self.config.size, self._device)
+            b, d = color_vectors()
+            extra = 0.0
+            if mod:
+                M, o = mod.color_affine()
+                b, d, extra = M @ b + o, d @ M.T, mod.noise_std**2
+            beta = ((b.to(self._device) - self.shift) / self.scale)
+            delta = d.to(self._device) / self.scale
+            s2 = self.config.noise_floor**2 + extra / self.scale**2
+            self._sets[key] = ComponentSet(key, geo, beta, delta, s2, mixed=self.config.precision == "mixed")
+        return self._sets[key]
+
+    @staticmethod
+    def _weights(geo: Geometry, concept_logits: torch.Tensor) -> torch.Tensor:
+        """(G, 6) log weights: concept weight of each component's shape x its share of that shape's renders."""
+        return concept_logits.to(geo.log_w)[geo.shape] + geo.log_w.view(-1, 1)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return (3, self.config.size, self.config.size)
 
     # ------------------------------------------------------------------ text = exact distributions
+    def build_mixture(self, prompt: str) -> Mixture:
+        parsed = parse_prompt(prompt)
+        concepts = tilt_logits(parsed, self.config.text_adherence)
+        words = parsed.modifiers
+        w = self.config.modifier_weight
+        norm = math.log(1 + w * len(words))
+        sets, log_pi = [self._component_set(None)], []
+        sets += [self._component_set(m) for m in words]
+        for i, s in enumerate(sets):
+            log_pi.append(self._weights(s.geo, concepts) + (math.log(w) if i else 0.0) - norm)
+        return Mixture(prompt, sets, log_pi, parsed.concepts(), self.config.size)
+
     def _encode_prompts(self, prompts: list[str]) -> list[Mixture]:
-        return [build_mixture(self.world, parse_prompt(p), p, self.device) for p in prompts]
+        return [self.build_mixture(p) for p in prompts]
 
     def mixture(self, prompt: str) -> Mixture:
         """The exact clean distribution of ``prompt`` (cached)."""
@@ -213,20 +457,38 @@ class AnalyticPrior(DiffusionPrior):
 
     # ------------------------------------------------------------------ denoiser
     def _predict_eps_batched(self, x_t: torch.Tensor, t: torch.Tensor, conds: list[TextEmbedding]) -> torch.Tensor:
+        """Every component set that any conditioning uses is evaluated once on the whole batch; each conditioning
+        then only changes the weights (its softmax) and the back-projection of its responsibilities."""
         B = x_t.shape[0]
-        x = x_t.reshape(B, -1).double()
+        x = x_t.reshape(B, 3, -1).double()
         abar = self.alphas_cumprod[t.to(self.device)]
-        out = torch.empty(len(conds), B, x.shape[1], dtype=torch.float64, device=x.device)
+        used: dict[str, ComponentSet] = {}
+        for cond in conds:
+            for mix in cond.value:
+                for s in mix.sets:
+                    used.setdefault(s.key, s)
+        terms = {k: s.terms(x, abar) for k, s in used.items()}
+        out = torch.empty(len(conds), B, x.shape[1] * x.shape[2], dtype=torch.float64, device=x.device)
         for j, cond in enumerate(conds):
-            # group the batch by prompt: each distinct prompt's mixture is evaluated once on its samples
-            groups: dict[int, list[int]] = {}
-            first: dict[str, int] = {}
-            for i, p in enumerate(cond.prompts):
-                groups.setdefault(first.setdefault(p, i), []).append(i)
-            for head, rows in groups.items():
-                mix: Mixture = cond.value[head]
-                rows_t = torch.tensor(rows, device=x.device)
-                out[j, rows_t] = -(1 - abar[rows_t]).sqrt().unsqueeze(1) * mix.score(x[rows_t], abar[rows_t])
+            logits = {k: torch.full_like(terms[k]["log_prob"], -math.inf) for k in used}
+            rows: dict[int, list[int]] = {}  # rows grouped by their (cached, hence shared) mixture
+            for i, mix in enumerate(cond.value):
+                rows.setdefault(id(mix), []).append(i)
+            for group in rows.values():
+                mix, index = cond.value[group[0]], torch.tensor(group, device=x.device)
+                for s, lp in zip(mix.sets, mix.log_pi):
+                    logits[s.key][index] = terms[s.key]["log_prob"][index] + lp
+            flat = torch.cat([logits[k].flatten(1) for k in used], 1)
+            resp = torch.softmax(flat, dim=1)
+            acc = torch.zeros_like(x)
+            start = 0
+            for k, s in used.items():
+                n = logits[k][0].numel()
+                r = resp[:, start:start + n].view_as(logits[k])
+                start += n
+                if bool((r > 0).any()):
+                    acc = acc + s.inv_cov_sum(x, abar, r, terms[k])
+            out[j] = (1 - abar).sqrt().view(B, 1) * acc.reshape(B, -1)  # eps = -sqrt(1 - a) * score
         return out.float().reshape(len(conds), *x_t.shape)
 
     # ------------------------------------------------------------------ sampling
@@ -237,12 +499,24 @@ class AnalyticPrior(DiffusionPrior):
         return self.mixture(prompt).sample(n, gen).float().reshape(n, *self.sample_shape)
 
     @torch.no_grad()
+    def sample_concept(self, shape: str, color: str, n: int, generator: torch.Generator) -> torch.Tensor:
+        """n exact samples of one concept alone (its clean components, without the text tilt's off-prompt mass)."""
+        mix = self.mixture(f"a {color} {shape}")
+        s = list(SHAPES).index(shape)
+        keep = torch.full_like(mix.log_pi[0], -math.inf)
+        rows = mix.sets[0].geo.shape == s
+        col = list(COLORS).index(color)
+        keep[rows, col] = mix.log_pi[0][rows, col]
+        alone = Mixture(mix.prompt, mix.sets[:1], [keep - torch.logsumexp(keep.flatten(), 0)], [(shape, color)],
+                        mix.size)
+        return alone.sample(n, generator).float().reshape(n, *self.sample_shape)
+
+    @torch.no_grad()
     def sample_x_T(self, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
         """Exact samples of p_T (t = 999) for each prompt: sqrt(abar_T) x0 + sqrt(1 - abar_T) eps.
 
-        SD's schedule ends at abar_T = 0.0047, not 0, so N(0, I) is not p_T: for this world the KL between them is
-        0.5 * abar_T * |mu|^2, several nats, and a deterministic DDIM run from N(0, I) carries that error to t = 0.
-        The exact prior knows p_T, so its samplers start there.
+        SD's schedule ends at abar_T = 0.0047, not 0, so N(0, I) is not exactly p_T; the exact prior knows p_T, so
+        its samplers start there.
         """
         if isinstance(generator, SampleGenerators):  # independent samples: each from its own generator
             generator.check(len(prompts))
@@ -252,11 +526,18 @@ class AnalyticPrior(DiffusionPrior):
         return a_T.sqrt() * x0 + (1 - a_T).sqrt() * torch.randn(x0.shape, generator=generator).to(x0)
 
     # ------------------------------------------------------------------ sample space
+    def to_pixels(self, z: torch.Tensor) -> torch.Tensor:
+        """Model units to pixel units [-1, 1] (unclamped): ``x = scale z + shift``."""
+        return z * self.scale + self.shift.to(z).view(1, 3, 1, 1)
+
+    def from_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.shift.to(x).view(1, 3, 1, 1)) / self.scale
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         size = self.config.size
         if images.shape[-1] != size or images.shape[-2] != size:
             images = F.interpolate(images, (size, size), mode="bilinear", antialias=True, align_corners=False)
-        return 2 * images - 1
+        return self.from_pixels(2 * images - 1)
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        return ((x0 + 1) / 2).clamp(0, 1)
+        return ((self.to_pixels(x0) + 1) / 2).clamp(0, 1)

@@ -3,13 +3,25 @@
 A prompt is split on commas and white space (phrases such as "low quality" are matched first). Each word is one of
 
 * a **shape** (circle, square, triangle, ring, cross, stripes) or a **color** (red, green, blue, yellow, purple,
-  white): they select the mixture's concepts — all shapes x all colors, restricted to the shapes named (if any) and to
-  the colors named (if any); "" selects all 36 concepts, equally weighted;
-* a **modifier**: an affine map ``x -> A x + b`` of the clean image (and optionally extra isotropic noise), applied to
-  every concept of the mixture in the order the words appear. For a concept ``N(mu, U diag(lam) U^T + s0^2 I)`` read
-  as clean content ``z ~ N(mu, U diag(lam) U^T)`` plus sensor noise, the modified concept is
-  ``N(A mu + b, (A U) diag(lam) (A U)^T + (s0^2 + extra) I)``, again low rank plus isotropic, so every score stays
-  exact;
+  white): they **tilt** one shared mixture over all 36 concepts, they do not select. The prompt names the concepts
+  "named shapes (all if none) x named colors (all if none)"; concept (s, c) gets weight proportional to
+  ``exp(lambda * matches(s, c))``, where ``matches`` counts the prompt's attributes the concept has (0, 1 or 2), and
+  ``lambda`` is set so that the named concepts hold ``prior.text_adherence`` of the mass (0.9 by default); a concept
+  with the right shape but the wrong color sits in between. "" (no shape, no color) weights all 36 equally: the
+  unconditional distribution. So ``log p(x | y) - log p(x)`` is bounded and classifier-free guidance has something
+  to amplify, as with a real text-to-image model;
+* a **modifier**: a corruption ``x -> A x + b`` of the clean image — a spatial linear map applied to each channel
+  (blur, pixelation, a fixed warp; each keeps constant images constant), an affine map of each pixel's RGB
+  (saturation, blends toward a gray level) and optionally extra isotropic noise. A modifier does not replace the
+  distribution, it **mixes in a corrupted copy**: with modifier words m_1..m_k (each counted once, order irrelevant)
+
+      p(x | y, m_1..m_k) = [ p(x | y) + w * sum_i C_i p(x | y) ] / (1 + k w)
+
+  where ``C_i p`` is the distribution of ``A_i x + b_i`` (+ noise) for x from the coarse geometry model of ``p``'s
+  concepts, with the same text tilt, and w = ``prior.modifier_weight`` (1.0 by default: each word adds as much mass as
+  the clean distribution has). So every ``log p(x | y) - log p(x | y, mods)`` is bounded above by ``log(1 + k w)``,
+  as for a real model, whose source prompts never exclude the clean images. Spatial and color maps commute with the
+  world's color x geometry factorization, so a corrupted copy is again a mixture of low-rank Gaussians, exactly;
 * a **quality word** (detailed, high resolution, high quality, sharp, realistic, ...): the identity map — the world's
   images already are sharp, so the Bridge target modifiers describe the clean distribution;
 * a **view word** (front, side, back, overhead; the suffixes of view-dependent prompting): the identity map — the
@@ -24,7 +36,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -44,19 +56,21 @@ IDENTITY_WORDS = frozenset(
 
 VIEW_WORDS = frozenset("front side back overhead".split())
 
-Images = torch.Tensor  # (n, 3, S, S)
+Images = torch.Tensor  # (n, C, S, S)
 
 
-# --------------------------------------------------------------------------------------------- linear operators
+# --------------------------------------------------------------------------------------------- spatial maps
+# Linear in the image, applied to each channel alike, and each keeps a constant image constant (so they act on the
+# world's coverage masks alone).
 def _gaussian_kernel(sigma: float, device=None) -> torch.Tensor:
     radius = max(1, int(math.ceil(3 * sigma)))
-    xs = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
+    xs = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
     k = torch.exp(-(xs**2) / (2 * sigma**2))
     return k / k.sum()
 
 
 def blur(x: Images, sigma: float) -> Images:
-    """Separable Gaussian blur with reflect padding (linear)."""
+    """Separable Gaussian blur with reflect padding."""
     k = _gaussian_kernel(sigma, x.device).to(x.dtype)
     r = k.numel() // 2
     c = x.shape[1]
@@ -65,28 +79,17 @@ def blur(x: Images, sigma: float) -> Images:
 
 
 def pixelate(x: Images, factor: int) -> Images:
-    """Average over factor x factor blocks, then nearest upsampling (linear)."""
+    """Average over factor x factor blocks, then nearest upsampling."""
     return F.interpolate(F.avg_pool2d(x, factor), scale_factor=factor, mode="nearest")
 
 
 def downsample(x: Images, factor: int) -> Images:
-    """Average over factor x factor blocks, then bilinear upsampling: a smooth low-resolution image (linear)."""
+    """Average over factor x factor blocks, then bilinear upsampling: a smooth low-resolution image."""
     return F.interpolate(F.avg_pool2d(x, factor), scale_factor=factor, mode="bilinear", align_corners=False)
 
 
-def saturation(x: Images, gain: float) -> Images:
-    """Scale the chroma (deviation from the per-pixel gray level) by ``gain`` (linear)."""
-    gray = x.mean(1, keepdim=True)
-    return gray + gain * (x - gray)
-
-
-def toward(x: Images, level: float, amount: float) -> Images:
-    """Blend toward a constant gray ``level`` (in [-1, 1] units): contrast loss, fog, darkening (affine)."""
-    return (1 - amount) * x + amount * level
-
-
 def warp(x: Images, seed: int, strength: float) -> Images:
-    """A fixed smooth random displacement field (bilinear resampling is linear in the image)."""
+    """A fixed smooth random displacement field (bilinear resampling, border padding)."""
     n, _, h, w = x.shape
     g = torch.Generator().manual_seed(seed)
     coarse = torch.randn(1, 2, 4, 4, generator=g) * strength
@@ -97,43 +100,85 @@ def warp(x: Images, seed: int, strength: float) -> Images:
     return F.grid_sample(x, grid.expand(n, -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True)
 
 
+SPATIAL_OPS: dict[str, Callable[..., Images]] = {"blur": blur, "pixelate": pixelate, "downsample": downsample,
+                                                 "warp": warp}
+
+
+# --------------------------------------------------------------------------------------------- color maps
+# Affine in each pixel's RGB (in [-1, 1] units): x_p -> M x_p + o.
+def saturation(gain: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale the chroma (deviation from the pixel's gray level) by ``gain``."""
+    gray = torch.full((3, 3), 1 / 3, dtype=torch.float64)
+    return gray + gain * (torch.eye(3, dtype=torch.float64) - gray), torch.zeros(3, dtype=torch.float64)
+
+
+def toward(level: float, amount: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blend toward a constant gray ``level`` ([-1, 1] units): contrast loss, fog, darkening."""
+    return (1 - amount) * torch.eye(3, dtype=torch.float64), torch.full((3,), amount * level, dtype=torch.float64)
+
+
+COLOR_OPS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {"saturation": saturation, "toward": toward}
+
+
 @dataclass(frozen=True)
 class Modifier:
-    """An affine map of clean images plus extra isotropic variance (``noise_std`` ** 2)."""
+    """A corruption: ``spatial`` ops (name, *args) in order, then ``color`` ops in order, plus isotropic noise of
+    std ``noise_std`` ([-1, 1] units). Its corrupted copy is mixed into the prompt's distribution (module docstring)."""
 
     description: str
-    apply: Callable[[Images], Images] = field(repr=False, compare=False)
+    spatial: tuple[tuple, ...] = ()
+    color: tuple[tuple, ...] = ()
     noise_std: float = 0.0
+
+    def apply_spatial(self, x: Images) -> Images:
+        for name, *args in self.spatial:
+            x = SPATIAL_OPS[name](x, *args)
+        return x
+
+    def color_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(M, o)``: the composed per-pixel color map x_p -> M x_p + o."""
+        M, o = torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+        for name, *args in self.color:
+            A, b = COLOR_OPS[name](*args)
+            M, o = A @ M, A @ o + b
+        return M, o
+
+    def apply(self, x: Images) -> Images:
+        """The corruption of clean images ``(n, 3, S, S)`` in [-1, 1] units, without the noise."""
+        M, o = self.color_affine()
+        y = self.apply_spatial(x.double())
+        return (torch.einsum("ij,njhw->nihw", M, y) + o.view(1, 3, 1, 1)).to(x.dtype)
 
 
 # Levels are in [-1, 1] units: -1 is black, 1 is white, 0 mid-gray.
 MODIFIERS: dict[str, Modifier] = {
     # Bridge source modifiers (artifacts of SDS-like results)
-    "oversaturated": Modifier("chroma x 1.8 around each pixel's gray level", lambda x: saturation(x, 1.8)),
-    "smooth": Modifier("Gaussian blur, sigma 1.0 px", lambda x: blur(x, 1.0)),
-    "pixelated": Modifier("4x4 block average, nearest upsampling", lambda x: pixelate(x, 4)),
-    "cartoon": Modifier("blur sigma 0.7 px, then chroma x 1.4", lambda x: saturation(blur(x, 0.7), 1.4)),
-    "foggy": Modifier("blur sigma 1.0 px, then 45% blend toward light gray (+0.5)",
-                      lambda x: toward(blur(x, 1.0), 0.5, 0.45)),
-    "hazy": Modifier("35% blend toward light gray (+0.3)", lambda x: toward(x, 0.3, 0.35)),
-    "blurry": Modifier("Gaussian blur, sigma 1.5 px", lambda x: blur(x, 1.5)),
-    "bad structure": Modifier("fixed smooth random warp (seed 1, strength 0.15)", lambda x: warp(x, 1, 0.15)),
-    "noisy": Modifier("extra isotropic noise, std 0.25", lambda x: x, noise_std=0.25),
-    "malformed": Modifier("fixed smooth random warp (seed 2, strength 0.25)", lambda x: warp(x, 2, 0.25)),
+    "oversaturated": Modifier("chroma x 1.8 around each pixel's gray level", color=(("saturation", 1.8),)),
+    "smooth": Modifier("Gaussian blur, sigma 1.0 px", spatial=(("blur", 1.0),)),
+    "pixelated": Modifier("4x4 block average, nearest upsampling", spatial=(("pixelate", 4),)),
+    "cartoon": Modifier("blur sigma 0.7 px, then chroma x 1.4", spatial=(("blur", 0.7),), color=(("saturation", 1.4),)),
+    "foggy": Modifier("blur sigma 1.0 px, then 45% blend toward light gray (+0.5)", spatial=(("blur", 1.0),),
+                      color=(("toward", 0.5, 0.45),)),
+    "hazy": Modifier("35% blend toward light gray (+0.3)", color=(("toward", 0.3, 0.35),)),
+    "blurry": Modifier("Gaussian blur, sigma 1.5 px", spatial=(("blur", 1.5),)),
+    "bad structure": Modifier("fixed smooth random warp (seed 1, strength 0.15)", spatial=(("warp", 1, 0.15),)),
+    "noisy": Modifier("extra isotropic noise, std 0.25", noise_std=0.25),
+    "malformed": Modifier("fixed smooth random warp (seed 2, strength 0.25)", spatial=(("warp", 2, 0.25),)),
     # NFSD negative-prompt words
-    "unrealistic": Modifier("chroma x 1.5 and 20% blend toward mid-gray", lambda x: toward(saturation(x, 1.5), 0.0, 0.2)),
-    "low quality": Modifier("2x2 block average, then blur sigma 0.7 px", lambda x: blur(pixelate(x, 2), 0.7)),
-    "out of focus": Modifier("Gaussian blur, sigma 2.0 px", lambda x: blur(x, 2.0)),
-    "ugly": Modifier("fixed smooth random warp (seed 3, strength 0.2), chroma x 0.7",
-                     lambda x: saturation(warp(x, 3, 0.2), 0.7)),
-    "low contrast": Modifier("60% blend toward mid-gray (0)", lambda x: toward(x, 0.0, 0.6)),
-    "dull": Modifier("chroma x 0.4, then 20% blend toward mid-gray", lambda x: toward(saturation(x, 0.4), 0.0, 0.2)),
-    "dark": Modifier("50% blend toward black (-1)", lambda x: toward(x, -1.0, 0.5)),
-    "low resolution": Modifier("4x4 block average, bilinear upsampling", lambda x: downsample(x, 4)),
-    "gloomy": Modifier("chroma x 0.6, then 40% blend toward black", lambda x: toward(saturation(x, 0.6), -1.0, 0.4)),
+    "unrealistic": Modifier("chroma x 1.5 and 20% blend toward mid-gray",
+                            color=(("saturation", 1.5), ("toward", 0.0, 0.2))),
+    "low quality": Modifier("2x2 block average, then blur sigma 0.7 px", spatial=(("pixelate", 2), ("blur", 0.7))),
+    "out of focus": Modifier("Gaussian blur, sigma 2.0 px", spatial=(("blur", 2.0),)),
+    "ugly": Modifier("fixed smooth random warp (seed 3, strength 0.2), chroma x 0.7", spatial=(("warp", 3, 0.2),),
+                     color=(("saturation", 0.7),)),
+    "low contrast": Modifier("60% blend toward mid-gray (0)", color=(("toward", 0.0, 0.6),)),
+    "dull": Modifier("chroma x 0.4, then 20% blend toward mid-gray", color=(("saturation", 0.4), ("toward", 0.0, 0.2))),
+    "dark": Modifier("50% blend toward black (-1)", color=(("toward", -1.0, 0.5),)),
+    "low resolution": Modifier("4x4 block average, bilinear upsampling", spatial=(("downsample", 4),)),
+    "gloomy": Modifier("chroma x 0.6, then 40% blend toward black", color=(("saturation", 0.6), ("toward", -1.0, 0.4))),
     # painting-to-real
     "painting": Modifier("blur sigma 0.8 px, chroma x 1.3, fixed warp (seed 4, strength 0.08)",
-                         lambda x: warp(saturation(blur(x, 0.8), 1.3), 4, 0.08)),
+                         spatial=(("blur", 0.8), ("warp", 4, 0.08)), color=(("saturation", 1.3),)),
 }
 
 ALIASES = {
@@ -183,9 +228,15 @@ class ParsedPrompt:
     modifiers: tuple[str, ...]
 
     def concepts(self) -> list[tuple[str, str]]:
+        """The concepts the prompt names: the named shapes (all if none) x the named colors (all if none)."""
         shapes = self.shapes or SHAPES
         colors = self.colors or tuple(COLORS)
         return [(s, c) for s in shapes for c in colors]
+
+    def matches(self, shape: str, color: str) -> int:
+        """How many of the prompt's attributes (shape, color) a concept has; an attribute the prompt does not name
+        matches every concept."""
+        return int(not self.shapes or shape in self.shapes) + int(not self.colors or color in self.colors)
 
 
 _PHRASES = sorted([p for p in [*MODIFIERS, *ALIASES] if " " in p or "-" in p], key=len, reverse=True)
@@ -237,7 +288,7 @@ def parse_prompt(prompt: str) -> ParsedPrompt:
             modifiers.append((start, phrase))
         elif phrase in SHAPES:
             shapes.append(phrase)
-    ordered = tuple(m for _, m in sorted(modifiers))
+    ordered = tuple(dict.fromkeys(m for _, m in sorted(modifiers)))  # each word once, in order of appearance
     return ParsedPrompt(tuple(dict.fromkeys(shapes)), tuple(dict.fromkeys(colors)), ordered)
 
 

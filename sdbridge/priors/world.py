@@ -1,16 +1,25 @@
-"""The procedural image world behind the exact prior: 6 shapes x 6 colors, each concept a low-rank Gaussian.
+"""The procedural image world behind the exact prior: 6 shapes x 6 colors, one sharp shape per image.
 
-Every concept (shape, color) is rendered many times with random position, size, rotation, stroke thickness and a
-small brightness jitter, anti-aliased over one pixel, on a dark background. The renders are fitted by
+An image is one shape of one color on a dark background, at a random position, size and rotation, anti-aliased
+over ``ANTIALIAS_PX`` pixels. In pixel units ([-1, 1]) an image of color c with coverage mask ``m`` (values in
+[0, 1], one per pixel) is
 
-    N(mu, U diag(lam) U^T + s0^2 I)          U: D x r orthonormal (top-r principal directions), D = 3 S^2
+    x = b 1 + d_c (x) m,          b = background level (per channel),  d_c = color_c - b  (3 channels)
 
-where ``mu`` and ``(U, lam)`` are the sample mean and the top-r eigenpairs of the sample covariance, and ``s0`` is a
-small fixed isotropic "sensor noise" floor that keeps every covariance full rank. The mean is a blurred average of
-the shape; samples carry the edges in their principal directions: that gap is what over-smoothing looks like here.
+so the color and the geometry factor: every concept of one shape shares that shape's geometry model.
 
-Values are in model units [-1, 1] (image = (x + 1) / 2). The world is deterministic given its config and cached on
-disk (``~/.cache/sdbridge/world``).
+**Geometry model.** For each shape, ``renders_per_cluster * clusters`` random masks are rendered and split by
+k-means (pixel space) into ``clusters`` groups of similar position, size and rotation; each group is fitted by a
+low-rank Gaussian ``N(mu_g, V_g diag(lam_g) V_g^T)`` (mean and top-``rank`` principal directions of its masks).
+A concept component (shape cluster g, color c) is then the Gaussian of ``b 1 + d_c (x) m`` with ``m`` from cluster g,
+plus isotropic sensor noise: a mixture of factor analyzers along the rendering manifold. Each component carries
+continuous local variation (shifts, scalings, rotations of its group), so exact samples are new images, not stored
+renderings, and the posterior at moderate noise spreads over neighbouring components instead of locking onto one.
+
+A second, coarser model of each shape (``coarse_clusters`` groups) is what corrupted copies are made of (modifier
+words, ``sdbridge/priors/vocabulary.py``): corruption removes detail anyway, and it keeps text-defined sources cheap.
+
+The world is deterministic given its spec and cached on disk (``~/.cache/sdbridge/world``), written atomically.
 """
 
 from __future__ import annotations
@@ -35,38 +44,78 @@ COLORS = {
     "white": (0.95, 0.95, 0.95),
 }
 BACKGROUND = 0.08  # dark gray, [0, 1] units
-WORLD_VERSION = 1
+#: Render ranges in image coordinates ([-1, 1] across the image): centre offset, circumradius, stroke / size.
+POSITION_RANGE = 0.2
+RADIUS_RANGE = (0.35, 0.55)
+THICKNESS_RATIO = 0.25  # ring, cross and stripes strokes are this fraction of the shape's radius
+ANTIALIAS_PX = 1.25
+#: Share of ``WorldSpec.clusters`` each shape gets: circles and rings vary in 3 parameters (no visible rotation),
+#: the others in 4, and the rotation of corners needs the finer clusters (measured: fuzzy squares otherwise).
+CLUSTER_SHARE = {"circle": 0.5, "square": 1.25, "triangle": 1.25, "ring": 0.5, "cross": 1.25, "stripes": 1.25}
+WORLD_VERSION = 2
+
+
+def color_vectors() -> tuple[torch.Tensor, torch.Tensor]:
+    """``(b, d)`` in pixel units [-1, 1]: background level (3,) and color - background (6, 3), float64."""
+    b = torch.full((3,), 2 * BACKGROUND - 1, dtype=torch.float64)
+    rgb = torch.tensor(list(COLORS.values()), dtype=torch.float64)
+    return b, (2 * rgb - 1) - b
 
 
 @dataclass(frozen=True)
 class WorldSpec:
     size: int = 32
-    rank: int = 32
-    samples_per_concept: int = 512
-    noise_floor: float = 0.01  # s0, in [-1, 1] units
+    clusters: int = 96  # geometry components per shape on average (CLUSTER_SHARE splits them)
+    rank: int = 12  # principal directions per component
+    coarse_clusters: int = 16  # components per shape of the model corrupted copies are made of
+    coarse_rank: int = 8
+    renders_per_cluster: int = 80
     seed: int = 0
 
     def key(self) -> str:
         blob = json.dumps({**asdict(self), "version": WORLD_VERSION}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
+    def check(self) -> None:
+        if not 16 <= self.size <= 64:
+            raise ValueError(f"prior.size={self.size} must be between 16 and 64")
+        for name in ("clusters", "rank", "coarse_clusters", "coarse_rank", "renders_per_cluster"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"prior.{name}={getattr(self, name)} must be >= 1")
+
+
+@dataclass
+class GeometryModel:
+    """Low-rank Gaussians of coverage masks, all shapes stacked: G = len(SHAPES) * clusters components.
+
+    ``mu`` (G, P) with P = size^2 pixels, ``V`` (G, P, r) orthonormal columns, ``lam`` (G, r) >= 0, ``log_w`` (G,)
+    the log share of the shape's renders in each component (sums to 0 per shape after exp), ``shape`` (G,) the
+    shape index of each component.
+    """
+
+    mu: torch.Tensor
+    V: torch.Tensor
+    lam: torch.Tensor
+    log_w: torch.Tensor
+    shape: torch.Tensor
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"mu": self.mu, "V": self.V, "lam": self.lam, "log_w": self.log_w, "shape": self.shape}
+
+    @property
+    def num_components(self) -> int:
+        return int(self.mu.shape[0])
+
 
 @dataclass
 class World:
-    """Concept Gaussians. ``mu`` (C, D), ``U`` (C, D, r), ``lam`` (C, r); concept c = (SHAPES[c // 6], colors[c % 6])."""
-
     spec: WorldSpec
-    names: list[tuple[str, str]]
-    mu: torch.Tensor
-    U: torch.Tensor
-    lam: torch.Tensor
+    fine: GeometryModel
+    coarse: GeometryModel
 
     @property
-    def dim(self) -> int:
-        return int(self.mu.shape[1])
-
-    def index(self, shape: str, color: str) -> int:
-        return self.names.index((shape, color))
+    def pixels(self) -> int:
+        return self.spec.size**2
 
 
 def _rotate(x: torch.Tensor, y: torch.Tensor, angle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,60 +154,107 @@ def shape_sdf(shape: str, x: torch.Tensor, y: torch.Tensor, size: torch.Tensor, 
     raise ValueError(f"unknown shape {shape!r}; shapes are {list(SHAPES)}")
 
 
-def render_shapes(shape: str, color: str, n: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    """``n`` random renders of (shape, color), ``(n, 3, size, size)`` in [-1, 1]."""
+def render_masks(shape: str, n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` random coverage masks of ``shape``, ``(n, size * size)`` float64 in [0, 1]."""
     u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, 1, 1, generator=generator, dtype=torch.float64)  # noqa: E731
-    cx, cy = u(-0.3, 0.3), u(-0.3, 0.3)
-    radius, angle, thick = u(0.32, 0.55), u(0, 2 * math.pi), u(0.08, 0.16)
-    brightness = u(0.9, 1.1)
+    cx, cy = u(-POSITION_RANGE, POSITION_RANGE), u(-POSITION_RANGE, POSITION_RANGE)
+    radius, angle = u(*RADIUS_RANGE), u(0, 2 * math.pi)
     coords = (torch.arange(size, dtype=torch.float64) + 0.5) / size * 2 - 1
     gy, gx = torch.meshgrid(coords, coords, indexing="ij")
     x, y = _rotate(gx - cx, gy - cy, angle)
-    sdf = shape_sdf(shape, x, y, radius, thick)
-    mask = (0.5 - sdf * size / 2).clamp(0, 1)  # one-pixel anti-aliasing
-    rgb = torch.tensor(COLORS[color], dtype=torch.float64).view(1, 3, 1, 1)
-    fg = (rgb * brightness.unsqueeze(1)).clamp(0, 1)
-    img = BACKGROUND + mask.unsqueeze(1) * (fg - BACKGROUND)
-    return (2 * img - 1).float()
+    sdf = shape_sdf(shape, x, y, radius, THICKNESS_RATIO * radius)
+    return (0.5 - sdf * size / (2 * ANTIALIAS_PX)).clamp(0, 1).reshape(n, -1)
 
 
-def fit_low_rank(samples: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean and top-``rank`` eigenpairs of the sample covariance of ``samples`` (n, D), in float64."""
-    x = samples.double()
-    mu = x.mean(0)
-    xc = (x - mu) / math.sqrt(max(1, x.shape[0] - 1))
-    _, s, vh = torch.linalg.svd(xc, full_matrices=False)
-    return mu.float(), vh[:rank].T.contiguous().float(), (s[:rank] ** 2).float()
+def masks_to_images(masks: torch.Tensor, color: str | int, size: int) -> torch.Tensor:
+    """Masks ``(n, P)`` of one color to images ``(n, 3, size, size)`` in pixel units [-1, 1]."""
+    b, d = color_vectors()
+    c = list(COLORS).index(color) if isinstance(color, str) else color
+    img = b.view(1, 3, 1) + d[c].view(1, 3, 1) * masks.unsqueeze(1).double()
+    return img.reshape(-1, 3, size, size)
+
+
+def render_shapes(shape: str, color: str, n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` random renders of (shape, color), ``(n, 3, size, size)`` float32 in pixel units [-1, 1]."""
+    return masks_to_images(render_masks(shape, n, size, generator), color, size).float()
+
+
+def kmeans(X: torch.Tensor, k: int, generator: torch.Generator, iters: int = 25) -> torch.Tensor:
+    """Lloyd's k-means from k distinct random rows; returns the label of each row. Distances in float32 (they only
+    rank centres); an emptied cluster is re-seeded with the row farthest from its centre."""
+    X32 = X.float()
+    x2 = (X32**2).sum(1, keepdim=True)
+    centres = X32[torch.randperm(X.shape[0], generator=generator)[:k]].clone()
+    labels = torch.zeros(X.shape[0], dtype=torch.long)
+    for _ in range(iters):
+        dist = x2 - 2 * X32 @ centres.T + (centres**2).sum(1).unsqueeze(0)
+        best, labels = dist.min(1)
+        counts = torch.bincount(labels, minlength=k)
+        sums = torch.zeros_like(centres).index_add_(0, labels, X32)
+        for j in torch.nonzero(counts == 0).flatten().tolist():
+            far = int(best.argmax())
+            best[far] = -math.inf
+            counts[labels[far]] -= 1
+            sums[labels[far]] -= X32[far]
+            labels[far] = j
+            counts[j] = 1
+            sums[j] = X32[far]
+        centres = sums / counts.clamp(min=1).unsqueeze(1)
+    return labels
+
+
+def clusters_per_shape(clusters: int) -> list[int]:
+    return [max(1, round(clusters * CLUSTER_SHARE[shape])) for shape in SHAPES]
+
+
+def fit_geometry(per_shape: list[torch.Tensor], clusters: list[int], rank: int, generator: torch.Generator
+                 ) -> GeometryModel:
+    """k-means each shape's masks into ``clusters[shape]`` groups and fit a rank-``rank`` Gaussian to each group."""
+    mus, Vs, lams, log_ws, shapes = [], [], [], [], []
+    for s, masks in enumerate(per_shape):
+        labels = kmeans(masks, clusters[s], generator)
+        for j in range(clusters[s]):
+            X = masks[labels == j]
+            mu = X.mean(0)
+            V = torch.zeros(X.shape[1], rank, dtype=torch.float64)
+            lam = torch.zeros(rank, dtype=torch.float64)
+            if X.shape[0] > 1:
+                _, sv, vh = torch.linalg.svd((X - mu) / math.sqrt(X.shape[0] - 1), full_matrices=False)
+                q = min(rank, vh.shape[0])
+                V[:, :q], lam[:q] = vh[:q].T, sv[:q] ** 2
+            mus.append(mu)
+            Vs.append(V)
+            lams.append(lam)
+            log_ws.append(math.log(X.shape[0] / masks.shape[0]))
+            shapes.append(s)
+    return GeometryModel(torch.stack(mus), torch.stack(Vs), torch.stack(lams),
+                         torch.tensor(log_ws, dtype=torch.float64), torch.tensor(shapes))
 
 
 def build_world(spec: WorldSpec) -> World:
-    if not 16 <= spec.size <= 64:
-        raise ValueError(f"prior.size={spec.size} must be between 16 and 64")
-    if not 1 <= spec.rank < spec.samples_per_concept:
-        raise ValueError(f"prior.rank={spec.rank} must be in [1, samples_per_concept)")
+    spec.check()
     gen = torch.Generator().manual_seed(spec.seed)
-    names, mus, Us, lams = [], [], [], []
-    for shape in SHAPES:
-        for color in COLORS:
-            samples = render_shapes(shape, color, spec.samples_per_concept, spec.size, gen).flatten(1)
-            mu, U, lam = fit_low_rank(samples, spec.rank)
-            names.append((shape, color))
-            mus.append(mu)
-            Us.append(U)
-            lams.append(lam)
-    return World(spec, names, torch.stack(mus), torch.stack(Us), torch.stack(lams))
+    masks = [render_masks(shape, k * spec.renders_per_cluster, spec.size, gen)
+             for shape, k in zip(SHAPES, clusters_per_shape(spec.clusters))]
+    fine = fit_geometry(masks, clusters_per_shape(spec.clusters), spec.rank, gen)
+    coarse = fit_geometry(masks, clusters_per_shape(spec.coarse_clusters), spec.coarse_rank, gen)
+    return World(spec, fine, coarse)
 
 
 def load_world(spec: WorldSpec, cache_dir: str | os.PathLike = "~/.cache/sdbridge/world") -> World:
-    """The world for ``spec``: read from the cache, or built (seconds) and cached atomically."""
+    """The world for ``spec``: read from the cache, or built (seconds) and cached atomically. A cache file that
+    cannot be read is rebuilt."""
     folder = Path(os.path.expanduser(str(cache_dir)))
     path = folder / f"world-{spec.key()}.pt"
     if path.is_file():
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        return World(spec, [tuple(n) for n in data["names"]], data["mu"], data["U"], data["lam"])
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            return World(spec, GeometryModel(**data["fine"]), GeometryModel(**data["coarse"]))
+        except Exception:  # truncated or foreign file: rebuild it
+            pass
     world = build_world(spec)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"names": [list(n) for n in world.names], "mu": world.mu, "U": world.U, "lam": world.lam}, tmp)
-    tmp.replace(path)
+    torch.save({"fine": world.fine.tensors(), "coarse": world.coarse.tensors()}, tmp)
+    os.replace(tmp, path)
     return world

@@ -1,4 +1,5 @@
-"""Exact metrics: the closed forms against dense computations, and their behaviour on known sets."""
+"""Exact metrics: the closed forms against dense computations and Monte Carlo, and their behaviour on known sets;
+the nearest-template classifier."""
 
 from __future__ import annotations
 
@@ -9,32 +10,39 @@ import pytest
 import scipy.linalg
 import torch
 
+from sdbridge.eval.classify import classifier_for
 from sdbridge.eval.exact import (
+    LAPLACIAN,
     collapse_score,
     exact_metrics,
     frechet_distance,
+    highpass,
     nll_bits_per_dim,
+    saturation_ratio,
     sharpness_ratio,
 )
+from sdbridge.priors.world import COLORS, SHAPES, render_shapes
+from tests.conftest import dense_components
 
 
-def _dense_cov(mix):
-    pi = mix.log_pi.exp()
-    m = mix.mean()
-    cov = -torch.outer(m, m)
-    for k in range(mix.num_components):
-        cov += pi[k] * ((mix.U[k] * mix.lam[k]) @ mix.U[k].T + mix.s2[k] * torch.eye(mix.dim, dtype=torch.float64)
-                        + torch.outer(mix.mu[k], mix.mu[k]))
-    return m, cov
+def _dense_moments(mix):
+    means, covs, logw = dense_components(mix)
+    pi = logw.exp()
+    m = (pi.unsqueeze(1) * means).sum(0)
+    second = (pi.view(-1, 1, 1) * (covs + means.unsqueeze(2) * means.unsqueeze(1))).sum(0)
+    return m, second - torch.outer(m, m)
 
 
 @pytest.mark.parametrize("prompt", ["a green ring", "a circle, hazy"])
-def test_frechet_distance_matches_dense_formula(small_analytic_prior, prompt):
+def test_frechet_distance_and_moments_match_dense_formulas(small_analytic_prior, prompt):
     p = small_analytic_prior
     mix = p.mixture(prompt)
     x = p.sample("a circle", 40, torch.Generator().manual_seed(0)) + 0.1
     X = x.reshape(40, -1).double().numpy()
-    m2, c2 = _dense_cov(mix)
+    m2, c2 = _dense_moments(mix)
+    torch.testing.assert_close(mix.mean(), m2)
+    probe = torch.randn(3, mix.dim, dtype=torch.float64)
+    torch.testing.assert_close(mix.cov_apply(probe), probe @ c2)
     m1, c1 = X.mean(0), np.cov(X, rowvar=False)
     covmean = scipy.linalg.sqrtm(c1 @ c2.numpy())
     dense = float(((m1 - m2.numpy()) ** 2).sum() + np.trace(c1) + np.trace(c2.numpy()) - 2 * np.trace(covmean).real)
@@ -42,25 +50,59 @@ def test_frechet_distance_matches_dense_formula(small_analytic_prior, prompt):
     assert float(mix.trace_cov()) == pytest.approx(float(torch.trace(c2)), rel=1e-10)
 
 
-def test_nll_matches_log_density(small_analytic_prior):
+def test_nll_is_the_pixel_space_density(small_analytic_prior):
     p = small_analytic_prior
     mix = p.mixture("a red square")
-    x = p.sample("a red square", 8, torch.Generator().manual_seed(0))
-    expected = -mix.log_prob(x.reshape(8, -1).double()).mean() / (mix.dim * math.log(2)) + math.log2(127.5)
-    assert nll_bits_per_dim(x, mix) == pytest.approx(float(expected))
-    assert nll_bits_per_dim(torch.rand_like(x) * 2 - 1, mix) > nll_bits_per_dim(x, mix) + 10
+    z = p.sample("a red square", 8, torch.Generator().manual_seed(0))
+    # density of the pixel image x = scale z + shift: p_x(x) = p_z(z) / scale^D
+    nats = -mix.log_prob(z.reshape(8, -1).double()).mean() + mix.dim * math.log(p.scale)
+    assert nll_bits_per_dim(z, mix, p.scale) == pytest.approx(float(nats / (mix.dim * math.log(2)) + math.log2(127.5)))
+    assert nll_bits_per_dim(torch.randn_like(z), mix, p.scale) > nll_bits_per_dim(z, mix, p.scale) + 1
 
 
-def test_collapse_and_sharpness_on_known_sets(analytic_prior):
+def test_expected_energies_match_monte_carlo(analytic_prior):
+    p = analytic_prior
+    for prompt in ("a blue cross", "a circle, blurry, oversaturated"):
+        mix = p.mixture(prompt)
+        z = p.sample(prompt, 4096, torch.Generator().manual_seed(0)).double()
+        mc_hf = float((highpass(z) ** 2).mean())
+        assert mix.expected_spatial_energy(LAPLACIAN) == pytest.approx(mc_hf, rel=0.03)
+        assert sharpness_ratio(z, mix) == pytest.approx(1.0, abs=0.03)
+        assert saturation_ratio(z, mix, p) == pytest.approx(1.0, abs=0.03)
+
+
+def test_collapse_sharpness_saturation_on_known_sets(analytic_prior):
     p = analytic_prior
     mix = p.mixture("a purple cross")
     true = p.sample("a purple cross", 256, torch.Generator().manual_seed(0))
-    mean = mix.mu.float().view(1, *p.sample_shape).expand(16, -1, -1, -1)
+    mean = mix.mean().float().view(1, *p.sample_shape).expand(16, -1, -1, -1)
     assert collapse_score(true, mix) < 0.1
     assert collapse_score(mean, mix) == pytest.approx(1.0)
     assert collapse_score(mean + 0.5, mix) == pytest.approx(1.0)  # blind to a common shift
-    assert sharpness_ratio(true, mix) == pytest.approx(1.0, abs=0.1)
     assert sharpness_ratio(mean, mix) < 0.2  # the mean is a blurred average
+    gray = p.to_pixels(true).mean(1, keepdim=True)
+    vivid = p.from_pixels(gray + 1.5 * (p.to_pixels(true) - gray))
+    assert saturation_ratio(vivid, mix, p) == pytest.approx(2.25 * saturation_ratio(true, mix, p), rel=1e-6)
+
+
+def test_classifier_names_the_concept_of_exact_samples_and_renders(analytic_prior):
+    p = analytic_prior
+    classifier = classifier_for(p)
+    g = torch.Generator().manual_seed(0)
+    correct = renders_correct = total = 0
+    for shape in SHAPES:
+        for color in COLORS:
+            z = p.sample_concept(shape, color, 8, g)
+            pred = classifier.classify(z)
+            correct += sum(c == (shape, color) and bool(r) for c, r in zip(pred.concepts(), pred.recognizable))
+            render = p.from_pixels(render_shapes(shape, color, 8, p.config.size, g))
+            renders_correct += sum(c == (shape, color) for c in classifier.classify(render).concepts())
+            total += 8
+    assert correct / total >= 0.95 and renders_correct / total >= 0.97
+    # the blurred average of a prompt's images and a flat image have nearest templates too, but are not recognizable
+    blob = p.mixture("a red circle").mean().float().view(1, *p.sample_shape)
+    flat = torch.zeros(1, *p.sample_shape)
+    assert not bool(classifier.classify(torch.cat([blob, flat])).recognizable.any())
 
 
 def test_exact_metrics_groups_by_prompt(analytic_prior):
@@ -71,5 +113,6 @@ def test_exact_metrics_groups_by_prompt(analytic_prior):
     assert list(m["per_prompt"]) == ["a red circle", "a blue square", "a green ring"]
     assert m["per_prompt"]["a blue square"]["n"] == 3
     assert "fd" not in m["per_prompt"]["a green ring"] and "nll_bpd" in m["per_prompt"]["a green ring"]
+    assert {"adherence", "recognizable", "saturation"} <= set(m["mean"])
     assert m["mean"]["fd"] == pytest.approx((m["per_prompt"]["a red circle"]["fd"]
                                              + m["per_prompt"]["a blue square"]["fd"]) / 2)

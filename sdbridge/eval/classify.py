@@ -1,0 +1,101 @@
+"""Nearest-template classifier of the exact world: which concept (shape, color) does an image show?
+
+A template is a held-out rendering mask of a shape (``TEMPLATES_PER_SHAPE`` per shape, rendered from a seed the world
+is never fit with); with the
+world's color factorization an image ``x`` (pixel units) is compared with every template ``m_j`` in every color c,
+
+    dist^2(j, c) = |x - b 1 - d_c (x) m_j|^2 = |y|^2 - 2 sum_ch d_c[ch] (y_ch . m_j) + |d_c|^2 |m_j|^2,   y = x - b 1,
+
+and the image gets the concept of its nearest (template, color). Images and templates are first smoothed by a
+Gaussian of ``SMOOTHING_PX`` (the world's sensor noise would otherwise dominate the distance). An image is **recognizable** when its distance to
+that template, in mask units (RMS over pixels of the mismatch divided by the color's contrast ``|d_c|``, so bright and
+dark colors are judged alike), is within what exact samples of the world reach (the 99th percentile over 1,024
+unconditional exact samples, seed 0): a blob or a colored haze has a nearest template too, but is far from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sdbridge.priors.analytic import AnalyticPrior
+from sdbridge.priors.vocabulary import blur
+from sdbridge.priors.world import COLORS, SHAPES, color_vectors, render_masks
+
+TEMPLATES_PER_SHAPE = 3000
+TEMPLATE_SEED = 1_000_003  # plus the world's seed
+SMOOTHING_PX = 1.0
+CALIBRATION_SAMPLES = 1024
+CALIBRATION_QUANTILE = 0.99
+
+
+@dataclass
+class Prediction:
+    shape: list[str]
+    color: list[str]
+    distance: torch.Tensor  # (n,) distance to the nearest template, mask units (RMS mismatch / color contrast)
+    recognizable: torch.Tensor  # (n,) bool
+
+    def concepts(self) -> list[tuple[str, str]]:
+        return list(zip(self.shape, self.color))
+
+
+class ConceptClassifier:
+    """``classify(z)`` for model-space images of ``prior`` (built once per prior: :func:`classifier_for`)."""
+
+    def __init__(self, prior: AnalyticPrior, chunk: int = 256):
+        self.prior = prior
+        self.chunk = chunk
+        gen = torch.Generator().manual_seed(prior.config.seed + TEMPLATE_SEED)
+        templates = torch.stack([render_masks(shape, TEMPLATES_PER_SHAPE, prior.config.size, gen) for shape in SHAPES])
+        self.num_templates = templates.shape[1]
+        self.size = prior.config.size
+        self.templates = self._smooth(templates.reshape(-1, templates.shape[2]))  # (6 T, P)
+        self.b, self.d = color_vectors()
+        self.t2 = (self.templates**2).sum(1)  # (6 T,)
+        z = prior.sample("", CALIBRATION_SAMPLES, torch.Generator().manual_seed(0))
+        dist = self._nearest(z)[1]
+        self.threshold = float(torch.quantile(dist, CALIBRATION_QUANTILE))
+
+    def _nearest(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Index (template * 6 + color) and RMS distance of the nearest (template, color) of each image."""
+        idx, dist = [], []
+        for part in z.split(self.chunk):
+            x = self.prior.to_pixels(part.to(self.prior.shift)).cpu().reshape(part.shape[0], 3, -1)
+            y = self._smooth(x - self.b.view(1, 3, 1))
+            ym = torch.einsum("nkp,tp->nkt", y, self.templates)  # (n, 3, 6 T)
+            d2 = (y**2).sum((1, 2)).view(-1, 1, 1) - 2 * torch.einsum("nkt,ck->ntc", ym, self.d) \
+                + self.t2.view(1, -1, 1) * (self.d**2).sum(1).view(1, 1, -1)  # (n, 6 T, 6 colors)
+            best, arg = d2.flatten(1).min(1)
+            contrast2 = (self.d**2).sum(1)[arg % 6]
+            idx.append(arg)
+            dist.append((best.clamp(min=0) / contrast2 / y.shape[2]).sqrt())
+        return torch.cat(idx), torch.cat(dist)
+
+    def _smooth(self, v: torch.Tensor) -> torch.Tensor:
+        shape = v.shape
+        return blur(v.reshape(-1, 1, self.size, self.size), SMOOTHING_PX).reshape(shape)
+
+    @torch.no_grad()
+    def classify(self, z: torch.Tensor) -> Prediction:
+        idx, dist = self._nearest(z)
+        colors, shapes = list(COLORS), [SHAPES[int(i) // (6 * self.num_templates)] for i in idx]
+        return Prediction(shapes, [colors[int(i) % 6] for i in idx], dist, dist <= self.threshold)
+
+    def adherence(self, z: torch.Tensor, concepts: list[tuple[str, str]]) -> tuple[float, float]:
+        """``(adherence, recognizable)``: the share of images that show one of ``concepts`` recognizably, and the
+        share that are recognizable at all."""
+        pred = self.classify(z)
+        allowed = set(concepts)
+        hits = [c in allowed and bool(r) for c, r in zip(pred.concepts(), pred.recognizable)]
+        return sum(hits) / max(1, len(hits)), float(pred.recognizable.double().mean())
+
+
+def classifier_for(prior: AnalyticPrior) -> ConceptClassifier:
+    """The prior's classifier, built on first use (templates and calibration, ~1 s) and kept on the prior."""
+    cached = getattr(prior, "_concept_classifier", None)
+    if cached is None:
+        cached = ConceptClassifier(prior)
+        object.__setattr__(prior, "_concept_classifier", cached)
+    return cached
