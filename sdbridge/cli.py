@@ -414,9 +414,26 @@ def _optimize(
     if isinstance(prior, AnalyticPrior):  # model-space samples, so exact metrics can be merged across batches
         extra["model_samples"] = str(run_dir / "model_samples.pt")
         torch.save(target.model_samples().cpu(), run_dir / "model_samples.pt")
+        if isinstance(config.target, ImageTargetConfig):
+            extra["compare"] = str(_compare_with_exact_samples(prior, target, samples, run_dir, config.seed))
     if exact_cb is not None and exact_cb.final is not None:
         extra["exact_metrics"] = exact_cb.final
     return summary_cb.write(trainer, system, extra)
+
+
+def _compare_with_exact_samples(prior: Any, target: Any, samples: list[dict], run_dir: Path, seed: int) -> Path:
+    """``images/final/compare.png``: per prompt, a row of the run's images and below it a row of exact samples of the
+    same prompt (as many, drawn with the run's seed), each image upsampled to >= 128 px."""
+    from sdbridge.media import comparison_grid, save_png
+
+    images = target.preview()
+    rows = []
+    gen = torch.Generator().manual_seed(seed)
+    for prompt in dict.fromkeys(r["prompt"] for r in samples):
+        index = [i for i, r in enumerate(samples) if r["prompt"] == prompt]
+        rows.append(images[index])
+        rows.append(prior.decode(prior.sample(prompt, len(index), gen).to(prior.device)).cpu())
+    return save_png(comparison_grid(rows), run_dir / "images" / "final" / "compare.png")
 
 
 def protocol_of(config: RunConfig, prior: Any, prompt_set: Any, choices: dict[str, Any]) -> dict[str, Any]:
@@ -497,6 +514,8 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
           f"{summary['nfe_per_step']} NFEs/step, final loss {summary['final_loss']:.4g}")
     images = run_dir / ("batches/*/images/final" if summary.get("batches") else "images/final")
     print(f"sdbridge: images in {images}, summary in {run_dir / 'summary.json'}")
+    if summary.get("compare"):
+        print(f"sdbridge: {summary['compare']}: each prompt's images, and below them exact samples of the prompt")
     return summary
 
 

@@ -31,6 +31,23 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> to
     return grid
 
 
+def upsample_to(images: torch.Tensor, min_side: int = 128) -> torch.Tensor:
+    """Nearest-neighbour upsampling by an integer factor so each image is at least ``min_side`` pixels: small images
+    (the exact prior's 32 x 32) stay crisp and readable."""
+    factor = max(1, math.ceil(min_side / images.shape[-1]))
+    return torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
+
+
+def comparison_grid(rows: Sequence[torch.Tensor], min_side: int = 128) -> torch.Tensor:
+    """One ``(3, H', W')`` image with one row per tensor of ``(N_i, 3, H, W)`` images, upsampled to ``min_side``."""
+    width = max(r.shape[0] for r in rows)
+    tiles = []
+    for row in rows:
+        pad = torch.ones(width - row.shape[0], *row.shape[1:], dtype=row.dtype)
+        tiles.append(torch.cat([row.detach().cpu(), pad]))
+    return make_grid(upsample_to(torch.cat(tiles), min_side), nrow=width, pad=4)
+
+
 def save_png(image: torch.Tensor, path: Path) -> Path:
     import imageio.v3 as iio
 

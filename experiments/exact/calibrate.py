@@ -67,12 +67,13 @@ def measure(prior, classifier, new_prior, n: int = 64) -> dict:
     gen = torch.Generator().manual_seed(0)
     # 1. samples are the concept: classifier accuracy over all 36 concepts, and the Laplacian energy of exact samples
     # against fresh renderings of the same concept (the world's own rendering ranges for the round-1 world)
+    world = sys.modules[type(prior).__module__.replace("analytic", "world")]  # the measured world's own shapes
+    shared = [shape for shape in world.SHAPES if shape in SHAPES]  # the classifier knows the current world's shapes
     correct, total, energy_ratio = 0, 0, []
     lap = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]).view(1, 1, 3, 3).repeat(3, 1, 1, 1)
     hf = lambda x: float((torch.nn.functional.conv2d(x.float(), lap, padding=1, groups=3) ** 2).mean())  # noqa: E731
-    render = getattr(sys.modules.get(type(prior).__module__.replace("analytic", "world")), "render_shapes",
-                     render_shapes)
-    for shape in SHAPES:
+    render = getattr(world, "render_shapes", render_shapes)
+    for shape in shared:
         for color in COLORS:
             z = prior.sample_concept(shape, color, 16, gen) if hasattr(prior, "sample_concept") else \
                 prior.sample(f"a {color} {shape}", 16, gen)
@@ -80,6 +81,8 @@ def measure(prior, classifier, new_prior, n: int = 64) -> dict:
             correct += sum(c == (shape, color) for c in pred.concepts())
             total += z.shape[0]
             ref = render(shape, color, 64, prior.config.size, torch.Generator().manual_seed(7))
+            noise = getattr(prior.config, "noise_floor", 0.0) * getattr(prior, "scale", 1.0)  # the sensor noise
+            ref = ref + noise * torch.randn(ref.shape, generator=torch.Generator().manual_seed(8))
             energy_ratio.append(hf(pixels(prior, z)) / hf(ref))
     out["classified_correctly"] = correct / total
     out["edge_energy_vs_renders"] = sum(energy_ratio) / len(energy_ratio)
@@ -161,6 +164,53 @@ def main() -> None:
             print(json.dumps(results[f"old ({args.compare_old})"], indent=1))
     args.out.write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")
+    write_table(results, args.out.with_name("README.md"))
+
+
+def write_table(results: dict, readme: Path) -> None:
+    """The calibration table (between its markers) in experiments/exact/README.md."""
+    cols = list(results)
+
+    def row(label, get, fmt="{:.3g}"):
+        cells = []
+        for c in cols:
+            try:
+                cells.append(fmt.format(get(results[c])))
+            except (KeyError, TypeError):
+                cells.append("—")
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    lines = ["| property | measurement | " + " | ".join(cols) + " |", "| --- | --- |" + " ---: |" * len(cols)]
+    add = lambda prop, label, get, fmt="{:.3g}": lines.append(row(f"{prop} | {label}", get, fmt))  # noqa: E731
+    add("1. samples are the concept", "exact samples of each of the 36 concepts classified as it",
+        lambda r: r["classified_correctly"], "{:.1%}")
+    add("", "Laplacian energy of exact samples / renders with the same sensor noise", lambda r: r["edge_energy_vs_renders"])
+    for s in ("1.0", "3.0", "7.5"):
+        add("2. text tilts" if s == "1.0" else "", f"DDIM adherence, CFG {s}", lambda r, s=s: r["ddim_adherence_by_cfg"][s],
+            "{:.2f}")
+    add("3. latent-like space", "RMS of exact samples (model units)", lambda r: r["data_rms"])
+    for t in ("1", "20", "100", "500"):
+        add("", f"RMS eps / RMS noise for a randn x0, t = {t}", lambda r, t=t: r["randn_eps_over_noise"][t])
+    for k in ("exact samples", "randn", "blurred samples"):
+        add("4. bounded source" if k == "exact samples" else "", f"max log p(y+tgt) - log p(y+src), {k}",
+            lambda r, k=k: r["max_log_ratio_tgt_src"][k], "{:.4g}")
+    for t in ("300", "500", "600", "700", "800", "900"):
+        add("5. generalizes" if t == "300" else "", f"posterior components (exp entropy), t = {t}",
+            lambda r, t=t: r["posterior_components_by_t"][t])
+    for t in ("300", "500", "700", "900"):
+        add("", f"RMS(eps_cond - eps_uncond) on noised samples, t = {t}", lambda r, t=t: r["cfg_gap_rms_by_t"][t])
+    add("6. fast", "ms per eps evaluation, batch 16", lambda r: r["ms_per_eval_b16"], "{:.1f}")
+    add("", "ms per CFG pair, batch 16", lambda r: r["ms_per_cfg_pair_b16"], "{:.1f}")
+    table = "\n".join(lines)
+    start, end = "<!-- calibration:start -->", "<!-- calibration:end -->"
+    text = readme.read_text() if readme.exists() else ""
+    block = (f"{start}\n## Calibration: does the world behave like a latent text-to-image model?\n\n"
+             f"`python experiments/exact/calibrate.py --compare-old c50cb2a` (this machine, CPU):\n\n{table}\n{end}")
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text + "\n" + block + "\n"
+    readme.write_text(text)
 
 
 if __name__ == "__main__":

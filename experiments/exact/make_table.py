@@ -32,6 +32,19 @@ from sdbridge.eval.protocol import ExactProtocol, markdown_table, per_prompt_tab
 from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior  # noqa: E402
 
 
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def save_grid(prior, x0: torch.Tensor, protocol: ExactProtocol, path: Path, per_row: int = 8) -> None:
+    """One row per prompt (its first ``per_row`` images), each image upsampled to 128 px."""
+    from sdbridge.media import comparison_grid, save_png
+
+    n = protocol.images_per_prompt
+    rows = [prior.decode(x0[i * n: i * n + per_row].to(prior.device)).cpu() for i in range(len(protocol.prompts))]
+    save_png(comparison_grid(rows), path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small protocol, for trying the script")
@@ -51,9 +64,13 @@ def main() -> None:
     to_run = [] if args.no_run else args.methods or [n for n in names if n not in stored]
     prior = AnalyticPrior(AnalyticConfig(device="cpu"))
     rows = reference_rows(prior, protocol)
+    grids = args.out.parent / "grids"
+    for name, row in rows.items():
+        save_grid(prior, row.pop("samples"), protocol, grids / f"{slug(name)}.png")
     for name in to_run:
         start = time.perf_counter()
         summary = run_method(name, protocol)
+        save_grid(prior, summary.pop("samples_x0"), protocol, grids / f"{slug(name)}.png")
         print(f"{name}: {json.dumps(summary['exact_metrics']['mean'])} ({time.perf_counter() - start:.0f} s)")
         stored[name] = {k: summary[k] for k in ("exact_metrics", "nfe_per_step", "wall_clock_s", "overrides")
                         if k in summary}
@@ -87,13 +104,25 @@ FD per prompt:
 
 {per_prompt_table(rows, 'fd')}
 
+Adherence per prompt (share of images the nearest-template classifier reads as the prompt's concept):
+
+{per_prompt_table(rows, 'adherence')}
+
+Images (one row per prompt: {', '.join(repr(p) for p in protocol.prompts)}; the first 8 of each):
+
+{chr(10).join(f"**{name}**{chr(10)}{chr(10)}![{name}](grids/{slug(name)}.png){chr(10)}" for name in rows)}
+
 Overrides of each method run: `{' '.join(next(iter(v for k, v in rows.items() if 'overrides' in v))['overrides']) if len(rows) > 2 else ''}`
 """
-    # keep the hand-written analysis of the previous version (between the markers) below the regenerated numbers
+    # keep the calibration table (experiments/exact/calibrate.py) and the hand-written analysis of the previous
+    # version (between their markers) below the regenerated numbers
     old = args.out.read_text() if args.out.exists() else ""
-    start, end = "<!-- analysis:start -->", "<!-- analysis:end -->"
-    analysis = old[old.index(start): old.index(end) + len(end)] if start in old and end in old else f"{start}\n{end}"
-    args.out.write_text(text + "\n" + analysis + "\n")
+    kept = []
+    for name in ("calibration", "analysis"):
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        kept.append(old[old.index(start): old.index(end) + len(end)] if start in old and end in old
+                    else f"{start}\n{end}")
+    args.out.write_text(text + "\n" + "\n\n".join(kept) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -29,8 +29,10 @@ class ExactProtocol:
     overrides: list[str] = field(default_factory=list)  # extra overrides for every method run
 
     def describe(self) -> str:
+        from sdbridge.priors.world import WORLD_VERSION
+
         return (
-            f"prior=analytic (32x32), prompts {self.prompts}, {self.images_per_prompt} images per prompt, "
+            f"prior=analytic (32x32, world v{WORLD_VERSION}), prompts {self.prompts}, {self.images_per_prompt} images per prompt, "
             f"{self.steps} steps, seed {self.seed}, each method with its conf/guidance defaults"
         )
 
@@ -74,12 +76,14 @@ def run_method(guidance: str, protocol: ExactProtocol, extra: Sequence[str] = ()
     config, _ = compose_run_config(overrides)
     with tempfile.TemporaryDirectory() as tmp:
         summary = run(config, run_dir or Path(tmp))
+        if summary.get("model_samples"):  # keep the final images: the run folder may be temporary
+            summary["samples_x0"] = torch.load(summary["model_samples"], weights_only=True)
     summary["overrides"] = overrides
     return summary
 
 
 def reference_rows(prior: Any, protocol: ExactProtocol) -> dict[str, dict]:
-    """Metrics of exact samples and of DDIM samples (exact eps, eta 0, CFG 1) for the protocol's prompts."""
+    """Metrics of exact samples and of DDIM samples (exact eps, eta 0) at CFG 1 and 7.5 for the protocol's prompts."""
     from sdbridge.eval.exact import exact_metrics
     from sdbridge.sampling import ddim_sample
 
@@ -88,29 +92,31 @@ def reference_rows(prior: Any, protocol: ExactProtocol) -> dict[str, dict]:
     start = time.perf_counter()
     true = torch.cat([prior.sample(p, protocol.images_per_prompt, gen) for p in protocol.prompts])
     t_true = time.perf_counter() - start
-    nfe0 = prior.nfe
-    start = time.perf_counter()
-    ddim = ddim_sample(prior, prompts, num_steps=protocol.ddim_steps, generator=gen)
-    t_ddim = time.perf_counter() - start
-    return {
-        "true samples": {"exact_metrics": exact_metrics(prior, true, prompts), "wall_clock_s": t_true,
-                         "nfe_per_step": None, "steps": 0},
-        f"DDIM {protocol.ddim_steps} steps": {"exact_metrics": exact_metrics(prior, ddim, prompts),
-                                              "wall_clock_s": t_ddim, "steps": protocol.ddim_steps,
-                                              "nfe_per_step": (prior.nfe - nfe0) / protocol.ddim_steps},
-    }
+    rows = {"true samples": {"exact_metrics": exact_metrics(prior, true, prompts), "wall_clock_s": t_true,
+                             "nfe_per_step": None, "steps": 0, "samples": true}}
+    for scale in (1.0, 7.5):
+        nfe0 = prior.nfe
+        start = time.perf_counter()
+        ddim = ddim_sample(prior, prompts, num_steps=protocol.ddim_steps, scale=scale, generator=gen)
+        name = f"DDIM {protocol.ddim_steps} steps" + ("" if scale == 1.0 else f", CFG {scale:g}")
+        rows[name] = {"exact_metrics": exact_metrics(prior, ddim, prompts), "wall_clock_s": time.perf_counter() - start,
+                      "steps": protocol.ddim_steps, "nfe_per_step": (prior.nfe - nfe0) / protocol.ddim_steps,
+                      "samples": ddim}
+    return rows
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
-    """Method | FD | NLL | collapse | sharpness | NFEs/step | time — means over the protocol's prompts."""
-    head = "| method | FD ↓ | NLL (bits/dim) ↓ | collapse ↓ | sharpness (1 = true) | NFEs/step | time (s) |"
-    lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    """Method | FD | NLL | collapse | sharpness | saturation | adherence | NFEs/step | time — means over prompts."""
+    head = ("| method | FD ↓ | NLL (bits/dim) ↓ | collapse ↓ | sharpness (1 = true) | saturation (1 = true) | "
+            "adherence ↑ | NFEs/step | time (s) |")
+    lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, row in rows.items():
         m = row["exact_metrics"]["mean"]
         nfe = row.get("nfe_per_step")
         lines.append(
             f"| {name} | {m['fd']:.1f} | {m['nll_bpd']:.2f} | {m['collapse']:.3f} | {m['sharpness']:.3f} | "
-            f"{'—' if nfe is None else f'{nfe:g}'} | {row['wall_clock_s']:.1f} |"
+            f"{m.get('saturation', float('nan')):.3f} | {m.get('adherence', float('nan')):.2f} | "
+            f"{'—' if nfe is None else f'{nfe:.3g}'} | {row['wall_clock_s']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -121,5 +127,5 @@ def per_prompt_table(rows: dict[str, dict], metric: str = "fd") -> str:
              "| --- |" + " ---: |" * len(prompts)]
     for name, row in rows.items():
         pp = row["exact_metrics"]["per_prompt"]
-        lines.append(f"| {name} | " + " | ".join(f"{pp[p][metric]:.1f}" for p in prompts) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{pp[p][metric]:.{1 if metric == 'fd' else 2}f}" for p in prompts) + " |")
     return "\n".join(lines)

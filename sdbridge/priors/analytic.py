@@ -45,7 +45,7 @@ class AnalyticConfig(PriorConfig):
     """``prior=analytic``: the exact world (model space = affinely scaled pixels, ``3 x size x size``)."""
 
     size: int = 32  # S: images are 3 x S x S (16..64)
-    clusters: int = 96  # geometry components per shape
+    clusters: int = 64  # geometry components per shape (on average)
     rank: int = 12  # principal directions per component
     coarse_clusters: int = 16  # components per shape of the corrupted copies
     coarse_rank: int = 8
@@ -54,6 +54,8 @@ class AnalyticConfig(PriorConfig):
     precision: str = "mixed"  # "float64": all in float64; "mixed": the projections in float32 (measured: README)
     text_adherence: float = 0.9  # share of a prompt's mass on the concepts it names
     modifier_weight: float = 1.0  # mass of each modifier word's corrupted copy, relative to the clean distribution
+    degraded_share: float = 0.0  # share of degraded images (degraded_words' copies) in the unconditional distribution
+    degraded_words: list[str] = field(default_factory=lambda: ["blurry", "low contrast"])
     seed: int = 0  # the world's seed (not the run's)
     cache_dir: str = "~/.cache/sdbridge/world"
 
@@ -66,6 +68,11 @@ class AnalyticConfig(PriorConfig):
                              "mass on the concepts it names (1 would make text select, not tilt)")
         if self.precision not in ("float64", "mixed"):
             raise ValueError(f"prior.precision={self.precision!r} is not one of ['float64', 'mixed']")
+        if not 0 <= self.degraded_share < 1:
+            raise ValueError(f"prior.degraded_share={self.degraded_share} must be in [0, 1)")
+        unknown = [w for w in self.degraded_words if w not in MODIFIERS]
+        if unknown:
+            raise ValueError(f"prior.degraded_words: {unknown} are not modifier words; modifiers are {list(MODIFIERS)}")
         if not self.modifier_weight > 0:
             raise ValueError(f"prior.modifier_weight={self.modifier_weight} must be > 0")
 
@@ -437,16 +444,27 @@ class AnalyticPrior(DiffusionPrior):
 
     # ------------------------------------------------------------------ text = exact distributions
     def build_mixture(self, prompt: str) -> Mixture:
+        """The prompt's mixture: the clean sets and its modifier words' copies (``modifier_weight`` each), and the
+        degraded copies: ``degraded_share`` of the mass for a prompt that names no concept (the unconditional
+        distribution), ``degraded_share * (1 - text_adherence)`` for one that does (captioned images are clean)."""
         parsed = parse_prompt(prompt)
         concepts = tilt_logits(parsed, self.config.text_adherence)
         words = parsed.modifiers
         w = self.config.modifier_weight
-        norm = math.log(1 + w * len(words))
-        sets, log_pi = [self._component_set(None)], []
-        sets += [self._component_set(m) for m in words]
-        for i, s in enumerate(sets):
-            log_pi.append(self._weights(s.geo, concepts) + (math.log(w) if i else 0.0) - norm)
-        return Mixture(prompt, sets, log_pi, parsed.concepts(), self.config.size)
+        share = self.config.degraded_share
+        if parsed.shapes or parsed.colors:
+            share *= 1 - self.config.text_adherence
+        parts = [(None, math.log(1 - share) - math.log(1 + w * len(words)))]
+        parts += [(m, math.log(1 - share) + math.log(w) - math.log(1 + w * len(words))) for m in words]
+        if share > 0:
+            parts += [(m, math.log(share / len(self.config.degraded_words))) for m in self.config.degraded_words]
+        weights: dict[str, tuple[ComponentSet, torch.Tensor]] = {}
+        for modifier, log_mass in parts:  # a word both in the prompt and degraded_words: one set, masses added
+            s = self._component_set(modifier)
+            lp = self._weights(s.geo, concepts) + log_mass
+            weights[s.key] = (s, torch.logaddexp(weights[s.key][1], lp) if s.key in weights else lp)
+        sets = [v[0] for v in weights.values()]
+        return Mixture(prompt, sets, [v[1] for v in weights.values()], parsed.concepts(), self.config.size)
 
     def _encode_prompts(self, prompts: list[str]) -> list[Mixture]:
         return [self.build_mixture(p) for p in prompts]

@@ -2,7 +2,7 @@
 
 A prompt is split on commas and white space (phrases such as "low quality" are matched first). Each word is one of
 
-* a **shape** (circle, square, triangle, ring, cross, stripes) or a **color** (red, green, blue, yellow, purple,
+* a **shape** (circle, square, triangle, ring, cross, star) or a **color** (red, green, blue, yellow, purple,
   white): they **tilt** one shared mixture over all 36 concepts, they do not select. The prompt names the concepts
   "named shapes (all if none) x named colors (all if none)"; concept (s, c) gets weight proportional to
   ``exp(lambda * matches(s, c))``, where ``matches`` counts the prompt's attributes the concept has (0, 1 or 2), and
@@ -195,8 +195,7 @@ ALIASES = {
     "triangles": "triangle",
     "rings": "ring",
     "crosses": "cross",
-    "stripe": "stripes",
-    "striped": "stripes",
+    "stars": "star",
     "disk": "circle",
     "ball": "circle",
     "sphere": "circle",
@@ -295,10 +294,10 @@ def parse_prompt(prompt: str) -> ParsedPrompt:
 def markdown_table() -> str:
     """The vocabulary as the Markdown table in the README (kept in sync by a test)."""
     lines = ["| word(s) | kind | exact meaning |", "| --- | --- | --- |"]
-    lines.append(f"| {', '.join(SHAPES)} | shape | selects concepts of that shape |")
-    lines.append(f"| {', '.join(COLORS)} | color | selects concepts of that color |")
+    lines.append(f"| {', '.join(SHAPES)} | shape | tilts the shared mixture toward concepts of that shape |")
+    lines.append(f"| {', '.join(COLORS)} | color | tilts the shared mixture toward concepts of that color |")
     for name, mod in MODIFIERS.items():
-        lines.append(f"| {name} | modifier | {mod.description} |")
+        lines.append(f"| {name} | modifier | mixes in a copy corrupted by: {mod.description} |")
     lines.append(f"| {', '.join(sorted(IDENTITY_WORDS))} | quality | identity (the world's images are already sharp) |")
     lines.append(f"| {', '.join(sorted(VIEW_WORDS))} | view | identity (the world looks the same from every view) |")
     lines.append(f"| {', '.join(sorted(STOP_WORDS))} | filler | ignored |")

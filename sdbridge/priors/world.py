@@ -33,7 +33,9 @@ from pathlib import Path
 
 import torch
 
-SHAPES = ("circle", "square", "triangle", "ring", "cross", "stripes")
+#: Round 1 had "stripes" in place of "star": a stripe pattern's phase varies nonlinearly, so its cluster means were
+#: uniform half-intensity squares that explained any blurry blob (measured: SDS and Bridge outputs turned into stripes).
+SHAPES = ("circle", "square", "triangle", "ring", "cross", "star")
 #: RGB in [0, 1].
 COLORS = {
     "red": (0.90, 0.12, 0.10),
@@ -47,11 +49,14 @@ BACKGROUND = 0.08  # dark gray, [0, 1] units
 #: Render ranges in image coordinates ([-1, 1] across the image): centre offset, circumradius, stroke / size.
 POSITION_RANGE = 0.2
 RADIUS_RANGE = (0.35, 0.55)
-THICKNESS_RATIO = 0.25  # ring, cross and stripes strokes are this fraction of the shape's radius
+ROTATION_RANGE = math.radians(15)  # +- around upright: photographed objects have a canonical orientation, and
+#: rotation-averaged cluster means were blurry discs that absorbed blurry optimization states (measured: SDS and
+#: Bridge outputs turned into stars and crosses with full-circle rotations)
+THICKNESS_RATIO = 0.25  # ring and cross strokes are this fraction of the shape's radius
 ANTIALIAS_PX = 1.25
 #: Share of ``WorldSpec.clusters`` each shape gets: circles and rings vary in 3 parameters (no visible rotation),
-#: the others in 4, and the rotation of corners needs the finer clusters (measured: fuzzy squares otherwise).
-CLUSTER_SHARE = {"circle": 0.5, "square": 1.25, "triangle": 1.25, "ring": 0.5, "cross": 1.25, "stripes": 1.25}
+#: the others in 4.
+CLUSTER_SHARE = {"circle": 0.75, "square": 1.1, "triangle": 1.1, "ring": 0.75, "cross": 1.1, "star": 1.2}
 WORLD_VERSION = 2
 
 
@@ -65,7 +70,7 @@ def color_vectors() -> tuple[torch.Tensor, torch.Tensor]:
 @dataclass(frozen=True)
 class WorldSpec:
     size: int = 32
-    clusters: int = 96  # geometry components per shape on average (CLUSTER_SHARE splits them)
+    clusters: int = 64  # geometry components per shape on average (CLUSTER_SHARE splits them)
     rank: int = 12  # principal directions per component
     coarse_clusters: int = 16  # components per shape of the model corrupted copies are made of
     coarse_rank: int = 8
@@ -73,7 +78,10 @@ class WorldSpec:
     seed: int = 0
 
     def key(self) -> str:
-        blob = json.dumps({**asdict(self), "version": WORLD_VERSION}, sort_keys=True)
+        render = {"shapes": SHAPES, "colors": COLORS, "background": BACKGROUND, "position": POSITION_RANGE,
+                  "radius": RADIUS_RANGE, "rotation": ROTATION_RANGE, "thickness": THICKNESS_RATIO, "antialias": ANTIALIAS_PX,
+                  "share": CLUSTER_SHARE}
+        blob = json.dumps({**asdict(self), "version": WORLD_VERSION, "render": render}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     def check(self) -> None:
@@ -147,10 +155,19 @@ def shape_sdf(shape: str, x: torch.Tensor, y: torch.Tensor, size: torch.Tensor, 
         return (torch.sqrt(x**2 + y**2) - size).abs() - thick / 2
     if shape == "cross":
         return torch.minimum(_box_sdf(x, y, size, thick / 2), _box_sdf(x, y, thick / 2, size))
-    if shape == "stripes":  # bands of period 3 * thick inside a square of half-side 0.8 size
-        period = 3 * thick
-        band = (torch.remainder(x, period) - period / 2).abs() - thick / 2
-        return torch.maximum(band, _box_sdf(x, y, 0.8 * size, 0.8 * size))
+    if shape == "star":  # five points at radius `size`, inner vertices at 0.45 size (polygon distance by folding)
+        k1x, k1y = 0.809016994375, -0.587785252292  # (cos 36 deg, -sin 36 deg)
+        px, py = x.abs(), -y
+        for kx in (k1x, -k1x):
+            dot = (kx * px + k1y * py).clamp(min=0)
+            px, py = px - 2 * dot * kx, py - 2 * dot * k1y
+        px = px.abs()
+        py = py - size
+        inner = 0.45
+        bax, bay = inner * -k1y, inner * k1x - 1  # ba = inner * (-k1.y, k1.x) - (0, 1)
+        h = ((px * bax + py * bay) / (bax**2 + bay**2)).clamp(min=0) * 1
+        h = torch.minimum(h, size)
+        return torch.sqrt((px - bax * h) ** 2 + (py - bay * h) ** 2) * torch.sign(py * bax - px * bay)
     raise ValueError(f"unknown shape {shape!r}; shapes are {list(SHAPES)}")
 
 
@@ -158,7 +175,7 @@ def render_masks(shape: str, n: int, size: int, generator: torch.Generator) -> t
     """``n`` random coverage masks of ``shape``, ``(n, size * size)`` float64 in [0, 1]."""
     u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, 1, 1, generator=generator, dtype=torch.float64)  # noqa: E731
     cx, cy = u(-POSITION_RANGE, POSITION_RANGE), u(-POSITION_RANGE, POSITION_RANGE)
-    radius, angle = u(*RADIUS_RANGE), u(0, 2 * math.pi)
+    radius, angle = u(*RADIUS_RANGE), u(-ROTATION_RANGE, ROTATION_RANGE)
     coords = (torch.arange(size, dtype=torch.float64) + 0.5) / size * 2 - 1
     gy, gx = torch.meshgrid(coords, coords, indexing="ij")
     x, y = _rotate(gx - cx, gy - cy, angle)

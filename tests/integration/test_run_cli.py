@@ -87,7 +87,7 @@ def test_default_run_on_the_exact_prior_reports_exact_metrics(tmp_path, world_ca
     assert summary["prior"] == "analytic" and summary["num_images"] == 16
     metrics = summary["exact_metrics"]
     assert set(metrics["per_prompt"]) == {"a red circle", "a blue square", "a yellow triangle", "a green ring"}
-    assert set(metrics["mean"]) == {"fd", "nll_bpd", "collapse", "sharpness"}
+    assert set(metrics["mean"]) == {"fd", "nll_bpd", "collapse", "sharpness", "saturation", "adherence", "recognizable"}
     assert iio.imread(summary["images"][0]).shape == (32, 32, 3)
 
 

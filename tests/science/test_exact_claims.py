@@ -9,13 +9,25 @@ from sdbridge.eval.protocol import ExactProtocol, reference_rows, run_method
 pytestmark = pytest.mark.slow
 
 
-def test_sds_at_high_cfg_over_smooths_compared_with_ddim(analytic_prior, world_cache):
-    """SDS at CFG 100: its 16 images collapse (little spread) and sit far from the true distribution, while DDIM
-    with the same exact eps samples it faithfully."""
+@pytest.fixture(scope="module")
+def sds_and_ddim(analytic_prior, world_cache):
     protocol = ExactProtocol(prompts=["a red circle"], images_per_prompt=16, steps=1000, seed=0,
                              overrides=[f"prior.cache_dir={world_cache}"])
     sds = run_method("sds", protocol, ["guidance.scale=100"])["exact_metrics"]["mean"]
     ddim = reference_rows(analytic_prior, protocol)["DDIM 50 steps"]["exact_metrics"]["mean"]
     print(f"SDS@100: {sds}\nDDIM: {ddim}")
+    return sds, ddim
+
+
+def test_sds_at_high_cfg_over_smooths_and_collapses_compared_with_ddim(sds_and_ddim):
+    """SDS at CFG 100: its 16 images collapse (little spread), lose the edges, and sit far from the true
+    distribution, while DDIM with the same exact eps samples it faithfully."""
+    sds, ddim = sds_and_ddim
     assert sds["collapse"] > ddim["collapse"] + 0.2
+    assert sds["sharpness"] < 0.5 * ddim["sharpness"]
     assert sds["fd"] > 5 * ddim["fd"]
+
+
+def test_sds_at_high_cfg_over_saturates(sds_and_ddim):
+    sds, ddim = sds_and_ddim
+    assert sds["saturation"] > 1.1 * ddim["saturation"]

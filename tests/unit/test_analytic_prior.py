@@ -187,3 +187,17 @@ def test_exact_samples_and_ddim_land_near_the_true_distribution(analytic_prior):
         reference = frechet_distance(p.sample(prompt, n, g), mix)
         assert fd_ddim < 1.5 * reference, (fd_ddim, reference)
         assert fd_random > 3 * reference
+
+
+def test_degraded_share_puts_degraded_copies_in_the_unconditional_distribution(world_cache):
+    p = AnalyticPrior(AnalyticConfig(cache_dir=str(world_cache), device="cpu", degraded_share=0.4))
+    for prompt, share in (("", 0.4), ("a red circle", 0.4 * (1 - p.config.text_adherence))):
+        mix = p.mixture(prompt)
+        mass = {s.key: float(torch.logsumexp(lp.flatten(), 0).exp()) for s, lp in zip(mix.sets, mix.log_pi)}
+        assert set(mass) == {"clean", "blurry", "low contrast"}
+        assert mass["blurry"] + mass["low contrast"] == pytest.approx(share)
+        assert sum(mass.values()) == pytest.approx(1.0)
+    both = p.mixture("a red circle, blurry")  # a word in the prompt and in degraded_words: one set, masses added
+    assert [s.key for s in both.sets].count("blurry") == 1
+    with pytest.raises(ValueError, match="degraded_words"):
+        AnalyticConfig(degraded_words=["fuzzy"])
