@@ -224,10 +224,6 @@ class Mixture:
     def dim(self) -> int:
         return self.sets[0].dim
 
-    @property
-    def num_components(self) -> int:
-        return sum(int(lp.numel()) for lp in self.log_pi)
-
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], 3, -1).to(self.sets[0].beta)
 

@@ -110,20 +110,12 @@ class GeometryModel:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"mu": self.mu, "V": self.V, "lam": self.lam, "log_w": self.log_w, "shape": self.shape}
 
-    @property
-    def num_components(self) -> int:
-        return int(self.mu.shape[0])
-
 
 @dataclass
 class World:
     spec: WorldSpec
     fine: GeometryModel
     coarse: GeometryModel
-
-    @property
-    def pixels(self) -> int:
-        return self.spec.size**2
 
 
 def _rotate(x: torch.Tensor, y: torch.Tensor, angle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
