@@ -125,13 +125,13 @@ def dense_components(mix):
     """The mixture's components as dense tensors: means (K, D), covariances (K, D, D), log weights (K,), for
     cross-checks on a small prior (the order is ``mix.sets``, then (geometry, color) as in the responsibilities)."""
     means, covs, logw = [], [], []
-    for s, lp in zip(mix.sets, mix.log_pi):
+    for s, lp, amp in zip(mix.sets, mix.log_pi, mix.amps):
         geo = s.geo
         P = geo.mu.shape[1]
         eye = torch.eye(3 * P, dtype=torch.float64)
         for g in range(geo.num):
             for c in range(6):
-                means.append((s.beta.view(3, 1) + s.delta[c].view(3, 1) * geo.mu[g].view(1, P)).reshape(-1))
+                means.append((s.beta.view(3, 1) + amp[g, c] * s.delta[c].view(3, 1) * geo.mu[g].view(1, P)).reshape(-1))
                 U = torch.kron(s.dhat[c].view(3, 1), geo.Q[g])  # (3 P, r)
                 covs.append((U * (s.dnorm[c] ** 2 * geo.lam[g])) @ U.T + s.s2 * eye)
                 logw.append(lp[g, c])

@@ -205,7 +205,9 @@ def write_table(results: dict, readme: Path) -> None:
     start, end = "<!-- calibration:start -->", "<!-- calibration:end -->"
     text = readme.read_text() if readme.exists() else ""
     block = (f"{start}\n## Calibration: does the world behave like a latent text-to-image model?\n\n"
-             f"`python experiments/exact/calibrate.py --compare-old c50cb2a` (this machine, CPU):\n\n{table}\n{end}")
+             f"`python experiments/exact/calibrate.py` (this machine, CPU); the old column comes from "
+             f"`--compare-old c50cb2a` and is kept in calibration.json until measured again (compare the cost rows "
+             f"only within one run: its ms were measured while another job shared the cores).\n\n{table}\n{end}")
     if start in text and end in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:

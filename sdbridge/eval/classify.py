@@ -2,14 +2,16 @@
 
 A template is a held-out rendering mask of a shape (``TEMPLATES_PER_SHAPE`` per shape, rendered from a seed the world
 is never fit with); with the
-world's color factorization an image ``x`` (pixel units) is compared with every template ``m_j`` in every color c,
+world's color factorization an image ``x`` (pixel units) is compared with every template ``m_j`` in every color c, at
+the best contrast ``alpha`` within ``CONTRAST_RANGE`` (a dimmer or an over-saturated red circle is still a red circle),
 
-    dist^2(j, c) = |x - b 1 - d_c (x) m_j|^2 = |y|^2 - 2 sum_ch d_c[ch] (y_ch . m_j) + |d_c|^2 |m_j|^2,   y = x - b 1,
+    dist^2(j, c) = min_alpha |y - alpha d_c (x) m_j|^2 = |y|^2 - 2 alpha p + alpha^2 q,   y = x - b 1,
+    p = sum_ch d_c[ch] (y_ch . m_j),   q = |d_c|^2 |m_j|^2,   alpha = clamp(p / q, CONTRAST_RANGE),
 
 and the image gets the concept of its nearest (template, color). Images and templates are first smoothed by a
 Gaussian of ``SMOOTHING_PX`` (the world's sensor noise would otherwise dominate the distance). An image is **recognizable** when its distance to
-that template, in mask units (RMS over pixels of the mismatch divided by the color's contrast ``|d_c|``, so bright and
-dark colors are judged alike), is within what exact samples of the world reach (the 99th percentile over 1,024
+that template, in mask units (RMS over pixels of the mismatch divided by the fitted contrast ``alpha |d_c|``, so bright
+and dark colors are judged alike), is within what exact samples of the world reach (the 99th percentile over 1,024
 unconditional exact samples, seed 0): a blob or a colored haze has a nearest template too, but is far from it.
 """
 
@@ -28,6 +30,7 @@ TEMPLATE_SEED = 1_000_003  # plus the world's seed
 SMOOTHING_PX = 1.0
 CALIBRATION_SAMPLES = 1024
 CALIBRATION_QUANTILE = 0.99
+CONTRAST_RANGE = (1 / 3, 3.0)  # contrasts (relative to the renderings') at which an image still shows the concept
 
 
 @dataclass
@@ -65,10 +68,12 @@ class ConceptClassifier:
             x = self.prior.to_pixels(part.to(self.prior.shift)).cpu().reshape(part.shape[0], 3, -1)
             y = self._smooth(x - self.b.view(1, 3, 1))
             ym = torch.einsum("nkp,tp->nkt", y, self.templates)  # (n, 3, 6 T)
-            d2 = (y**2).sum((1, 2)).view(-1, 1, 1) - 2 * torch.einsum("nkt,ck->ntc", ym, self.d) \
-                + self.t2.view(1, -1, 1) * (self.d**2).sum(1).view(1, 1, -1)  # (n, 6 T, 6 colors)
+            proj = torch.einsum("nkt,ck->ntc", ym, self.d)  # (n, 6 T, 6 colors)
+            q = self.t2.view(1, -1, 1) * (self.d**2).sum(1).view(1, 1, -1)
+            alpha = (proj / q).clamp(*CONTRAST_RANGE)
+            d2 = (y**2).sum((1, 2)).view(-1, 1, 1) - 2 * alpha * proj + alpha**2 * q
             best, arg = d2.flatten(1).min(1)
-            contrast2 = (self.d**2).sum(1)[arg % 6]
+            contrast2 = (self.d**2).sum(1)[arg % 6] * alpha.flatten(1).gather(1, arg.view(-1, 1)).flatten() ** 2
             idx.append(arg)
             dist.append((best.clamp(min=0) / contrast2 / y.shape[2]).sqrt())
         return torch.cat(idx), torch.cat(dist)

@@ -29,10 +29,13 @@ class ExactProtocol:
     overrides: list[str] = field(default_factory=list)  # extra overrides for every method run
 
     def describe(self) -> str:
+        from sdbridge.priors.analytic import AnalyticConfig
         from sdbridge.priors.world import WORLD_VERSION
 
+        text = AnalyticConfig()  # the text model's defaults are part of the world a result was measured on
         return (
-            f"prior=analytic (32x32, world v{WORLD_VERSION}), prompts {self.prompts}, {self.images_per_prompt} images per prompt, "
+            f"prior=analytic (32x32, world v{WORLD_VERSION}, text contrast {text.text_contrast:g}, shape pull "
+            f"{text.text_pull:g}), prompts {self.prompts}, {self.images_per_prompt} images per prompt, "
             f"{self.steps} steps, seed {self.seed}, each method with its conf/guidance defaults"
         )
 

@@ -2,17 +2,26 @@
 
 **World** (``sdbridge/priors/world.py``): one sharp shape of one color per image; each concept (shape, color) is a
 mixture of low-rank Gaussians over clusters of its renderings (factor analyzers along the rendering manifold).
-**Text** (``sdbridge/priors/vocabulary.py``) tilts one shared mixture over all 36 concepts (``text_adherence``), and
-modifier words mix in corrupted copies (``modifier_weight``). **Model space**: like SD's scaled latents, the model
+**Text** (``sdbridge/priors/vocabulary.py``) tilts one shared mixture over all 36 concepts (``text_adherence``),
+gives the concepts it names their full color contrast (the others keep ``1 - text_contrast`` of it), and modifier
+words mix in corrupted copies (``modifier_weight``). **Model space**: like SD's scaled latents, the model
 works on ``z = (x - shift) / scale`` where x is the image in [-1, 1] and ``shift`` (per channel) and ``scale`` are the
-exact mean and RMS deviation of the unconditional distribution, so ``randn`` samples are in scale with the data.
+exact mean and RMS deviation of the data (all 36 concepts equally likely, full contrast), so ``randn`` samples are in
+scale with the data.
 
 Every component is ``N(m_k, U_k diag(l_k) U_k^T + s^2 I)`` in model space with the color x geometry structure
 
-    m_(g,c) = beta 1 + delta_c (x) mu_g,     U_(g,c) = dhat_c (x) Q_g,     l_(g,c) = |delta_c|^2 lam_g
+    m_(g,c) = beta 1 + a_(g,c) delta_c (x) mu_g,     U_(g,c) = dhat_c (x) Q_g,     l_(g,c) = |delta_c|^2 lam_g
 
 (``beta`` the background, ``delta_c`` color c minus background, both in model units; ``mu_g, Q_g, lam_g`` a
-geometry component over pixels). Noising with SD 2.1's schedule keeps each Gaussian:
+geometry component over pixels; ``a`` the prompt's color amplitude of the component, see ``contrast_amplitudes``).
+
+Why the amplitude: re-weighting alone makes ``eps_cond - eps_uncond`` vanish wherever the posterior has settled on
+one component (measured: ~0 for t <= 500), so CFG would act only at the noisiest steps. In Stable Diffusion the
+CFG update has a part parallel to the prediction at every step, and that part is what over-saturates at high guidance
+scales (Sadat et al. 2024, "Eliminating Oversaturation and Artifacts of High Guidance Scales in Diffusion Models").
+Here the prompt's components are slightly more contrasted than the unconditional ones, so CFG scale w gives a settled
+component the contrast ``1 - b + w b``: the same parallel, saturating push, exactly. Noising with SD 2.1's schedule keeps each Gaussian:
 ``N(sqrt(a) m_k, a U diag(l) U^T + c I)``, ``c = a s^2 + 1 - a``, and the exact epsilon is
 ``eps(x_t, t) = -sqrt(1 - a) grad log p_t(x_t)``. By Woodbury,
 
@@ -27,6 +36,7 @@ log-sum-exp in float64, which keeps t near 0 (small c) and near 999 stable.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -53,6 +63,8 @@ class AnalyticConfig(PriorConfig):
     noise_floor: float = 0.2  # s: isotropic std of every component, model units (sensor noise; keeps eps O(1))
     precision: str = "mixed"  # "float64": all in float64; "mixed": the projections in float32 (measured: README)
     text_adherence: float = 0.9  # share of a prompt's mass on the concepts it names
+    text_contrast: float = 0.03  # b: color contrast a concept loses when the prompt does not name it (CFG's parallel part)
+    text_pull: float = 0.05  # k: how far a prompt moves every component toward the nearest one of a named shape
     modifier_weight: float = 1.0  # mass of each modifier word's corrupted copy, relative to the clean distribution
     degraded_share: float = 0.0  # share of degraded images (degraded_words' copies) in the unconditional distribution
     degraded_words: list[str] = field(default_factory=lambda: ["blurry", "low contrast"])
@@ -66,6 +78,12 @@ class AnalyticConfig(PriorConfig):
         if not 1 / 36 < self.text_adherence < 1:
             raise ValueError(f"prior.text_adherence={self.text_adherence} must be in (1/36, 1): the share of a prompt's "
                              "mass on the concepts it names (1 would make text select, not tilt)")
+        if not 0 <= self.text_contrast < 1:
+            raise ValueError(f"prior.text_contrast={self.text_contrast} must be in [0, 1): the share of a concept's color "
+                             "contrast it loses when the prompt does not name it")
+        if not 0 <= self.text_pull < 1:
+            raise ValueError(f"prior.text_pull={self.text_pull} must be in [0, 1): how far a prompt moves every component "
+                             "toward the nearest component of a shape it names")
         if self.precision not in ("float64", "mixed"):
             raise ValueError(f"prior.precision={self.precision!r} is not one of ['float64', 'mixed']")
         if not 0 <= self.degraded_share < 1:
@@ -103,10 +121,29 @@ class Geometry:
         G, P, r = self.Q.shape
         self.Q_all = self.Q.permute(1, 0, 2).reshape(P, G * r).contiguous()
         self.Q_all32 = self.Q_all.float()
+        self._mean_terms()
+
+    def _mean_terms(self) -> None:
         self.mu32 = self.mu.float()
         self.Qtmu = torch.einsum("gpr,gp->gr", self.Q, self.mu)
         self.mu2 = (self.mu**2).sum(1)
         self.mu_sum = self.mu.sum(1)
+
+    def with_mean(self, mu: torch.Tensor) -> "Geometry":
+        """The same components (basis, variances, weights: shared tensors) with the means ``mu`` (G, P)."""
+        new = copy.copy(self)
+        new.mu = mu
+        new._mean_terms()
+        return new
+
+    def nearest(self, shapes: list[int]) -> torch.Tensor:
+        """(G,): for each component the nearest (L2 between means) component whose shape is one of ``shapes`` (itself
+        when its own shape is)."""
+        allowed = torch.isin(self.shape, torch.tensor(shapes, device=self.shape.device))
+        dist = torch.cdist(self.mu, self.mu[allowed])
+        idx = allowed.nonzero().flatten()[dist.argmin(1)]
+        own = torch.arange(self.num, device=idx.device)
+        return torch.where(allowed, own, idx)
 
     @classmethod
     def from_model(cls, model: GeometryModel, modifier: Modifier | None, size: int, device) -> "Geometry":
@@ -154,19 +191,28 @@ class ComponentSet:
     def dim(self) -> int:
         return 3 * int(self.geo.mu.shape[1])
 
-    def terms(self, x: torch.Tensor, abar: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-component Gaussian log-densities of x (B, 3, P) at noise level abar (B,), float64, and what the score
-        needs: ``log_prob`` (B, G, 6), ``c`` (B,), ``gproj`` (B, 6, G, r) (color-major, the layout of the matmuls).
+    def pulled(self, key: str, shapes: list[int], pull: float) -> "ComponentSet":
+        """The set as a prompt naming the shapes ``shapes`` (indices) sees it: every component's geometry mean moves
+        ``pull`` of the way toward the nearest component of a named shape (those of the named shapes stay).
+
+        Colors are not pulled: a color pull (every color moving toward the named one) was measured to send 4 of 8
+        SDS images of "a red circle" at CFG 100 to mottled yellow-green discs, against 0 of 8 without it
+        (experiments/exact/README.md); the named color's contrast term already tells CFG which color to push."""
+        mu = self.geo.mu
+        geo = self.geo.with_mean(mu + pull * (mu[self.geo.nearest(shapes)] - mu))  # named shapes: exactly unchanged
+        return ComponentSet(key, geo, self.beta, self.delta, self.s2, self.mixed)
+
+    def prepare(self, x: torch.Tensor, abar: torch.Tensor, shared: dict | None = None) -> dict[str, torch.Tensor]:
+        """What every prompt's densities of x (B, 3, P) at noise level abar (B,) share: the projections of x on the
+        geometry (the expensive part, O(B 3 P G r); kept in ``shared`` for the other sets of the same basis), the
+        shrinkage and the log-determinants.
 
         The shrinkage ``g`` and the log-determinant depend on the sample only through its noise level, so they are
         computed once per distinct timestep of the batch (usually one)."""
         geo = self.geo
         B, _, P = x.shape
         G, r = geo.num, geo.rank
-        D = 3 * P
         work = torch.float32 if self.mixed else torch.float64
-        a = abar.view(B, 1, 1)
-        sa = a.sqrt()
         c = abar * self.s2 + (1 - abar)  # (B,)
         levels, inverse = torch.unique(abar, return_inverse=True)
         rho = levels / (levels * self.s2 + (1 - levels))  # a / c per distinct level
@@ -177,18 +223,34 @@ class ComponentSet:
             shrink, logdet = shrink.expand(B, -1, -1, -1), logdet.expand(B, -1, -1)
         else:
             shrink, logdet = shrink[inverse], logdet[inverse]
-        y = x - sa * self.beta.view(1, 3, 1)  # x minus the noised background
-        y_mu = torch.matmul(y, geo.mu.T)  # (B, 3, G)
+        sa = abar.sqrt()
+        y = x - sa.view(B, 1, 1) * self.beta.view(1, 3, 1)  # x minus the noised background
         Q_all = geo.Q_all32 if self.mixed else geo.Q_all
-        y_q = (y.reshape(B * 3, P).to(work) @ Q_all).view(B, 3, G * r)
-        proj = (self.dhat.to(work) @ y_q).view(B, 6, G, r) \
-            - (sa.view(B, 1, 1, 1) * self.dnorm.view(1, -1, 1, 1)).to(work) * geo.Qtmu.to(work).view(1, 1, G, r)
-        d2 = (y * y).sum((1, 2)).view(B, 1, 1) - 2 * sa * (self.delta @ y_mu) \
-            + a * (self.dnorm**2).view(1, -1, 1) * geo.mu2.view(1, 1, -1)  # (B, 6, G)
-        gproj = shrink * proj
+        shared = {} if shared is None else shared
+        key = (id(Q_all), id(self.beta))  # a pulled set shares its base's basis and background
+        if key not in shared:
+            shared[key] = (y.reshape(B * 3, P).to(work) @ Q_all).view(B, 3, G * r)
+        y_q = shared[key]
+        return {"abar": abar, "sa": sa, "c": c, "shrink": shrink, "logdet": logdet,
+                "yy": (y * y).sum((1, 2)), "y_delta_mu": self.delta @ torch.matmul(y, geo.mu.T),  # (B, 6, G)
+                "dq": (self.dhat.to(work) @ y_q).view(B, 6, G, r)}
+
+    def terms(self, pre: dict[str, torch.Tensor], amp: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-component Gaussian log-densities for the rows of ``pre`` (see ``prepare``) whose components have the
+        color amplitudes ``amp`` (B, 6, G) (the mean is ``beta + amp delta_c (x) mu_g``): ``log_prob`` (B, G, 6),
+        ``c`` (B,), ``gproj`` (B, 6, G, r) (color-major, the layout of the matmuls) and ``amp``."""
+        geo = self.geo
+        B = pre["c"].shape[0]
+        D = self.dim
+        a, sa, c = pre["abar"].view(B, 1, 1), pre["sa"].view(B, 1, 1), pre["c"]
+        m_norm = sa * self.dnorm.view(1, -1, 1) * amp  # (B, 6, G): |sqrt(a) amp delta_c|
+        proj = pre["dq"] - m_norm.unsqueeze(3).to(pre["dq"]) * geo.Qtmu.to(pre["dq"]).unsqueeze(0).unsqueeze(0)
+        d2 = pre["yy"].view(B, 1, 1) - 2 * sa * amp * pre["y_delta_mu"] \
+            + a * amp**2 * (self.dnorm**2).view(1, -1, 1) * geo.mu2.view(1, 1, -1)  # (B, 6, G)
+        gproj = pre["shrink"] * proj
         maha = (d2 - (gproj * proj).sum(3).double()) / c.view(B, 1, 1)
-        log_prob = -0.5 * (maha + logdet + D * torch.log(c).view(B, 1, 1) + D * math.log(2 * math.pi))
-        return {"log_prob": log_prob.transpose(1, 2), "c": c, "gproj": gproj}
+        log_prob = -0.5 * (maha + pre["logdet"] + D * torch.log(c).view(B, 1, 1) + D * math.log(2 * math.pi))
+        return {"log_prob": log_prob.transpose(1, 2), "c": c, "gproj": gproj, "amp": amp}
 
     def inv_cov_sum(self, x: torch.Tensor, abar: torch.Tensor, resp: torch.Tensor, terms: dict) -> torch.Tensor:
         """``sum_k resp_k Sigma_k^-1 (x - sqrt(a) m_k)`` over this set's components (resp: (B, G, 6)), (B, 3, P)."""
@@ -197,7 +259,7 @@ class ComponentSet:
         rc = (resp / terms["c"].view(B, 1, 1)).transpose(1, 2)  # (B, 6, G)
         gproj = terms["gproj"]
         total = rc.sum((1, 2)).view(B, 1, 1)
-        coef_mu = (self.delta.T @ rc).reshape(B * 3, -1)  # (B 3, G)
+        coef_mu = (self.delta.T @ (rc * terms["amp"])).reshape(B * 3, -1)  # (B 3, G)
         weighted = (rc.to(gproj).unsqueeze(3) * gproj).reshape(B, 6, -1)  # (B, 6, G r)
         coef_q = (self.dhat.T.to(gproj) @ weighted).reshape(B * 3, -1)
         if self.mixed:
@@ -212,13 +274,19 @@ class ComponentSet:
 @dataclass
 class Mixture:
     """A prompt's exact distribution: component sets with log weights ``log_pi[i]`` (G_i, 6) that sum (exp) to 1
-    over all sets. ``concepts`` are the (shape, color) pairs the prompt names."""
+    over all sets and color amplitudes ``amps[i]`` (G_i, 6) (component (g, c) has mean ``beta + amp delta_c (x)
+    mu_g``; all 1 when None). ``concepts`` are the (shape, color) pairs the prompt names."""
 
     prompt: str
     sets: list[ComponentSet]
     log_pi: list[torch.Tensor]
     concepts: list[tuple[str, str]]
     size: int
+    amps: list[torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.amps is None:
+            self.amps = [torch.ones_like(lp) for lp in self.log_pi]
 
     @property
     def dim(self) -> int:
@@ -230,7 +298,10 @@ class Mixture:
     # ------------------------------------------------------------------ noised density
     def log_joint(self, x: torch.Tensor, abar: torch.Tensor) -> tuple[list[dict], torch.Tensor]:
         """Per-set terms and the joint log weights ``log pi_k + log N_k`` (B, K) over all components."""
-        terms = [s.terms(x, abar) for s in self.sets]
+        B = x.shape[0]
+        shared: dict = {}
+        terms = [s.terms(s.prepare(x, abar, shared), amp.T.unsqueeze(0).expand(B, -1, -1))
+                 for s, amp in zip(self.sets, self.amps)]
         logits = torch.cat([(t["log_prob"] + lp).flatten(1) for t, lp in zip(terms, self.log_pi)], 1)
         return terms, logits
 
@@ -270,7 +341,7 @@ class Mixture:
         z = torch.randn(n, r_max, generator=generator, dtype=torch.float64)
         e = torch.randn(n, self.dim, generator=generator, dtype=torch.float64).view(n, 3, -1)
         start = 0
-        for s, lp in zip(self.sets, self.log_pi):
+        for s, lp, amp in zip(self.sets, self.log_pi, self.amps):
             count = lp.numel()
             rows = ((idx >= start) & (idx < start + count)).nonzero().flatten()
             start_i = start
@@ -282,28 +353,29 @@ class Mixture:
             geo = s.geo
             zz = z[rows, : geo.rank].to(s.beta)
             m = geo.mu[g] + torch.einsum("npr,nr->np", geo.Q[g], geo.lam[g].sqrt() * zz)
-            x = s.beta.view(1, 3, 1) + s.delta[c].unsqueeze(2) * m.unsqueeze(1) + math.sqrt(s.s2) * e[rows].to(s.beta)
+            color = amp[g, c].unsqueeze(1) * s.delta[c]  # (n, 3)
+            x = s.beta.view(1, 3, 1) + color.unsqueeze(2) * m.unsqueeze(1) + math.sqrt(s.s2) * e[rows].to(s.beta)
             out[rows] = x.cpu()
         return out.reshape(n, -1).to(self.sets[0].beta.device)
 
     # ------------------------------------------------------------------ moments (exact metrics)
-    def _weights(self) -> Iterator[tuple[ComponentSet, torch.Tensor]]:
-        for s, lp in zip(self.sets, self.log_pi):
-            yield s, lp.exp()
+    def _weights(self) -> Iterator[tuple[ComponentSet, torch.Tensor, torch.Tensor]]:
+        for s, lp, amp in zip(self.sets, self.log_pi, self.amps):
+            yield s, lp.exp(), amp
 
     def mean(self) -> torch.Tensor:
         """E[x], (D,)."""
         out = 0
-        for s, pi in self._weights():
-            out = out + pi.sum() * s.beta.view(3, 1) + torch.einsum("gc,ck,gp->kp", pi, s.delta, s.geo.mu)
+        for s, pi, amp in self._weights():
+            out = out + pi.sum() * s.beta.view(3, 1) + torch.einsum("gc,ck,gp->kp", pi * amp, s.delta, s.geo.mu)
         return out.reshape(-1)
 
     def trace_cov(self) -> torch.Tensor:
         second = 0
-        for s, pi in self._weights():
+        for s, pi, amp in self._weights():
             P = s.geo.mu.shape[1]
-            m2 = P * (s.beta**2).sum() + 2 * (s.delta @ s.beta).view(1, -1) * s.geo.mu_sum.view(-1, 1) \
-                + (s.dnorm**2).view(1, -1) * s.geo.mu2.view(-1, 1)  # |m_k|^2, (G, 6)
+            m2 = P * (s.beta**2).sum() + 2 * amp * (s.delta @ s.beta).view(1, -1) * s.geo.mu_sum.view(-1, 1) \
+                + amp**2 * (s.dnorm**2).view(1, -1) * s.geo.mu2.view(-1, 1)  # |m_k|^2, (G, 6)
             low = (s.dnorm**2).view(1, -1) * s.geo.lam.sum(1).view(-1, 1)
             second = second + (pi * (m2 + low + s.dim * s.s2)).sum()
         return second - (self.mean() ** 2).sum()
@@ -313,13 +385,13 @@ class Mixture:
         X3 = self._rows(X)
         n = X3.shape[0]
         out = torch.zeros_like(X3)
-        for s, pi in self._weights():
+        for s, pi, amp in self._weights():
             geo = s.geo
             xm = (X3 * s.beta.view(1, 3, 1)).sum((1, 2)).view(n, 1, 1) \
-                + torch.einsum("nkg,ck->ngc", torch.einsum("nkp,gp->nkg", X3, geo.mu), s.delta)  # X m_k
+                + amp * torch.einsum("nkg,ck->ngc", torch.einsum("nkp,gp->nkg", X3, geo.mu), s.delta)  # X m_k
             w = xm * pi.unsqueeze(0)
             out = out + w.sum((1, 2)).view(n, 1, 1) * s.beta.view(1, 3, 1) \
-                + torch.einsum("ngc,ck,gp->nkp", w, s.delta, geo.mu)
+                + torch.einsum("ngc,ck,gp->nkp", w * amp, s.delta, geo.mu)
             xq = torch.einsum("nkgr,ck->ngcr", (X3.reshape(n * 3, -1) @ geo.Q_all).view(n, 3, geo.num, geo.rank),
                               s.dhat)
             coef = xq * (pi * s.dnorm.view(1, -1) ** 2).unsqueeze(0).unsqueeze(3) * geo.lam.view(1, geo.num, 1, -1)
@@ -335,12 +407,13 @@ class Mixture:
         k = kernel.to(self.sets[0].beta)
         filt = lambda m: _conv_circular(m.reshape(-1, 1, self.size, self.size), k)  # noqa: E731
         total = 0
-        for s, pi in self._weights():
+        for s, pi, amp in self._weights():
             geo = s.geo
             mean_term = (filt(geo.mu) ** 2).flatten(1).sum(1)  # (G,)
             cols = geo.Q.transpose(1, 2).reshape(-1, geo.mu.shape[1])
             low_term = ((filt(cols) ** 2).flatten(1).sum(1).view(geo.num, geo.rank) * geo.lam).sum(1)
-            per = (s.dnorm**2).view(1, -1) * (mean_term + low_term).view(-1, 1) + s.s2 * s.dim * float((k**2).sum())
+            per = (s.dnorm**2).view(1, -1) * (amp**2 * mean_term.view(-1, 1) + low_term.view(-1, 1)) \
+                + s.s2 * s.dim * float((k**2).sum())
             total = total + (pi * per).sum()
         return float(total / self.dim)
 
@@ -349,11 +422,11 @@ class Mixture:
         units, ``x = scale z + shift``, per pixel."""
         Pc = torch.eye(3, dtype=torch.float64, device=shift.device) - 1 / 3
         total_sq, mean_z = 0, self.mean().view(3, -1)
-        for s, pi in self._weights():
+        for s, pi, amp in self._weights():
             P = s.geo.mu.shape[1]
             pb, pd = Pc @ s.beta, s.delta @ Pc  # (3,), (6, 3)
-            m2 = P * (pb**2).sum() + 2 * (pd @ pb).view(1, -1) * s.geo.mu_sum.view(-1, 1) \
-                + (pd**2).sum(1).view(1, -1) * s.geo.mu2.view(-1, 1)
+            m2 = P * (pb**2).sum() + 2 * amp * (pd @ pb).view(1, -1) * s.geo.mu_sum.view(-1, 1) \
+                + amp**2 * (pd**2).sum(1).view(1, -1) * s.geo.mu2.view(-1, 1)
             low = (pd**2).sum(1).view(1, -1) * s.geo.lam.sum(1).view(-1, 1)
             total_sq = total_sq + (pi * (m2 + low + 2 * P * s.s2)).sum()
         P = mean_z.shape[1]
@@ -384,6 +457,17 @@ def tilt_logits(parsed: ParsedPrompt, adherence: float) -> torch.Tensor:
     return torch.log_softmax((hi * matches).flatten(), 0).view_as(matches)
 
 
+def contrast_amplitudes(parsed: ParsedPrompt, contrast: float) -> torch.Tensor:
+    """Color amplitudes (6 shapes, 6 colors): ``1 - b (1 - f)`` with f the fraction of the attributes the prompt
+    names (shape, color) that the concept has (f = 0 for every concept of a prompt that names nothing)."""
+    named = int(bool(parsed.shapes)) + int(bool(parsed.colors))
+    if named == 0:
+        return torch.full((len(SHAPES), len(COLORS)), 1 - contrast, dtype=torch.float64)
+    hits = torch.tensor([[int(s in parsed.shapes) + int(c in parsed.colors) for c in COLORS] for s in SHAPES],
+                        dtype=torch.float64)
+    return 1 - contrast * (1 - hits / named)
+
+
 class AnalyticPrior(DiffusionPrior):
     """Exact prior (``prior=analytic``). ``sample_shape = (3, S, S)`` in model units ``z = (x - shift) / scale``."""
 
@@ -400,7 +484,8 @@ class AnalyticPrior(DiffusionPrior):
 
     # ------------------------------------------------------------------ model space
     def _model_space(self) -> None:
-        """shift (per channel) and scale: the exact mean and RMS deviation of the unconditional distribution."""
+        """shift (per channel) and scale: the exact mean and RMS deviation of the data (every concept equally likely,
+        full contrast; the unconditional distribution is the same at ``1 - text_contrast`` of the contrast)."""
         b, d = color_vectors()
         geo = Geometry.from_model(self.world.fine, None, self.config.size, "cpu")
         pixel = ComponentSet("pixels", geo, b, d, 0.0)
@@ -412,8 +497,17 @@ class AnalyticPrior(DiffusionPrior):
         scale = math.sqrt(float(spread) / mix.dim / (1 - self.config.noise_floor**2))
         self.shift, self.scale = shift.to(self._device), scale
 
-    def _component_set(self, modifier: str | None) -> ComponentSet:
+    def _component_set(self, modifier: str | None, parsed: ParsedPrompt | None = None) -> ComponentSet:
+        """The clean set (modifier None) or a modifier word's corrupted copy, as the prompt ``parsed`` pulls it
+        (``text_pull``; unpulled for a prompt that names no shape)."""
         key = modifier or "clean"
+        pull = self.config.text_pull
+        if parsed is not None and parsed.shapes and pull > 0:
+            pulled_key = f"{key}|{'+'.join(parsed.shapes)}"
+            if pulled_key not in self._sets:
+                base = self._component_set(modifier)
+                self._sets[pulled_key] = base.pulled(pulled_key, [SHAPES.index(x) for x in parsed.shapes], pull)
+            return self._sets[pulled_key]
         if key not in self._sets:
             mod = MODIFIERS[modifier] if modifier else None
             model = self.world.coarse if mod else self.world.fine
@@ -445,6 +539,7 @@ class AnalyticPrior(DiffusionPrior):
         distribution), ``degraded_share * (1 - text_adherence)`` for one that does (captioned images are clean)."""
         parsed = parse_prompt(prompt)
         concepts = tilt_logits(parsed, self.config.text_adherence)
+        amplitude = contrast_amplitudes(parsed, self.config.text_contrast)
         words = parsed.modifiers
         w = self.config.modifier_weight
         share = self.config.degraded_share
@@ -456,11 +551,12 @@ class AnalyticPrior(DiffusionPrior):
             parts += [(m, math.log(share / len(self.config.degraded_words))) for m in self.config.degraded_words]
         weights: dict[str, tuple[ComponentSet, torch.Tensor]] = {}
         for modifier, log_mass in parts:  # a word both in the prompt and degraded_words: one set, masses added
-            s = self._component_set(modifier)
+            s = self._component_set(modifier, parsed)
             lp = self._weights(s.geo, concepts) + log_mass
             weights[s.key] = (s, torch.logaddexp(weights[s.key][1], lp) if s.key in weights else lp)
         sets = [v[0] for v in weights.values()]
-        return Mixture(prompt, sets, [v[1] for v in weights.values()], parsed.concepts(), self.config.size)
+        amps = [amplitude.to(s.geo.log_w)[s.geo.shape] for s in sets]
+        return Mixture(prompt, sets, [v[1] for v in weights.values()], parsed.concepts(), self.config.size, amps)
 
     def _encode_prompts(self, prompts: list[str]) -> list[Mixture]:
         return [self.build_mixture(p) for p in prompts]
@@ -471,8 +567,8 @@ class AnalyticPrior(DiffusionPrior):
 
     # ------------------------------------------------------------------ denoiser
     def _predict_eps_batched(self, x_t: torch.Tensor, t: torch.Tensor, conds: list[TextEmbedding]) -> torch.Tensor:
-        """Every component set that any conditioning uses is evaluated once on the whole batch; each conditioning
-        then only changes the weights (its softmax) and the back-projection of its responsibilities."""
+        """Every component set that any conditioning uses is projected once on the whole batch (``prepare``); each
+        conditioning then only changes the weights, the amplitudes' O(B 6 G r) terms and the back-projection."""
         B = x_t.shape[0]
         x = x_t.reshape(B, 3, -1).double()
         abar = self.alphas_cumprod[t.to(self.device)]
@@ -481,15 +577,24 @@ class AnalyticPrior(DiffusionPrior):
             for mix in cond.value:
                 for s in mix.sets:
                     used.setdefault(s.key, s)
-        terms = {k: s.terms(x, abar) for k, s in used.items()}
+        shared: dict = {}
+        pre = {k: s.prepare(x, abar, shared) for k, s in used.items()}
         out = torch.empty(len(conds), B, x.shape[1] * x.shape[2], dtype=torch.float64, device=x.device)
         for j, cond in enumerate(conds):
-            logits = {k: torch.full_like(terms[k]["log_prob"], -math.inf) for k in used}
             rows: dict[int, list[int]] = {}  # rows grouped by their (cached, hence shared) mixture
             for i, mix in enumerate(cond.value):
                 rows.setdefault(id(mix), []).append(i)
-            for group in rows.values():
-                mix, index = cond.value[group[0]], torch.tensor(group, device=x.device)
+            groups = [(cond.value[g[0]], torch.tensor(g, device=x.device)) for g in rows.values()]
+            terms: dict[str, dict[str, torch.Tensor]] = {}
+            for k, s in used.items():  # each row's amplitudes: its mixture's (1 where it does not use the set)
+                amp = torch.ones(B, 6, s.geo.num, dtype=torch.float64, device=x.device)
+                for mix, index in groups:
+                    for s_, a_ in zip(mix.sets, mix.amps):
+                        if s_.key == k:
+                            amp[index] = a_.T
+                terms[k] = s.terms(pre[k], amp)
+            logits = {k: torch.full_like(terms[k]["log_prob"], -math.inf) for k in used}
+            for mix, index in groups:
                 for s, lp in zip(mix.sets, mix.log_pi):
                     logits[s.key][index] = terms[s.key]["log_prob"][index] + lp
             flat = torch.cat([logits[k].flatten(1) for k in used], 1)
@@ -522,7 +627,7 @@ class AnalyticPrior(DiffusionPrior):
         col = list(COLORS).index(color)
         keep[rows, col] = mix.log_pi[0][rows, col]
         alone = Mixture(mix.prompt, mix.sets[:1], [keep - torch.logsumexp(keep.flatten(), 0)], [(shape, color)],
-                        mix.size)
+                        mix.size, mix.amps[:1])
         return alone.sample(n, generator).float().reshape(n, *self.sample_shape)
 
     @torch.no_grad()

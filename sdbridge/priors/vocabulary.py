@@ -8,8 +8,11 @@ A prompt is split on commas and white space (phrases such as "low quality" are m
   ``exp(lambda * matches(s, c))``, where ``matches`` counts the prompt's attributes the concept has (0, 1 or 2), and
   ``lambda`` is set so that the named concepts hold ``prior.text_adherence`` of the mass (0.9 by default); a concept
   with the right shape but the wrong color sits in between. "" (no shape, no color) weights all 36 equally: the
-  unconditional distribution. So ``log p(x | y) - log p(x)`` is bounded and classifier-free guidance has something
-  to amplify, as with a real text-to-image model;
+  unconditional distribution. Named attributes also set the components' means slightly
+  (``sdbridge.priors.analytic``): the named concepts keep their full color contrast, the others ``1 -
+  prior.text_contrast`` of it, and every component of another shape moves ``prior.text_pull`` of the way toward the
+  nearest component of a named shape, so classifier-free guidance has something to
+  amplify at every noise level, as with a real text-to-image model;
 * a **modifier**: a corruption ``x -> A x + b`` of the clean image — a spatial linear map applied to each channel
   (blur, pixelation, a fixed warp; each keeps constant images constant), an affine map of each pixel's RGB
   (saturation, blends toward a gray level) and optionally extra isotropic noise. A modifier does not replace the

@@ -19,23 +19,32 @@ def sds_and_ddim(analytic_prior, world_cache):
     return sds, ddim
 
 
-def test_sds_at_high_cfg_over_smooths_and_collapses_compared_with_ddim(sds_and_ddim):
-    """SDS at CFG 100: its 16 images collapse (little spread), lose the edges, and sit far from the true
-    distribution, while DDIM with the same exact eps samples it faithfully. Measured: collapse 0.73 vs 0.06,
-    sharpness 0.26 vs 0.79, FD 1532 vs 952 (16 images in 3,072 unit-variance dimensions: most of DDIM's FD is the
-    finite-sample bias that exact samples have too)."""
+def test_sds_at_high_cfg_collapses_compared_with_ddim(sds_and_ddim):
+    """SDS at CFG 100: its 16 images collapse (little spread: all centred discs of one size) and sit far from the
+    true distribution, while DDIM with the same exact eps samples it faithfully. Measured: collapse 0.49 vs 0.05,
+    FD 1545 vs 943 (16 images in 3,072 unit-variance dimensions: most of DDIM's FD is the finite-sample bias that
+    exact samples have too)."""
     sds, ddim = sds_and_ddim
     assert sds["collapse"] > ddim["collapse"] + 0.2
-    assert sds["sharpness"] < 0.5 * ddim["sharpness"]
     assert sds["fd"] > 1.3 * ddim["fd"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "measured saturation 0.41 for SDS at CFG 100 vs 1.18 for DDIM: SDS ends at a dim blob. Text in this world only "
-    "re-weights shared components, so eps_cond - eps_uncond is ~0 once the posterior settles on one component "
-    "(RMS 3e-7 at t = 500 on noised samples, experiments/exact/README.md calibration row 5); the CFG extrapolation "
-    "that over-saturates SD's latents acts here only at t > 700. SD's conditional and unconditional predictions "
-    "differ at every t"))
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "measured sharpness 0.81 for SDS at CFG 100 vs 0.79 for DDIM: SDS's red discs carry a mottled texture that the "
+    "Laplacian energy counts as detail. It is not the noise of single-draw gradients under Adam: with the gradient "
+    "averaged over 16 noise/t draws per step the images end sharper still (4.1); cause not isolated "
+    "(experiments/exact/README.md, open in issue #12)"))
+def test_sds_at_high_cfg_over_smooths(sds_and_ddim):
+    sds, ddim = sds_and_ddim
+    assert sds["sharpness"] < 0.5 * ddim["sharpness"]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "measured saturation 0.50 for SDS at CFG 100 vs 1.18 for DDIM: SDS's discs are dim. The world's CFG gap on a "
+    "settled component is its contrast term (a component of the prompt has contrast 1, the unconditional one "
+    "0.97), so CFG w extrapolates a settled component to contrast 1 - 0.03 + 0.03 w, and DDIM at CFG 7.5 does "
+    "over-saturate (experiments/exact/README.md); why SDS at w = 100 ends dim instead is not isolated (open in "
+    "issue #12)"))
 def test_sds_at_high_cfg_over_saturates(sds_and_ddim):
     sds, ddim = sds_and_ddim
     assert sds["saturation"] > 1.1 * ddim["saturation"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sdbridge.eval.exact import frechet_distance
-from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior, tilt_logits
+from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior, contrast_amplitudes, tilt_logits
 from sdbridge.priors.vocabulary import parse_prompt
 from sdbridge.priors.world import COLORS, SHAPES, WorldSpec, build_world, load_world
 from sdbridge.sampling import ddim_sample
@@ -78,14 +78,15 @@ def test_responsibilities_sum_to_one(analytic_prior):
 
 
 def test_batched_mixed_prompts_equal_per_prompt_calls(analytic_prior):
-    p = analytic_prior
+    """Batching logic, in float64 (the mixed precision's float32 projections differ by blocking, ~1e-5 relative)."""
+    p = AnalyticPrior(AnalyticConfig(cache_dir=analytic_prior.config.cache_dir, device="cpu", precision="float64"))
     prompts = ["a red circle", "a circle", "a red circle" + SOURCE, ""]
     x = torch.randn(4, *p.sample_shape, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([10, 500, 999, 250])
     both = p.predict_eps(x, t, [p.encode_text([""] * 4), p.encode_text(prompts)])
     for i, prompt in enumerate(prompts):
         single = p.predict_eps(x[i : i + 1], t[i : i + 1], [p.encode_text([prompt])])
-        torch.testing.assert_close(both[1, i], single[0, 0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(both[1, i], single[0, 0], rtol=1e-6, atol=1e-6)
 
 
 def test_text_tilts_one_shared_mixture(analytic_prior):
@@ -104,13 +105,62 @@ def test_text_tilts_one_shared_mixture(analytic_prior):
     assert w[s, c] > w[s, c - 1] > w[s - 1, c - 1]
     assert bool(torch.allclose(tilt_logits(parse_prompt(""), adherence).exp(), torch.full((6, 6), 1 / 36,
                                                                                            dtype=torch.float64)))
-    # so log p(x | y) - log p(x) is bounded by log(max_k pi_y / pi_u), on any input
-    cond, uncond = p.mixture("a red circle"), p.mixture("")
+    # without the contrast and pull terms, log p(x | y) - log p(x) is bounded by log(max_k pi_y / pi_u), on any input
+    flat = AnalyticPrior(AnalyticConfig(cache_dir=p.config.cache_dir, device="cpu", text_contrast=0.0,
+                                        text_pull=0.0))
+    cond, uncond = flat.mixture("a red circle"), flat.mixture("")
     bound = math.log(float(w.exp().max()) * 36)
     x = torch.cat([p.sample("a red circle", 8).reshape(8, -1), torch.randn(8, cond.dim) * 3]).double()
     for t in (0, 500):
         a = p.alphas_cumprod[t].expand(16)
         assert float((cond.log_prob(x, a) - uncond.log_prob(x, a)).max()) <= bound + 1e-9
+
+
+def test_contrast_amplitudes_follow_the_named_attributes():
+    b = 0.1
+    amp = contrast_amplitudes(parse_prompt("a red circle"), b)
+    s, c = SHAPES.index("circle"), list(COLORS).index("red")
+    assert amp[s, c] == 1 and amp[s, c - 1] == amp[s - 1, c] == pytest.approx(1 - b / 2)
+    assert amp[s - 1, c - 1] == pytest.approx(1 - b)
+    circle = contrast_amplitudes(parse_prompt("a circle"), b)
+    assert bool((circle[s] == 1).all()) and bool((circle[s - 1] == 1 - b).all())
+    assert bool((contrast_amplitudes(parse_prompt("blurry, noisy"), b) == 1 - b).all())  # names no concept
+
+
+def test_cfg_acts_at_every_noise_level_and_stays_bounded(analytic_prior):
+    """Where the posterior has settled on one component (t <= 500), eps_cond - eps_uncond is the contrast term:
+    nonzero and, for one settled component, exactly what a component of contrast ``1 - b + w b`` gives at CFG w."""
+    p = analytic_prior
+    b = p.config.text_contrast
+    g = torch.Generator().manual_seed(4)
+    z = p.sample("a red circle", 8, g)
+    far = 3 * torch.randn(8, *p.sample_shape, generator=g)
+    for t in (100, 300, 500, 900):
+        a = p.alphas_cumprod[t].float()
+        noised = a.sqrt() * z + (1 - a).sqrt() * torch.randn(z.shape, generator=g)
+        for x in (noised, far):
+            e = p.predict_eps(x, torch.full((8,), t), [p.encode_text([""] * 8), p.encode_text(["a red circle"] * 8)])
+            gap = (e[1] - e[0]).double()
+            assert float(gap.pow(2).mean().sqrt()) < 1.0  # bounded, on samples and far from the data
+        if t <= 500:  # on noised samples of the prompt the gap does not vanish where the posterior has settled
+            e = p.predict_eps(noised, torch.full((8,), t), [p.encode_text([""] * 8), p.encode_text(["a red circle"] * 8)])
+            assert float((e[1] - e[0]).pow(2).mean().sqrt()) > 1e-3
+    # one settled component: CFG at scale w on (uncond, cond) = the component with amplitude 1 - b + w b
+    mix = p.mixture("a red circle")
+    t, w = 200, 7.5
+    a = p.alphas_cumprod[t]
+    x = (a.sqrt() * z[:1].double() + (1 - a).sqrt() * torch.randn(z[:1].shape, generator=g, dtype=torch.float64))
+    k = int(mix.responsibilities(x.reshape(1, -1), a.expand(1)).argmax())
+    geo_g, col = k // 6, k % 6
+    keep = torch.full_like(mix.log_pi[0], -math.inf)
+    keep[geo_g, col] = 0.0
+    amp = torch.ones_like(keep)
+    amp[geo_g, col] = 1 - b + w * b
+    alone = type(mix)(mix.prompt, mix.sets[:1], [keep], mix.concepts, mix.size, [amp])
+    expected = -(1 - a).sqrt() * alone.score(x.reshape(1, -1), a.expand(1))
+    e = p.predict_eps(x.float(), torch.full((1,), t), [p.encode_text([""]), p.encode_text(["a red circle"])]).double()
+    cfg = e[0] + w * (e[1] - e[0])
+    torch.testing.assert_close(cfg.reshape(1, -1), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_modifiers_mix_in_corrupted_copies_with_bounded_log_ratio(analytic_prior):
@@ -133,9 +183,11 @@ def test_modifiers_mix_in_corrupted_copies_with_bounded_log_ratio(analytic_prior
 
 def test_model_space_is_in_scale_with_randn(analytic_prior):
     p = analytic_prior
-    mix = p.mixture("")
-    second = float(((mix.mean()) ** 2).sum() + mix.trace_cov()) / mix.dim
-    assert second == pytest.approx(1.0, abs=0.05)  # E|z|^2 / D = 1: unit variance like SD's scaled latents
+    uncond = p.mixture("")
+    data = type(uncond)("", uncond.sets, uncond.log_pi, uncond.concepts, uncond.size)  # the renderings: full contrast
+    for mix, expected in ((data, 1.0), (uncond, 1 - p.config.text_contrast)):
+        second = float(((mix.mean()) ** 2).sum() + mix.trace_cov()) / mix.dim
+        assert second == pytest.approx(expected, abs=0.05)  # E|z|^2 / D = 1: unit variance like SD's scaled latents
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(p.decode(p.encode(images)), images, atol=1e-6, rtol=0)
     x = p.to_pixels(p.sample("a white square", 4))
@@ -193,11 +245,26 @@ def test_degraded_share_puts_degraded_copies_in_the_unconditional_distribution(w
     p = AnalyticPrior(AnalyticConfig(cache_dir=str(world_cache), device="cpu", degraded_share=0.4))
     for prompt, share in (("", 0.4), ("a red circle", 0.4 * (1 - p.config.text_adherence))):
         mix = p.mixture(prompt)
-        mass = {s.key: float(torch.logsumexp(lp.flatten(), 0).exp()) for s, lp in zip(mix.sets, mix.log_pi)}
+        mass = {s.key.split("|")[0]: float(torch.logsumexp(lp.flatten(), 0).exp())  # the set, pulled or not
+                for s, lp in zip(mix.sets, mix.log_pi)}
         assert set(mass) == {"clean", "blurry", "low contrast"}
         assert mass["blurry"] + mass["low contrast"] == pytest.approx(share)
         assert sum(mass.values()) == pytest.approx(1.0)
     both = p.mixture("a red circle, blurry")  # a word in the prompt and in degraded_words: one set, masses added
-    assert [s.key for s in both.sets].count("blurry") == 1
+    assert [s.key.split("|")[0] for s in both.sets].count("blurry") == 1
     with pytest.raises(ValueError, match="degraded_words"):
         AnalyticConfig(degraded_words=["fuzzy"])
+
+
+def test_text_pull_moves_off_prompt_components_toward_the_prompt(analytic_prior):
+    p = analytic_prior
+    k = p.config.text_pull
+    base, pulled = p.mixture("").sets[0], p.mixture("a red circle").sets[0]
+    circle = base.geo.shape == SHAPES.index("circle")
+    assert torch.equal(pulled.geo.mu[circle], base.geo.mu[circle])  # the named shape's components stay
+    assert pulled.geo.Q is base.geo.Q  # same basis: the projections are shared
+    nearest = base.geo.mu[circle][torch.cdist(base.geo.mu[~circle], base.geo.mu[circle]).argmin(1)]
+    torch.testing.assert_close(pulled.geo.mu[~circle], (1 - k) * base.geo.mu[~circle] + k * nearest)
+    assert torch.equal(pulled.delta, base.delta)  # colors are not pulled (the contrast term carries the color)
+    assert p.mixture("a red circle").sets[0] is p.mixture("a blue circle").sets[0]  # one pulled set per shape set
+    assert p.mixture("a red").sets[0] is p.mixture("").sets[0]  # a prompt that names no shape pulls nothing

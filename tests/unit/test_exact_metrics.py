@@ -21,7 +21,7 @@ from sdbridge.eval.exact import (
     saturation_ratio,
     sharpness_ratio,
 )
-from sdbridge.priors.world import COLORS, SHAPES, render_shapes
+from sdbridge.priors.world import BACKGROUND, COLORS, SHAPES, render_shapes
 from tests.conftest import dense_components
 
 
@@ -103,6 +103,13 @@ def test_classifier_names_the_concept_of_exact_samples_and_renders(analytic_prio
     blob = p.mixture("a red circle").mean().float().view(1, *p.sample_shape)
     flat = torch.zeros(1, *p.sample_shape)
     assert not bool(classifier.classify(torch.cat([blob, flat])).recognizable.any())
+    # a dimmer or an over-saturated rendering still shows its concept (what CFG 1 vs 7.5 changes), a faint one does not
+    render = render_shapes("circle", "red", 16, p.config.size, torch.Generator().manual_seed(3))
+    b = torch.tensor(2 * BACKGROUND - 1)
+    for contrast, shown in ((0.6, True), (1.8, True), (0.15, False)):
+        pred = classifier.classify(p.from_pixels(b + contrast * (render - b)))
+        hits = [c == ("circle", "red") and bool(r) for c, r in zip(pred.concepts(), pred.recognizable)]
+        assert (sum(hits) / len(hits) >= 0.9) if shown else (sum(hits) / len(hits) <= 0.1), (contrast, hits)
 
 
 def test_exact_metrics_groups_by_prompt(analytic_prior):

@@ -47,7 +47,7 @@ def test_unknown_word_lists_the_vocabulary():
 def test_identity_words_leave_the_distribution_unchanged(analytic_prior):
     a = analytic_prior.mixture("a red circle")
     b = analytic_prior.mixture("a red circle" + BRIDGE_TARGET)
-    assert [s.key for s in a.sets] == [s.key for s in b.sets] == ["clean"]
+    assert [s.key for s in a.sets] == [s.key for s in b.sets] == ["clean|circle"] and a.sets[0] is b.sets[0]
     assert torch.equal(a.log_pi[0], b.log_pi[0])
 
 
@@ -104,7 +104,7 @@ def test_modifier_changes_samples_as_documented(analytic_prior, word):
     base = "a yellow square"
     mix = p.mixture(f"{base}, {word}")
     corrupted = type(mix)(mix.prompt, mix.sets[1:], [lp - torch.logsumexp(lp.flatten(), 0) for lp in mix.log_pi[1:]],
-                          mix.concepts, mix.size)
+                          mix.concepts, mix.size, mix.amps[1:])
     clean = p.to_pixels(p.sample(base, 64, torch.Generator().manual_seed(0)))
     mod = p.to_pixels(corrupted.sample(64, torch.Generator().manual_seed(0)).float().view(64, *p.sample_shape))
     measure, direction = EFFECTS[word]
