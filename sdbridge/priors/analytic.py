@@ -567,8 +567,9 @@ class AnalyticPrior(DiffusionPrior):
 
     # ------------------------------------------------------------------ denoiser
     def _predict_eps_batched(self, x_t: torch.Tensor, t: torch.Tensor, conds: list[TextEmbedding]) -> torch.Tensor:
-        """Every component set that any conditioning uses is projected once on the whole batch (``prepare``); each
-        conditioning then only changes the weights, the amplitudes' O(B 6 G r) terms and the back-projection."""
+        """Every component set that any conditioning uses is projected once on the whole batch (``prepare``: sets of
+        one basis share the projections); each conditioning then evaluates each set's O(6 G r) terms and its
+        back-projection only on the rows whose prompt uses it."""
         B = x_t.shape[0]
         x = x_t.reshape(B, 3, -1).double()
         abar = self.alphas_cumprod[t.to(self.device)]
@@ -584,29 +585,40 @@ class AnalyticPrior(DiffusionPrior):
             rows: dict[int, list[int]] = {}  # rows grouped by their (cached, hence shared) mixture
             for i, mix in enumerate(cond.value):
                 rows.setdefault(id(mix), []).append(i)
-            groups = [(cond.value[g[0]], torch.tensor(g, device=x.device)) for g in rows.values()]
-            terms: dict[str, dict[str, torch.Tensor]] = {}
-            for k, s in used.items():  # each row's amplitudes: its mixture's (1 where it does not use the set)
-                amp = torch.ones(B, 6, s.geo.num, dtype=torch.float64, device=x.device)
-                for mix, index in groups:
-                    for s_, a_ in zip(mix.sets, mix.amps):
-                        if s_.key == k:
-                            amp[index] = a_.T
-                terms[k] = s.terms(pre[k], amp)
-            logits = {k: torch.full_like(terms[k]["log_prob"], -math.inf) for k in used}
+            groups = [(cond.value[g[0]], g) for g in rows.values()]
+            # each set is evaluated only on the rows whose mixture uses it (a prompt's pulled set is its own)
+            members: dict[str, list[int]] = {}
             for mix, index in groups:
-                for s, lp in zip(mix.sets, mix.log_pi):
-                    logits[s.key][index] = terms[s.key]["log_prob"][index] + lp
-            flat = torch.cat([logits[k].flatten(1) for k in used], 1)
-            resp = torch.softmax(flat, dim=1)
+                for s in mix.sets:
+                    members.setdefault(s.key, []).extend(index)
+            terms, logits, where = {}, {}, {}
+            for k, idx in members.items():
+                idx = sorted(idx)
+                where[k] = torch.tensor(idx, device=x.device)
+                pos = {row: n for n, row in enumerate(idx)}
+                s = used[k]
+                amp = torch.ones(len(idx), 6, s.geo.num, dtype=torch.float64, device=x.device)
+                lp_rows = torch.full((len(idx), s.geo.num, 6), -math.inf, dtype=torch.float64, device=x.device)
+                for mix, index in groups:
+                    for s_, a_, lp in zip(mix.sets, mix.amps, mix.log_pi):
+                        if s_.key == k:
+                            local = torch.tensor([pos[r] for r in index], device=x.device)
+                            amp[local] = a_.T
+                            lp_rows[local] = lp
+                terms[k] = s.terms({name: v[where[k]] for name, v in pre[k].items()}, amp)
+                full = torch.full((B, s.geo.num, 6), -math.inf, dtype=torch.float64, device=x.device)
+                full[where[k]] = terms[k]["log_prob"] + lp_rows
+                logits[k] = full
+            resp = torch.softmax(torch.cat([logits[k].flatten(1) for k in members], 1), dim=1)
             acc = torch.zeros_like(x)
             start = 0
-            for k, s in used.items():
+            for k in members:
                 n = logits[k][0].numel()
-                r = resp[:, start:start + n].view_as(logits[k])
+                r = resp[:, start:start + n].view_as(logits[k])[where[k]]
                 start += n
                 if bool((r > 0).any()):
-                    acc = acc + s.inv_cov_sum(x, abar, r, terms[k])
+                    idx = where[k]
+                    acc[idx] = acc[idx] + used[k].inv_cov_sum(x[idx], abar[idx], r, terms[k])
             out[j] = (1 - abar).sqrt().view(B, 1) * acc.reshape(B, -1)  # eps = -sqrt(1 - a) * score
         return out.float().reshape(len(conds), *x_t.shape)
 
