@@ -213,27 +213,27 @@ class ComponentSet:
         B, _, P = x.shape
         G, r = geo.num, geo.rank
         work = torch.float32 if self.mixed else torch.float64
-        c = abar * self.s2 + (1 - abar)  # (B,)
-        levels, inverse = torch.unique(abar, return_inverse=True)
-        rho = levels / (levels * self.s2 + (1 - levels))  # a / c per distinct level
-        al = rho.view(-1, 1, 1, 1) * (self.dnorm**2).view(1, -1, 1, 1) * geo.lam.view(1, 1, G, r)  # a l / c
-        shrink = (al / (1 + al)).to(work)  # (levels, 6, G, r)
-        logdet = torch.log1p(al).sum(3)  # (levels, 6, G)
-        if levels.numel() == 1:
-            shrink, logdet = shrink.expand(B, -1, -1, -1), logdet.expand(B, -1, -1)
-        else:
-            shrink, logdet = shrink[inverse], logdet[inverse]
         sa = abar.sqrt()
         y = x - sa.view(B, 1, 1) * self.beta.view(1, 3, 1)  # x minus the noised background
-        Q_all = geo.Q_all32 if self.mixed else geo.Q_all
         shared = {} if shared is None else shared
-        key = (id(Q_all), id(self.beta))  # a pulled set shares its base's basis and background
+        # a pulled set shares its base's basis, variances, background and colors: all but its means' terms
+        key = (id(geo.Q_all), id(geo.lam), id(self.beta), id(self.delta), self.s2, self.mixed)
         if key not in shared:
-            shared[key] = (y.reshape(B * 3, P).to(work) @ Q_all).view(B, 3, G * r)
-        y_q = shared[key]
-        return {"abar": abar, "sa": sa, "c": c, "shrink": shrink, "logdet": logdet,
-                "yy": (y * y).sum((1, 2)), "y_delta_mu": self.delta @ torch.matmul(y, geo.mu.T),  # (B, 6, G)
-                "dq": (self.dhat.to(work) @ y_q).view(B, 6, G, r)}
+            c = abar * self.s2 + (1 - abar)  # (B,)
+            levels, inverse = torch.unique(abar, return_inverse=True)
+            rho = levels / (levels * self.s2 + (1 - levels))  # a / c per distinct level
+            al = rho.view(-1, 1, 1, 1) * (self.dnorm**2).view(1, -1, 1, 1) * geo.lam.view(1, 1, G, r)  # a l / c
+            shrink = (al / (1 + al)).to(work)  # (levels, 6, G, r)
+            logdet = torch.log1p(al).sum(3)  # (levels, 6, G)
+            if levels.numel() == 1:
+                shrink, logdet = shrink.expand(B, -1, -1, -1), logdet.expand(B, -1, -1)
+            else:
+                shrink, logdet = shrink[inverse], logdet[inverse]
+            Q_all = geo.Q_all32 if self.mixed else geo.Q_all
+            y_q = (y.reshape(B * 3, P).to(work) @ Q_all).view(B, 3, G * r)
+            shared[key] = {"abar": abar, "sa": sa, "c": c, "shrink": shrink, "logdet": logdet,
+                           "yy": (y * y).sum((1, 2)), "dq": (self.dhat.to(work) @ y_q).view(B, 6, G, r)}
+        return {**shared[key], "y_delta_mu": self.delta @ torch.matmul(y, geo.mu.T)}  # (B, 6, G)
 
     def terms(self, pre: dict[str, torch.Tensor], amp: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-component Gaussian log-densities for the rows of ``pre`` (see ``prepare``) whose components have the
@@ -254,6 +254,14 @@ class ComponentSet:
 
     def inv_cov_sum(self, x: torch.Tensor, abar: torch.Tensor, resp: torch.Tensor, terms: dict) -> torch.Tensor:
         """``sum_k resp_k Sigma_k^-1 (x - sqrt(a) m_k)`` over this set's components (resp: (B, G, 6)), (B, 3, P)."""
+        B, _, P = x.shape
+        local, coef_q = self.inv_cov_parts(x, abar, resp, terms)
+        return local - self.back_project(coef_q).view(B, 3, P)
+
+    def inv_cov_parts(self, x: torch.Tensor, abar: torch.Tensor, resp: torch.Tensor,
+                      terms: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``inv_cov_sum`` without its low-rank part: ``(local (B, 3, P), coef_q (B 3, G r))`` with ``inv_cov_sum =
+        local - back_project(coef_q)``, so sets of one basis (a set and its pulled copies) back-project once."""
         geo = self.geo
         B, _, P = x.shape
         rc = (resp / terms["c"].view(B, 1, 1)).transpose(1, 2)  # (B, 6, G)
@@ -262,13 +270,19 @@ class ComponentSet:
         coef_mu = (self.delta.T @ (rc * terms["amp"])).reshape(B * 3, -1)  # (B 3, G)
         weighted = (rc.to(gproj).unsqueeze(3) * gproj).reshape(B, 6, -1)  # (B, 6, G r)
         coef_q = (self.dhat.T.to(gproj) @ weighted).reshape(B * 3, -1)
-        if self.mixed:
-            mu_part = (coef_mu.float() @ geo.mu32).double()
-            q_part = (coef_q @ geo.Q_all32.T).double()
-        else:
-            mu_part, q_part = coef_mu @ geo.mu, coef_q @ geo.Q_all.T
+        mu_part = (coef_mu.float() @ geo.mu32).double() if self.mixed else coef_mu @ geo.mu
         sa = abar.sqrt().view(B, 1, 1)
-        return x * total - sa * (self.beta.view(1, 3, 1) * total + mu_part.view(B, 3, P)) - q_part.view(B, 3, P)
+        return x * total - sa * (self.beta.view(1, 3, 1) * total + mu_part.view(B, 3, P)), coef_q
+
+    def basis_key(self) -> int:
+        """Sets with the same key share the low-rank basis (a set and its pulled copies)."""
+        return id(self.geo.Q_all)
+
+    def back_project(self, coef_q: torch.Tensor) -> torch.Tensor:
+        """``coef_q @ Q_all^T`` (rows, G r) -> (rows, P), in float64."""
+        if self.mixed:
+            return (coef_q.float() @ self.geo.Q_all32.T).double()
+        return coef_q @ self.geo.Q_all.T
 
 
 @dataclass
@@ -611,14 +625,22 @@ class AnalyticPrior(DiffusionPrior):
                 logits[k] = full
             resp = torch.softmax(torch.cat([logits[k].flatten(1) for k in members], 1), dim=1)
             acc = torch.zeros_like(x)
+            coef: dict[int, tuple[ComponentSet, torch.Tensor]] = {}  # per basis: the low-rank coefficients of all rows
             start = 0
             for k in members:
                 n = logits[k][0].numel()
                 r = resp[:, start:start + n].view_as(logits[k])[where[k]]
                 start += n
                 if bool((r > 0).any()):
-                    idx = where[k]
-                    acc[idx] = acc[idx] + used[k].inv_cov_sum(x[idx], abar[idx], r, terms[k])
+                    idx, s = where[k], used[k]
+                    local, coef_q = s.inv_cov_parts(x[idx], abar[idx], r, terms[k])
+                    acc[idx] = acc[idx] + local
+                    if s.basis_key() not in coef:
+                        coef[s.basis_key()] = (s, torch.zeros(B, 3, coef_q.shape[1], dtype=coef_q.dtype,
+                                                              device=x.device))
+                    coef[s.basis_key()][1][idx] += coef_q.view(len(idx), 3, -1)
+            for s, c_q in coef.values():
+                acc = acc - s.back_project(c_q.reshape(B * 3, -1)).view_as(acc)
             out[j] = (1 - abar).sqrt().view(B, 1) * acc.reshape(B, -1)  # eps = -sqrt(1 - a) * score
         return out.float().reshape(len(conds), *x_t.shape)
 
