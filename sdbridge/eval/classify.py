@@ -17,7 +17,11 @@ unconditional exact samples, seed 0): a blob or a colored haze has a nearest tem
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -54,12 +58,34 @@ class ConceptClassifier:
         templates = torch.stack([render_masks(shape, TEMPLATES_PER_SHAPE, prior.config.size, gen) for shape in SHAPES])
         self.num_templates = templates.shape[1]
         self.size = prior.config.size
-        self.templates = self._smooth(templates.reshape(-1, templates.shape[2]))  # (6 T, P)
+        self.templates = self._smooth(templates.reshape(-1, templates.shape[2])).float()  # (6 T, P)
         self.b, self.d = color_vectors()
-        self.t2 = (self.templates**2).sum(1)  # (6 T,)
-        z = prior.sample("", CALIBRATION_SAMPLES, torch.Generator().manual_seed(0))
-        dist = self._nearest(z)[1]
-        self.threshold = float(torch.quantile(dist, CALIBRATION_QUANTILE))
+        self.t2 = (self.templates.double() ** 2).sum(1)  # (6 T,)
+        self.threshold = self._calibrated_threshold()
+
+    def _calibrated_threshold(self) -> float:
+        """The 99th percentile of the nearest-template distance of unconditional exact samples: computed once per
+        world and text model (~10 s) and kept beside the world's cache, written atomically."""
+        config = {k: v for k, v in asdict(self.prior.config).items() if k not in ("device", "dtype", "cache_dir")}
+        blob = json.dumps({"world": self.prior.config.world_spec().key(), "prior": config, "version": 1,
+                           "classifier": [TEMPLATES_PER_SHAPE, TEMPLATE_SEED, SMOOTHING_PX, CALIBRATION_SAMPLES,
+                                          CALIBRATION_QUANTILE, list(CONTRAST_RANGE)]}, sort_keys=True)
+        path = Path(os.path.expanduser(self.prior.config.cache_dir)) / \
+            f"classifier-{hashlib.sha1(blob.encode()).hexdigest()[:12]}.json"
+        try:
+            return float(json.loads(path.read_text())["threshold"])
+        except (OSError, ValueError, KeyError, TypeError):  # absent or unreadable: calibrate (again)
+            pass
+        z = self.prior.sample("", CALIBRATION_SAMPLES, torch.Generator().manual_seed(0))
+        threshold = float(torch.quantile(self._nearest(z)[1], CALIBRATION_QUANTILE))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"threshold": threshold, "key": json.loads(blob)}))
+            os.replace(tmp, path)
+        except OSError:  # a read-only cache only costs the calibration next time
+            pass
+        return threshold
 
     def _nearest(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Index (template * 6 + color) and RMS distance of the nearest (template, color) of each image."""
@@ -67,7 +93,7 @@ class ConceptClassifier:
         for part in z.split(self.chunk):
             x = self.prior.to_pixels(part.to(self.prior.shift)).cpu().reshape(part.shape[0], 3, -1)
             y = self._smooth(x - self.b.view(1, 3, 1))
-            ym = torch.einsum("nkp,tp->nkt", y, self.templates)  # (n, 3, 6 T)
+            ym = torch.einsum("nkp,tp->nkt", y.float(), self.templates).double()  # (n, 3, 6 T), float32 products
             proj = torch.einsum("nkt,ck->ntc", ym, self.d)  # (n, 6 T, 6 colors)
             q = self.t2.view(1, -1, 1) * (self.d**2).sum(1).view(1, 1, -1)
             alpha = (proj / q).clamp(*CONTRAST_RANGE)
@@ -98,7 +124,8 @@ class ConceptClassifier:
 
 
 def classifier_for(prior: AnalyticPrior) -> ConceptClassifier:
-    """The prior's classifier, built on first use (templates and calibration, ~1 s) and kept on the prior."""
+    """The prior's classifier, built on first use (templates ~1 s; the calibration ~10 s the first time for a world and
+    text model, then read from the cache) and kept on the prior."""
     cached = getattr(prior, "_concept_classifier", None)
     if cached is None:
         cached = ConceptClassifier(prior)

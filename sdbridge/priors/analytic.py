@@ -50,6 +50,11 @@ from sdbridge.priors.world import COLORS, SHAPES, GeometryModel, World, WorldSpe
 from sdbridge.rng import SampleGenerators
 
 
+#: Posterior mass below which a component's low-rank term is left out of the score (it would change eps by less than
+#: this share; float32 resolves 6e-8): components with less mass on every row of a batch skip the back-projection.
+NEGLIGIBLE_MASS = 1e-12
+
+
 @dataclass
 class AnalyticConfig(PriorConfig):
     """``prior=analytic``: the exact world (model space = affinely scaled pixels, ``3 x size x size``)."""
@@ -180,12 +185,18 @@ class ComponentSet:
     delta: torch.Tensor
     s2: float
     mixed: bool = False  # projections and per-component terms in float32, densities and sums in float64
+    pull_index: torch.Tensor | None = None  # (G,) a pulled copy: the component each one moved toward (``pulled``)
+    pull: float = 0.0
+    base_mu: torch.Tensor | None = None  # (G, P) the means before the pull (the set's own means when not pulled)
+    base: "ComponentSet | None" = None  # the unpulled set a pulled copy was made from
     dnorm: torch.Tensor = field(init=False)  # (6,)
     dhat: torch.Tensor = field(init=False)  # (6, 3)
 
     def __post_init__(self) -> None:
         self.dnorm = self.delta.norm(dim=1)
         self.dhat = self.delta / self.dnorm.unsqueeze(1)
+        if self.base_mu is None:
+            self.base_mu = self.geo.mu
 
     @property
     def dim(self) -> int:
@@ -198,14 +209,19 @@ class ComponentSet:
         Colors are not pulled: a color pull (every color moving toward the named one) was measured to send 4 of 8
         SDS images of "a red circle" at CFG 100 to mottled yellow-green discs, against 0 of 8 without it
         (experiments/exact/README.md); the named color's contrast term already tells CFG which color to push."""
-        mu = self.geo.mu
-        geo = self.geo.with_mean(mu + pull * (mu[self.geo.nearest(shapes)] - mu))  # named shapes: exactly unchanged
-        return ComponentSet(key, geo, self.beta, self.delta, self.s2, self.mixed)
+        mu, index = self.geo.mu, self.geo.nearest(shapes)
+        geo = self.geo.with_mean(mu + pull * (mu[index] - mu))  # named shapes: exactly unchanged
+        return ComponentSet(key, geo, self.beta, self.delta, self.s2, self.mixed, index, pull, mu, self)
 
     def prepare(self, x: torch.Tensor, abar: torch.Tensor, shared: dict | None = None) -> dict[str, torch.Tensor]:
-        """What every prompt's densities of x (B, 3, P) at noise level abar (B,) share: the projections of x on the
-        geometry (the expensive part, O(B 3 P G r); kept in ``shared`` for the other sets of the same basis), the
-        shrinkage and the log-determinants.
+        """What the densities of x (B, 3, P) at noise level abar (B,) need (``shared_terms``, then ``mean_terms``)."""
+        pre = self.shared_terms(x, abar, shared)
+        return {**pre, "y_delta_mu": self.mean_terms(pre)}
+
+    def shared_terms(self, x: torch.Tensor, abar: torch.Tensor, shared: dict | None = None) -> dict[str, torch.Tensor]:
+        """What every prompt's densities of x (B, 3, P) at noise level abar (B,) share, cached in ``shared``: the
+        projections of x on the geometry's basis and (unpulled) means (the expensive part, O(B 3 P G r), once per
+        basis: corruptions with the same spatial map share it), the shrinkage and the log-determinants.
 
         The shrinkage ``g`` and the log-determinant depend on the sample only through its noise level, so they are
         computed once per distinct timestep of the batch (usually one)."""
@@ -214,8 +230,14 @@ class ComponentSet:
         G, r = geo.num, geo.rank
         work = torch.float32 if self.mixed else torch.float64
         sa = abar.sqrt()
-        y = x - sa.view(B, 1, 1) * self.beta.view(1, 3, 1)  # x minus the noised background
         shared = {} if shared is None else shared
+        basis = ("basis", id(geo.Q_all), id(self.base_mu), self.mixed)
+        if basis not in shared:  # x's projections: y = x - sqrt(a) beta 1 follows from them per background beta
+            Q_all = geo.Q_all32 if self.mixed else geo.Q_all
+            shared[basis] = {"xq": (x.reshape(B * 3, P).to(work) @ Q_all).view(B, 3, G * r),
+                             "q_sum": Q_all.sum(0), "xmu": torch.matmul(x, self.base_mu.T),
+                             "mu_sum": self.base_mu.sum(1), "x_sum": x.sum(2), "xx": (x * x).sum((1, 2))}
+        xs = shared[basis]
         # a pulled set shares its base's basis, variances, background and colors: all but its means' terms
         key = (id(geo.Q_all), id(geo.lam), id(self.beta), id(self.delta), self.s2, self.mixed)
         if key not in shared:
@@ -229,24 +251,40 @@ class ComponentSet:
                 shrink, logdet = shrink.expand(B, -1, -1, -1), logdet.expand(B, -1, -1)
             else:
                 shrink, logdet = shrink[inverse], logdet[inverse]
-            Q_all = geo.Q_all32 if self.mixed else geo.Q_all
-            y_q = (y.reshape(B * 3, P).to(work) @ Q_all).view(B, 3, G * r)
-            shared[key] = {"abar": abar, "sa": sa, "c": c, "shrink": shrink, "logdet": logdet,
-                           "yy": (y * y).sum((1, 2)), "dq": (self.dhat.to(work) @ y_q).view(B, 6, G, r)}
-        return {**shared[key], "y_delta_mu": self.delta @ torch.matmul(y, geo.mu.T)}  # (B, 6, G)
+            sb = sa.view(B, 1) * self.beta.view(1, 3)  # (B, 3): the noised background
+            y_q = xs["xq"] - sb.to(work).unsqueeze(2) * xs["q_sum"].view(1, 1, -1)
+            ymu = xs["xmu"] - sb.unsqueeze(2) * xs["mu_sum"].view(1, 1, -1)  # (B, 3, G): y . mu_g per channel
+            yy = xs["xx"] - 2 * (sb * xs["x_sum"]).sum(1) + P * (sb**2).sum(1)
+            shared[key] = {"abar": abar, "sa": sa, "c": c, "shrink": shrink, "logdet": logdet, "yy": yy, "ymu": ymu,
+                           "dq": (self.dhat.to(work) @ y_q).view(B, 6, G, r)}
+        return shared[key]
 
-    def terms(self, pre: dict[str, torch.Tensor], amp: torch.Tensor) -> dict[str, torch.Tensor]:
+    def mean_terms(self, pre: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(y . delta_c (x) mu_g)`` (rows, 6, G) for the rows of ``pre`` (``shared_terms``, possibly row-sliced): a
+        pulled copy's means are ``mu + k (mu[n] - mu)``, so its projections come from the base's by a gather."""
+        ymu = pre["ymu"]
+        if self.pull_index is not None:
+            ymu = ymu + self.pull * (ymu[..., self.pull_index] - ymu)
+        return self.delta @ ymu
+
+    def terms(self, pre: dict[str, torch.Tensor], amp: torch.Tensor, means: "RowMeans | None" = None
+              ) -> dict[str, torch.Tensor]:
         """Per-component Gaussian log-densities for the rows of ``pre`` (see ``prepare``) whose components have the
         color amplitudes ``amp`` (B, 6, G) (the mean is ``beta + amp delta_c (x) mu_g``): ``log_prob`` (B, G, 6),
-        ``c`` (B,), ``gproj`` (B, 6, G, r) (color-major, the layout of the matmuls) and ``amp``."""
+        ``c`` (B,), ``gproj`` (B, 6, G, r) (color-major, the layout of the matmuls) and ``amp``. ``means``: each
+        row's pulled copy of this set (``RowMeans``; ``pre`` then holds the base's ``ymu``, not ``y_delta_mu``)."""
         geo = self.geo
         B = pre["c"].shape[0]
         D = self.dim
         a, sa, c = pre["abar"].view(B, 1, 1), pre["sa"].view(B, 1, 1), pre["c"]
         m_norm = sa * self.dnorm.view(1, -1, 1) * amp  # (B, 6, G): |sqrt(a) amp delta_c|
-        proj = pre["dq"] - m_norm.unsqueeze(3).to(pre["dq"]) * geo.Qtmu.to(pre["dq"]).unsqueeze(0).unsqueeze(0)
-        d2 = pre["yy"].view(B, 1, 1) - 2 * sa * amp * pre["y_delta_mu"] \
-            + a * amp**2 * (self.dnorm**2).view(1, -1, 1) * geo.mu2.view(1, 1, -1)  # (B, 6, G)
+        if means is None:
+            Qtmu, mu2, y_delta_mu = geo.Qtmu.unsqueeze(0), geo.mu2.view(1, 1, -1), pre["y_delta_mu"]
+        else:
+            Qtmu, mu2, y_delta_mu = means.Qtmu, means.mu2.unsqueeze(1), self.delta @ means.pull_rows(pre["ymu"])
+        proj = pre["dq"] - m_norm.unsqueeze(3).to(pre["dq"]) * Qtmu.to(pre["dq"]).unsqueeze(1)
+        d2 = pre["yy"].view(B, 1, 1) - 2 * sa * amp * y_delta_mu \
+            + a * amp**2 * (self.dnorm**2).view(1, -1, 1) * mu2  # (B, 6, G)
         gproj = pre["shrink"] * proj
         maha = (d2 - (gproj * proj).sum(3).double()) / c.view(B, 1, 1)
         log_prob = -0.5 * (maha + pre["logdet"] + D * torch.log(c).view(B, 1, 1) + D * math.log(2 * math.pi))
@@ -258,8 +296,8 @@ class ComponentSet:
         local, coef_q = self.inv_cov_parts(x, abar, resp, terms)
         return local - self.back_project(coef_q).view(B, 3, P)
 
-    def inv_cov_parts(self, x: torch.Tensor, abar: torch.Tensor, resp: torch.Tensor,
-                      terms: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def inv_cov_parts(self, x: torch.Tensor, abar: torch.Tensor, resp: torch.Tensor, terms: dict,
+                      means: "RowMeans | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``inv_cov_sum`` without its low-rank part: ``(local (B, 3, P), coef_q (B 3, G r))`` with ``inv_cov_sum =
         local - back_project(coef_q)``, so sets of one basis (a set and its pulled copies) back-project once."""
         geo = self.geo
@@ -267,9 +305,12 @@ class ComponentSet:
         rc = (resp / terms["c"].view(B, 1, 1)).transpose(1, 2)  # (B, 6, G)
         gproj = terms["gproj"]
         total = rc.sum((1, 2)).view(B, 1, 1)
-        coef_mu = (self.delta.T @ (rc * terms["amp"])).reshape(B * 3, -1)  # (B 3, G)
+        coef_mu = self.delta.T @ (rc * terms["amp"])  # (B, 3, G)
         weighted = (rc.to(gproj).unsqueeze(3) * gproj).reshape(B, 6, -1)  # (B, 6, G r)
         coef_q = (self.dhat.T.to(gproj) @ weighted).reshape(B * 3, -1)
+        if means is not None:  # sum_g coef_g mu'_g over this (base) set's means
+            coef_mu = means.pull_coef(coef_mu)
+        coef_mu = coef_mu.reshape(B * 3, -1)
         mu_part = (coef_mu.float() @ geo.mu32).double() if self.mixed else coef_mu @ geo.mu
         sa = abar.sqrt().view(B, 1, 1)
         return x * total - sa * (self.beta.view(1, 3, 1) * total + mu_part.view(B, 3, P)), coef_q
@@ -278,11 +319,47 @@ class ComponentSet:
         """Sets with the same key share the low-rank basis (a set and its pulled copies)."""
         return id(self.geo.Q_all)
 
-    def back_project(self, coef_q: torch.Tensor) -> torch.Tensor:
-        """``coef_q @ Q_all^T`` (rows, G r) -> (rows, P), in float64."""
-        if self.mixed:
-            return (coef_q.float() @ self.geo.Q_all32.T).double()
-        return coef_q @ self.geo.Q_all.T
+    def back_project(self, coef_q: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """``coef_q @ Q_all^T`` (rows, G r) -> (rows, P), in float64. ``active`` (G,) bool: only these components'
+        columns (the others' coefficients are dropped), which pays when fewer than half are active."""
+        Q_all = self.geo.Q_all32 if self.mixed else self.geo.Q_all
+        if active is not None and int(active.sum()) < active.numel() // 2:
+            P, G, r = Q_all.shape[0], self.geo.num, self.geo.rank
+            Q_all = Q_all.view(P, G, r)[:, active].reshape(P, -1)
+            coef_q = coef_q.view(-1, G, r)[:, active].reshape(coef_q.shape[0], -1)
+        return (coef_q.to(Q_all) @ Q_all.T).double()
+
+
+@dataclass
+class RowMeans:
+    """Each row's pulled copy of one base set (``ComponentSet.pulled``), so that the copies of all the prompts of a
+    batch are evaluated as the base set in one pass: ``Qtmu`` (R, G, r) and ``mu2`` (R, G) of each row's means,
+    ``index`` (R, G) the component each one is pulled toward (itself when not pulled) and ``pull`` (R, 1, 1) k.
+    A pulled mean is ``mu + k (mu[n] - mu)``, so its projections are a gather of the base's and a sum over it is a
+    scatter onto the base's means."""
+
+    Qtmu: torch.Tensor
+    mu2: torch.Tensor
+    index: torch.Tensor
+    pull: torch.Tensor
+
+    @classmethod
+    def of(cls, variants: list[ComponentSet], row_variant: torch.Tensor) -> "RowMeans":
+        G = variants[0].geo.num
+        own = torch.arange(G, device=row_variant.device)
+        index = torch.stack([own if v.pull_index is None else v.pull_index for v in variants])[row_variant]
+        pull = torch.tensor([v.pull for v in variants], dtype=torch.float64, device=row_variant.device)[row_variant]
+        return cls(torch.stack([v.geo.Qtmu for v in variants])[row_variant],
+                   torch.stack([v.geo.mu2 for v in variants])[row_variant], index, pull.view(-1, 1, 1))
+
+    def pull_rows(self, ymu: torch.Tensor) -> torch.Tensor:
+        """(R, ch, G) projections on the base means -> on each row's pulled means."""
+        return ymu + self.pull * (ymu.gather(2, self.index.unsqueeze(1).expand_as(ymu)) - ymu)
+
+    def pull_coef(self, coef: torch.Tensor) -> torch.Tensor:
+        """(R, ch, G) coefficients of each row's pulled means -> of the base means."""
+        moved = torch.zeros_like(coef).scatter_add_(2, self.index.unsqueeze(1).expand_as(coef), coef)
+        return coef + self.pull * (moved - coef)
 
 
 @dataclass
@@ -494,6 +571,7 @@ class AnalyticPrior(DiffusionPrior):
         self._device = resolve_device(self.config.device)
         self.to(self._device)
         self._sets: dict[str, ComponentSet] = {}
+        self._geometries: dict[tuple, Geometry] = {}
         self._model_space()
 
     # ------------------------------------------------------------------ model space
@@ -525,7 +603,10 @@ class AnalyticPrior(DiffusionPrior):
         if key not in self._sets:
             mod = MODIFIERS[modifier] if modifier else None
             model = self.world.coarse if mod else self.world.fine
-            geo = Geometry.from_model(model, mod, self.config.size, self._device)
+            spatial = ("coarse", mod.spatial) if mod else ("fine",)  # corruptions of one spatial map share a basis
+            if spatial not in self._geometries:
+                self._geometries[spatial] = Geometry.from_model(model, mod, self.config.size, self._device)
+            geo = self._geometries[spatial]
             b, d = color_vectors()
             extra = 0.0
             if mod:
@@ -581,9 +662,10 @@ class AnalyticPrior(DiffusionPrior):
 
     # ------------------------------------------------------------------ denoiser
     def _predict_eps_batched(self, x_t: torch.Tensor, t: torch.Tensor, conds: list[TextEmbedding]) -> torch.Tensor:
-        """Every component set that any conditioning uses is projected once on the whole batch (``prepare``: sets of
-        one basis share the projections); each conditioning then evaluates each set's O(6 G r) terms and its
-        back-projection only on the rows whose prompt uses it."""
+        """Every base component set that any conditioning uses (a set, or the one a prompt's pulled copy comes from) is
+        projected once on the whole batch (``shared_terms``; sets of one basis share the projections); each
+        conditioning then evaluates each base set once, on the rows whose prompt uses it or a pulled copy of it (each
+        row with its own copy's means: ``RowMeans``), and back-projects once per basis."""
         B = x_t.shape[0]
         x = x_t.reshape(B, 3, -1).double()
         abar = self.alphas_cumprod[t.to(self.device)]
@@ -591,56 +673,68 @@ class AnalyticPrior(DiffusionPrior):
         for cond in conds:
             for mix in cond.value:
                 for s in mix.sets:
-                    used.setdefault(s.key, s)
+                    used.setdefault((s.base or s).key, s.base or s)
         shared: dict = {}
-        pre = {k: s.prepare(x, abar, shared) for k, s in used.items()}
+        pre = {k: s.shared_terms(x, abar, shared) for k, s in used.items()}
         out = torch.empty(len(conds), B, x.shape[1] * x.shape[2], dtype=torch.float64, device=x.device)
         for j, cond in enumerate(conds):
             rows: dict[int, list[int]] = {}  # rows grouped by their (cached, hence shared) mixture
             for i, mix in enumerate(cond.value):
                 rows.setdefault(id(mix), []).append(i)
-            groups = [(cond.value[g[0]], g) for g in rows.values()]
-            # each set is evaluated only on the rows whose mixture uses it (a prompt's pulled set is its own)
-            members: dict[str, list[int]] = {}
-            for mix, index in groups:
-                for s in mix.sets:
-                    members.setdefault(s.key, []).extend(index)
-            terms, logits, where = {}, {}, {}
-            for k, idx in members.items():
-                idx = sorted(idx)
+            # per base set: (rows, the mixture's copy of the set, its amplitudes, its log weights) of each mixture
+            members: dict[str, list[tuple[list[int], ComponentSet, torch.Tensor, torch.Tensor]]] = {}
+            for index in rows.values():
+                mix = cond.value[index[0]]
+                for s, amp, lp in zip(mix.sets, mix.amps, mix.log_pi):
+                    members.setdefault((s.base or s).key, []).append((index, s, amp, lp))
+            terms, logits, where, means = {}, {}, {}, {}
+            for k, parts in members.items():
+                base = used[k]
+                idx = sorted(i for index, *_ in parts for i in index)
+                if len(set(idx)) != len(idx):
+                    raise AssertionError(f"a prompt's mixture holds two copies of the component set {k!r}")
                 where[k] = torch.tensor(idx, device=x.device)
                 pos = {row: n for n, row in enumerate(idx)}
-                s = used[k]
-                amp = torch.ones(len(idx), 6, s.geo.num, dtype=torch.float64, device=x.device)
-                lp_rows = torch.full((len(idx), s.geo.num, 6), -math.inf, dtype=torch.float64, device=x.device)
-                for mix, index in groups:
-                    for s_, a_, lp in zip(mix.sets, mix.amps, mix.log_pi):
-                        if s_.key == k:
-                            local = torch.tensor([pos[r] for r in index], device=x.device)
-                            amp[local] = a_.T
-                            lp_rows[local] = lp
-                terms[k] = s.terms({name: v[where[k]] for name, v in pre[k].items()}, amp)
-                full = torch.full((B, s.geo.num, 6), -math.inf, dtype=torch.float64, device=x.device)
+                amp = torch.empty(len(idx), 6, base.geo.num, dtype=torch.float64, device=x.device)
+                lp_rows = torch.empty(len(idx), base.geo.num, 6, dtype=torch.float64, device=x.device)
+                variants: dict[str, int] = {}
+                row_variant = torch.empty(len(idx), dtype=torch.long, device=x.device)
+                for index, s, a_, lp in parts:
+                    local = torch.tensor([pos[r] for r in index], device=x.device)
+                    amp[local], lp_rows[local] = a_.T, lp
+                    row_variant[local] = variants.setdefault(s.key, len(variants))
+                rows_pre = pre[k] if len(idx) == B else {name: v[where[k]] for name, v in pre[k].items()}
+                copies = [next(s for _, s, _, _ in parts if s.key == key) for key in variants]
+                if all(s is base for s in copies):
+                    means[k] = None
+                    rows_pre = {**rows_pre, "y_delta_mu": base.mean_terms(rows_pre)}
+                else:
+                    means[k] = RowMeans.of(copies, row_variant)
+                terms[k] = base.terms(rows_pre, amp, means[k])
+                full = torch.full((B, base.geo.num, 6), -math.inf, dtype=torch.float64, device=x.device)
                 full[where[k]] = terms[k]["log_prob"] + lp_rows
                 logits[k] = full
             resp = torch.softmax(torch.cat([logits[k].flatten(1) for k in members], 1), dim=1)
             acc = torch.zeros_like(x)
-            coef: dict[int, tuple[ComponentSet, torch.Tensor]] = {}  # per basis: the low-rank coefficients of all rows
+            # per basis: the low-rank coefficients of all rows, and which components carry posterior mass
+            coef: dict[int, tuple[ComponentSet, torch.Tensor, torch.Tensor]] = {}
             start = 0
             for k in members:
                 n = logits[k][0].numel()
                 r = resp[:, start:start + n].view_as(logits[k])[where[k]]
                 start += n
-                if bool((r > 0).any()):
+                active = r.amax(dim=(0, 2)) > NEGLIGIBLE_MASS  # (G,)
+                if bool(active.any()):
                     idx, s = where[k], used[k]
-                    local, coef_q = s.inv_cov_parts(x[idx], abar[idx], r, terms[k])
+                    local, coef_q = s.inv_cov_parts(x[idx], abar[idx], r, terms[k], means[k])
                     acc[idx] = acc[idx] + local
                     if s.basis_key() not in coef:
                         coef[s.basis_key()] = (s, torch.zeros(B, 3, coef_q.shape[1], dtype=coef_q.dtype,
-                                                              device=x.device))
+                                                              device=x.device), torch.zeros_like(active))
                     coef[s.basis_key()][1][idx] += coef_q.view(len(idx), 3, -1)
-            for s, c_q in coef.values():
-                acc = acc - s.back_project(c_q.reshape(B * 3, -1)).view_as(acc)
+                    coef[s.basis_key()][2].logical_or_(active)
+            for s, c_q, active in coef.values():
+                acc = acc - s.back_project(c_q.reshape(B * 3, -1), active).view_as(acc)
             out[j] = (1 - abar).sqrt().view(B, 1) * acc.reshape(B, -1)  # eps = -sqrt(1 - a) * score
         return out.float().reshape(len(conds), *x_t.shape)
 

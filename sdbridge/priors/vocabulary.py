@@ -72,13 +72,21 @@ def _gaussian_kernel(sigma: float, device=None) -> torch.Tensor:
     return k / k.sum()
 
 
-def blur(x: Images, sigma: float) -> Images:
-    """Separable Gaussian blur with reflect padding."""
-    k = _gaussian_kernel(sigma, x.device).to(x.dtype)
+def _blur_matrix(n: int, sigma: float, dtype, device) -> torch.Tensor:
+    """(n, n): row i is the 1-D blur (reflect padding) of the unit vector e_i, so ``v @ M`` blurs rows ``v``."""
+    k = _gaussian_kernel(sigma, device).to(dtype)
     r = k.numel() // 2
-    c = x.shape[1]
-    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    eye = torch.eye(n, dtype=dtype, device=device).unsqueeze(1)
+    return F.conv1d(F.pad(eye, (r, r), mode="reflect"), k.view(1, 1, -1)).squeeze(1)
+
+
+def blur(x: Images, sigma: float) -> Images:
+    """Separable Gaussian blur with reflect padding, as two matrix products (a depthwise conv2d in float64 on a CPU is
+    ~40x slower on the classifier's 18,000 templates)."""
+    h, w = x.shape[-2:]
+    rows = _blur_matrix(w, sigma, x.dtype, x.device)
+    cols = rows if h == w else _blur_matrix(h, sigma, x.dtype, x.device)
+    return cols.T @ (x @ rows)
 
 
 def pixelate(x: Images, factor: int) -> Images:
