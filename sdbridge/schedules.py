@@ -7,6 +7,7 @@ same timesteps on any device) and returns integer timesteps of shape ``(B,)``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -55,10 +56,18 @@ class DDIMGridConfig(ScheduleConfig):
 @dataclass
 class AnnealConfig(ScheduleConfig):
     """Deterministic linear anneal, one t for the whole batch (SDI, Lukoianov et al. 2024):
-    ``t(i) = int(1000 * ((max_ratio - min_ratio) * (1 - i / N) + min_ratio))`` with N the trainer's real max_steps
-    (the SDI code reads its own ``trainer_max_steps`` field instead, a pitfall avoided here)."""
+    ``t(i) = int(1000 * ((max_ratio - min_ratio) * (1 - i / N) + min_ratio))`` with N = ``steps``, by default the
+    trainer's real max_steps (the SDI code reads its own ``trainer_max_steps`` field instead, a pitfall avoided here).
+    The SDI notebook anneals over N = 1000 and runs 1001 iterations (steps 0..1000), so its last step is at t = 20:
+    ``scheduler.steps=1000 trainer.max_steps=1001`` (``guidance=sdi_cached`` sets both)."""
 
     per_sample: bool = False
+    steps: Optional[int] = None  # N of the anneal; None: the trainer's max_steps
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"scheduler.steps={self.steps} must be >= 1 (or null: the trainer's max_steps)")
 
 
 @dataclass
@@ -144,7 +153,8 @@ class DDIMGridSchedule(TimestepSchedule):
 class AnnealSchedule(TimestepSchedule):
     def candidates(self, step: int) -> torch.Tensor:
         c = self.config
-        frac = min(max(step, 0), self.max_steps) / self.max_steps
+        n = c.steps or self.max_steps
+        frac = min(max(step, 0), n) / n
         t = int(self.num_train_timesteps * ((c.max_step_ratio - c.min_step_ratio) * (1 - frac) + c.min_step_ratio))
         return torch.tensor([min(t, self.num_train_timesteps - 1)])
 

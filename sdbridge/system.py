@@ -65,7 +65,7 @@ class DistillationSystem(L.LightningModule):
         return self.target.configure_optimizer()
 
     def on_fit_start(self) -> None:
-        self.guidance.setup(self.trainer.max_steps)
+        self.guidance.setup(self.trainer.max_steps, initial_noise=self.target.initial_noise())
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         return step_stream_loader()

@@ -140,8 +140,9 @@ class Guidance(nn.Module):
         #: the default CFG eps_tgt becomes the Perp-Neg combination (sdbridge/guidance/perp_neg.py)
         self.perp_neg: PerpNegViews | None = None
 
-    def setup(self, max_steps: int) -> None:
-        """Called once the trainer's real ``max_steps`` is known."""
+    def setup(self, max_steps: int, initial_noise: torch.Tensor | None = None) -> None:
+        """Called once the trainer's real ``max_steps`` is known. ``initial_noise``: the eps prediction the target's
+        initialization came from (``Target.initial_noise``), for methods whose first kappa is that prediction."""
         self.max_steps = max(1, int(max_steps))
         self.schedule.setup(self.max_steps)
         if self.config.full_bridge and not any(self.has_model_source(s) for s in (0, self.max_steps - 1)):
@@ -184,7 +185,7 @@ class Guidance(nn.Module):
     # ------------------------------------------------------------------ building blocks
     def alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``abar_t`` reshaped to broadcast against ``like``."""
-        return _expand(self.prior.alphas_cumprod[t.to(self.prior.device)], like)
+        return _expand(self.prior.abar(t), like)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         abar = self.alpha_bar(t, x0)

@@ -16,21 +16,26 @@ from sdbridge.guidance.base import Guidance, classifier_free_guidance
 from sdbridge.sampling import ddim_step, ddpm_posterior_std
 
 
-def inversion_path(t: torch.Tensor, grid_steps: int, num_train_timesteps: int = 1000, offset: int = 1) -> list[torch.Tensor]:
-    """Per-sample inversion timesteps 0 -> (grid points below t) -> t, padded at the start with 0s to equal length.
+def inversion_path(t: torch.Tensor, grid_steps: int, num_train_timesteps: int = 1000, offset: int = 1,
+                   clean_start: bool = True) -> list[torch.Tensor]:
+    """Per-sample inversion timesteps start -> (grid points below t) -> t, padded at the start to equal length.
 
     The grid is DDIM's "leading" grid of ``grid_steps`` steps (``{0, 100, ..., 900} + offset`` for 10 steps, as in
-    SDI's ``get_inversion_timesteps``); position 0 is the clean sample itself. Padding steps go from 0 to 0 and
-    leave x unchanged. Returns a list of (B,) long tensors.
+    SDI's ``get_inversion_timesteps``). ``clean_start``: the path starts at 0, meaning the clean sample itself (noise
+    level 1, see :func:`invert`); otherwise it starts one grid step below the first grid point (``offset - ratio``,
+    -99 for 10 steps), as threestudio's SDI does: x0 is read at ``alphas_cumprod[0]`` and the model is evaluated at
+    that negative timestep. Padding steps go from the start to the start and leave x unchanged. Returns a list of
+    (B,) long tensors.
     """
     ratio = num_train_timesteps // grid_steps
     grid = torch.arange(grid_steps) * ratio + offset
+    start = 0 if clean_start else offset - ratio
     paths = []
     for tb in t.tolist():
         inner = [int(g) for g in grid if 0 < g < tb]
-        paths.append([0, *inner, int(tb)])
+        paths.append([start, *inner, int(tb)])
     length = max(len(p) for p in paths)
-    paths = [[0] * (length - len(p)) + p for p in paths]
+    paths = [[start] * (length - len(p)) + p for p in paths]
     return [torch.tensor([p[i] for p in paths], device=t.device) for i in range(length)]
 
 
@@ -43,7 +48,8 @@ def invert(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Invert x0 along ``path`` (list of (B,) timesteps, path[0] = 0 meaning the clean sample).
+    """Invert x0 along ``path`` (list of (B,) timesteps; path[0] = 0 means the clean sample, noise level 1; a negative
+    path[0] reads x0 at ``alphas_cumprod[0]``, threestudio's SDI start, see :func:`inversion_path`).
 
     Each step evaluates eps at (x, path[i]): CFG ``eps_u + scale (eps_c - eps_u)`` for the prompts (``scale`` may be
     negative, as SDI's -7.5), or the unconditional prediction alone when ``scale`` is None (ISM). With ``eta > 0`` it

@@ -6,14 +6,22 @@ SDS with the noise kappa found by inverting DDIM instead of drawn fresh, which m
   notebook, which ``conf/guidance/sdi.yaml`` sets; 0.98 -> 0.25 in 3D, threestudio's ``sdi.yaml``);
 * x_t: conditional DDIM inversion of x0 on a 10-step grid below t, CFG -7.5 during inversion, extra noise
   ``eta * posterior std * N(0, I)`` with eta = 0.3 per step, and the last step jittered to t + delta,
-  delta ~ U{0..99} (one per batch); kappa = (x_t - sqrt(abar) x0) / sqrt(1 - abar). The jitter and the inversion
-  noise are drawn from the run's generator, so an explicit ``t``/``noise`` does not fix them;
-* eps_tgt = CFG_7.5 at (x_t, t + delta); eps_src = kappa; w = sigma_t, so the gradient equals x0 - x0_hat, the
-  residual of SDI's loss 0.5 ||x0 - sg(x0_hat)||^2.
+  delta ~ U{0..99} (one per batch). As in threestudio, the inversion starts one grid step below the grid (x0 read at
+  ``alphas_cumprod[0]``, the model evaluated at t = -99, with eta noise on that step too). The jitter and the
+  inversion noise are drawn from the run's generator, so an explicit ``t``/``noise`` does not fix them;
+* eps_tgt = CFG at (x_{t + delta}, t): the target is evaluated at the scheduled t on the latent inverted to
+  t + delta, and x0_hat = (x_{t + delta} - sqrt(1 - abar_t) eps_tgt) / sqrt(abar_t); with w = sigma_t and
+  kappa = (x_{t + delta} - sqrt(abar_t) x0) / sqrt(1 - abar_t) the gradient equals x0 - x0_hat, the residual of
+  SDI's loss 0.5 ||x0 - sg(x0_hat)||^2.
 
-Defaults from threestudio's ``stable_diffusion_sdi_guidance.py`` and ``configs/sdi.yaml`` (with Perp-Neg on, whose
-CFG is eps_u + s(...), our convention). Unlike that code, the jittered timestep is the one the target is evaluated
-at and reported. NFEs per step: 2 x (inversion steps + 1).
+Defaults from threestudio's ``stable_diffusion_sdi_guidance.py`` (commit 1ade495), its ``configs/sdi.yaml`` and the
+``2dplayground_SDI_version.ipynb`` notebook. CFG convention: threestudio computes ``eps_c + s (eps_c - eps_u)``
+without Perp-Neg and ``eps_u + s (...)`` with it (ours: always ``eps_u + s (eps_c - eps_u)``), so the notebook's
+7.5 / -7.5 (no Perp-Neg) are 8.5 / -6.5 here (``conf/guidance/sdi.yaml``), and the 3D config's 7.5 / -7.5 (Perp-Neg
+on) stay 7.5 / -7.5 (``experiment=nerf_sdi``). Two options restore our earlier choices, both off by default:
+``target_at_jittered_t`` evaluates the target at t + delta, the noise level its input really has, and reports that
+t; ``clean_start`` starts the inversion from x0 as a clean sample (noise level 1, the model at t = 0, no noise on the
+first step) instead of at t = -99. NFEs per step: 2 x (inversion steps + 1).
 
 ``guidance=sdi_cached`` is the 2D exact mode of the SDI notebook: kappa is the previous step's eps prediction (no
 inversion: 2 NFEs), and the target x0_hat is recomputed only every ``refresh_every`` steps; between refreshes the
@@ -35,12 +43,14 @@ from sdbridge.guidance.inversion import inversion_path, invert
 
 @dataclass
 class SDIConfig(GuidanceConfig):
-    scale: float = 7.5
+    scale: float = 8.5  # the notebook's 7.5 in threestudio's convention without Perp-Neg (module docstring)
     weighting: Weighting = Weighting.sigma
     inversion_steps: int = 10  # grid of the inversion (steps below t are used)
-    inversion_scale: float = -7.5  # CFG during inversion (negative: away from the prompt)
+    inversion_scale: float = -6.5  # CFG during inversion (negative: away from the prompt); the notebook's -7.5
     inversion_eta: float = 0.3
     jitter: int = 100  # last inversion step goes to t + U{0..jitter-1}
+    target_at_jittered_t: bool = False  # True: evaluate the target at t + delta (threestudio: at t)
+    clean_start: bool = False  # True: invert from x0 at noise level 1 (threestudio: from t = -99 at alphas_cumprod[0])
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -51,25 +61,29 @@ class SDIConfig(GuidanceConfig):
 
 
 class SDI(Guidance):
-    SUMMARY = {"eps_tgt": "CFG_s(x_t; y) at the jittered t", "eps_src": "kappa (the inverted noise)",
-               "noise": "conditional DDIM inversion (CFG -7.5, eta 0.3, jitter)", "nfe": "2 x (inversion steps + 1)"}
+    SUMMARY = {"eps_tgt": "CFG_s(x_{t+delta}; y) at t", "eps_src": "kappa (the inverted noise, read at t)",
+               "noise": "conditional DDIM inversion (CFG -6.5, eta 0.3, jitter)", "nfe": "2 x (inversion steps + 1)"}
 
     def make_x_t(self, x0, t, noise, prompts, step):
         c = self.config
-        path = inversion_path(t, c.inversion_steps, self.prior.num_train_timesteps)  # grid points below t ...
+        # grid points below t ...
+        path = inversion_path(t, c.inversion_steps, self.prior.num_train_timesteps, clean_start=c.clean_start)
+        t_end = t
         if c.jitter > 0:  # ... then the last step goes to t + delta, one delta for the batch (as threestudio's SDI)
             delta = rng.randint(c.jitter, t.shape[0], self.generator, shared=True).to(t.device)
-            t = (t + delta).clamp(max=self.prior.num_train_timesteps - 1)
-            path[-1] = t
+            t_end = (t + delta).clamp(max=self.prior.num_train_timesteps - 1)
+            path[-1] = t_end
         x_t, _ = invert(self, x0, path, prompts, c.inversion_scale, c.inversion_eta, self.generator)
-        abar = self.alpha_bar(t, x0)
+        if c.target_at_jittered_t:
+            t = t_end
+        abar = self.alpha_bar(t, x0)  # kappa read at the target's t, so that sigma_t (eps - kappa) = x0 - x0_hat
         kappa = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
         return x_t, t, kappa
 
 
 @dataclass
 class SDICachedConfig(GuidanceConfig):
-    scale: float = 7.5
+    scale: float = 8.5  # the notebook's 7.5 in threestudio's convention without Perp-Neg
     weighting: Weighting = Weighting.sigma
     refresh_every: int = 25  # the SDI notebook: 1000 iterations, target refreshed every 1000 // 40 = 25
 
@@ -88,6 +102,11 @@ class SDICached(Guidance):
         self.cached_eps: torch.Tensor | None = None  # kappa of the next refresh
         self.cached_x0_hat: torch.Tensor | None = None  # target between refreshes
         self.cached_t: torch.Tensor | None = None
+
+    def setup(self, max_steps: int, initial_noise: torch.Tensor | None = None) -> None:
+        super().setup(max_steps, initial_noise)
+        if self.cached_eps is None and initial_noise is not None:  # the notebook: the first kappa is the eps
+            self.cached_eps = initial_noise.detach().clone()  # prediction the init x0_hat was made from
 
     def make_x_t(self, x0, t, noise, prompts, step):
         kappa = noise if self.cached_eps is None else self.cached_eps.to(x0)

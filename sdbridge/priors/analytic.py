@@ -668,7 +668,7 @@ class AnalyticPrior(DiffusionPrior):
         row with its own copy's means: ``RowMeans``), and back-projects once per basis."""
         B = x_t.shape[0]
         x = x_t.reshape(B, 3, -1).double()
-        abar = self.alphas_cumprod[t.to(self.device)]
+        abar = self.abar(t)
         used: dict[str, ComponentSet] = {}
         for cond in conds:
             for mix in cond.value:

@@ -118,6 +118,14 @@ class DiffusionPrior(nn.Module, abc.ABC):
     def device(self) -> torch.device:
         return self.alphas_cumprod.device
 
+    def abar(self, t: torch.Tensor) -> torch.Tensor:
+        """``alphas_cumprod[t]`` (float64) for integer timesteps ``t``; a negative t reads ``alphas_cumprod[0]``.
+
+        threestudio's SDI starts its DDIM inversion one grid step below the first grid point (t = 1 - 100 = -99) with
+        the scheduler's ``initial_alpha_cumprod``, which is ``alphas_cumprod[0]`` for Stable Diffusion's schedulers
+        (``set_alpha_to_one=False``); the UNet sees t = -99 as it is."""
+        return self.alphas_cumprod[torch.as_tensor(t, device=self.device).long().clamp(min=0)]
+
     # ------------------------------------------------------------------ text
     def encode_text(self, prompts: Sequence[str]) -> TextEmbedding:
         """Encode a list of prompts (one per sample). Each distinct string is encoded once per run (cached)."""
@@ -144,7 +152,8 @@ class DiffusionPrior(nn.Module, abc.ABC):
 
         Args:
             x_t: noisy samples ``(B, *sample_shape)``.
-            t: integer timesteps ``(B,)`` in ``[0, num_train_timesteps)``.
+            t: integer timesteps ``(B,)`` in ``[0, num_train_timesteps)`` (or a negative one, read as t = 0 by
+                the noise level: :meth:`abar`).
             conds: ``k`` text embeddings, each of batch ``B``.
 
         Returns:

@@ -246,14 +246,14 @@ class StableDiffusionPrior(DiffusionPrior):
 
     def raw_to_eps(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.prediction_type == "v_prediction":
-            abar = self.alphas_cumprod[t].float().view(-1, *([1] * (x_t.dim() - 1)))
+            abar = self.abar(t).float().view(-1, *([1] * (x_t.dim() - 1)))
             return abar.sqrt() * out + (1 - abar).sqrt() * x_t.float()
         return out
 
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the UNet is trained to output: eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0."""
         if self.prediction_type == "v_prediction":
-            abar = self.alphas_cumprod[t].float().view(-1, *([1] * (x0.dim() - 1)))
+            abar = self.abar(t).float().view(-1, *([1] * (x0.dim() - 1)))
             return abar.sqrt() * noise - (1 - abar).sqrt() * x0
         return noise
 

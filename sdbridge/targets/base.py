@@ -63,6 +63,11 @@ class Target(nn.Module, abc.ABC):
     def forward(self, batch: dict[str, Any]) -> Render:
         """The step's render of the current state."""
 
+    def initial_noise(self) -> torch.Tensor | None:
+        """The eps prediction the initialization was made from (``target.init=denoised`` on latents), else None:
+        ``guidance=sdi_cached`` takes it as its first kappa, as the SDI notebook does."""
+        return None
+
     def regularizers(self, step: int) -> dict[str, torch.Tensor]:
         return {}
 

@@ -83,17 +83,26 @@ class ImageTarget(Target):
         else:
             side = config.resolution or prior.image_size
             shape = (num_images, 3, side, side)
+        self._initial_noise: torch.Tensor | None = None
         self.param = nn.Parameter(self._initial(shape, generator, prompts).to(prior.device))
+
+    def initial_noise(self) -> torch.Tensor | None:
+        return self._initial_noise
 
     @torch.no_grad()
     def _initial(self, shape: tuple[int, ...], generator: torch.Generator, prompts: list[str] | None) -> torch.Tensor:
         cfg = self.config
-        if cfg.init == Init.denoised:
-            from sdbridge.sampling import ddim_sample
+        if cfg.init == Init.denoised:  # the one-step x0 prediction from x_T at t = T - 1 (the SDI notebook)
+            from sdbridge.sampling import guided_eps
 
-            x0 = ddim_sample(self.prior, prompts or [""] * shape[0], num_steps=1, scale=cfg.init_cfg,
-                             generator=generator)
+            texts = prompts or [""] * shape[0]
+            x_T = self.prior.sample_x_T(list(texts), generator).to(self.prior.device)
+            t = torch.full((shape[0],), self.prior.num_train_timesteps - 1, device=self.prior.device)
+            eps = guided_eps(self.prior, x_T, t, texts, cfg.init_cfg, "")
+            a = self.prior.abar(t).float().view(-1, *([1] * (x_T.dim() - 1)))
+            x0 = (x_T - (1 - a).sqrt() * eps) / a.sqrt()
             if self.parameterization == Parameterization.latent:
+                self._initial_noise = eps.cpu()
                 return x0.cpu()
             pixels = 2 * self.prior.decode(x0) - 1 if self.prior.is_latent else x0
             if pixels.shape[-2:] != shape[-2:]:

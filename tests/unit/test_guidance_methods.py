@@ -118,8 +118,52 @@ def _invert_by_hand(prior, x0, path, prompts, scale, uncond_only=False):
     return x, e
 
 
-def test_sdi_closed_form_without_eta_and_jitter(stub_prior):
-    g = make(SDI, SDIConfig(scale=7.5, inversion_scale=-7.5, inversion_eta=0.0, jitter=0), stub_prior)
+def _official_invert_by_hand(prior, x0, path, prompts, scale):
+    """threestudio's SDI inversion (eta 0): a negative start timestep reads x0 at alphas_cumprod[0]."""
+    x = x0
+    for i in range(len(path) - 1):
+        a_from, a_to = ab(prior, path[i].clamp(min=0)), ab(prior, path[i + 1])
+        e_u = eps(prior, x, path[i], [""] * B)
+        e = e_u + scale * (eps(prior, x, path[i], prompts) - e_u)
+        x = a_to.sqrt() * (x - (1 - a_from).sqrt() * e) / a_from.sqrt() + (1 - a_to).sqrt() * e
+    return x
+
+
+def _sdi_official_grad(prior, x0, t, t_end, scale=8.5, inversion_scale=-6.5):
+    """x0 - x0_hat with x0_hat from the CFG prediction at (x_{t_end}, t) read at t (threestudio's compute_grad_sdi)."""
+    grid = [v for v in range(1, 1000, 100) if v < int(t[0])]
+    path = [torch.full((B,), v) for v in (-99, *grid, int(t_end[0]))]
+    x_t = _official_invert_by_hand(prior, x0, path, PROMPTS, inversion_scale)
+    a = ab(prior, t)
+    e_u, e_y = eps(prior, x_t, t, [""] * B), eps(prior, x_t, t, PROMPTS)
+    return x0 - (x_t - (1 - a).sqrt() * (e_u + scale * (e_y - e_u))) / a.sqrt()
+
+
+def test_sdi_defaults_follow_threestudio_closed_form(stub_prior):
+    """Official inversion (start at t = -99 with alphas_cumprod[0]; the stub's eps depends on t, so evaluating
+    the start at t = 0 would differ) and the notebook's CFG in our convention (8.5 / -6.5)."""
+    g = make(SDI, SDIConfig(inversion_eta=0.0, jitter=0), stub_prior)
+    x0, _ = inputs()
+    t = torch.full((B,), 350)
+    out = g(x0, PROMPTS, 0, t=t, noise=torch.zeros_like(x0))
+    torch.testing.assert_close(out.grad, _sdi_official_grad(stub_prior, x0, t, t), rtol=1e-4, atol=1e-4)
+    assert out.nfe == 2 * (5 + 1)
+
+
+def test_sdi_target_is_read_at_the_scheduled_t_on_the_latent_inverted_to_t_plus_delta(stub_prior):
+    """threestudio evaluates and reads the target at t; only the inversion goes to t + delta. Exactly one delta in
+    U{0..99} reproduces the gradient, and t is reported unchanged."""
+    x0, _ = inputs()
+    t = torch.full((B,), 450)
+    out = make(SDI, SDIConfig(inversion_eta=0.0), stub_prior, seed=1)(x0, PROMPTS, 0, t=t)
+    assert torch.equal(out.t, t)
+    matches = [d for d in range(100)
+               if torch.allclose(out.grad, _sdi_official_grad(stub_prior, x0, t, t + d), rtol=1e-4, atol=1e-4)]
+    assert len(matches) == 1
+
+
+def test_sdi_clean_start_option_closed_form(stub_prior):
+    g = make(SDI, SDIConfig(scale=7.5, inversion_scale=-7.5, inversion_eta=0.0, jitter=0, clean_start=True), stub_prior)
     x0, _ = inputs()
     t = torch.full((B,), 350)
     out = g(x0, PROMPTS, 0, t=t, noise=torch.zeros_like(x0))
@@ -137,21 +181,23 @@ def test_sdi_closed_form_without_eta_and_jitter(stub_prior):
     assert out.nfe == 2 * (5 + 1)
 
 
-def test_sdi_jitter_reports_the_timestep_it_used_and_is_seeded(stub_prior):
+def test_sdi_jitter_is_seeded_and_reported_with_target_at_jittered_t(stub_prior):
     x0, _ = inputs()
     t = torch.full((B,), 450)
     a = make(SDI, SDIConfig(), stub_prior, seed=3)(x0, PROMPTS, 0, t=t)
     b = make(SDI, SDIConfig(), stub_prior, seed=3)(x0, PROMPTS, 0, t=t)
-    assert torch.equal(a.grad, b.grad) and torch.equal(a.t, b.t)
-    assert a.t.unique().numel() == 1 and 450 <= int(a.t[0]) < 550  # one delta for the batch
+    assert torch.equal(a.grad, b.grad) and torch.equal(a.t, t)
     g = make(SDI, SDIConfig(), stub_prior, seed=4)
-    assert len({int(g(x0, PROMPTS, 0, t=t).t[0]) for _ in range(8)}) > 1
+    assert len({round(float(g(x0, PROMPTS, 0, t=t).grad.norm()), 6) for _ in range(8)}) > 1  # delta and eta drawn
+    jit = make(SDI, SDIConfig(target_at_jittered_t=True), stub_prior, seed=3)(x0, PROMPTS, 0, t=t)
+    assert jit.t.unique().numel() == 1 and 450 <= int(jit.t[0]) < 550  # one delta for the batch
 
 
 def test_sdi_jitter_moves_only_the_last_inversion_step(stub_prior):
     """The grid is chosen below the scheduled t; only the last step goes to t + delta (threestudio's SDI)."""
     x0, _ = inputs()
-    g = make(SDI, SDIConfig(scale=7.5, inversion_eta=0.0, jitter=100), stub_prior, seed=0)
+    g = make(SDI, SDIConfig(scale=7.5, inversion_scale=-7.5, inversion_eta=0.0, jitter=100, clean_start=True,
+                            target_at_jittered_t=True), stub_prior, seed=0)
     out = g(x0, PROMPTS, 0, t=torch.full((B,), 450))
     t_used = int(out.t[0])
     path = [torch.full((B,), v) for v in (0, 1, 101, 201, 301, 401, t_used)]
@@ -168,6 +214,9 @@ def test_inversion_path_grid():
     cols = torch.stack(path, 1).tolist()
     assert cols[0][-6:] == [0, 1, 101, 201, 301, 350]
     assert cols[1][-3:] == [0, 1, 50] and set(cols[1][:-3]) == {0}
+    official = torch.stack(inversion_path(torch.tensor([350, 50]), 10, clean_start=False), 1).tolist()
+    assert official[0][-6:] == [-99, 1, 101, 201, 301, 350]  # threestudio: timesteps[0] - step_ratio
+    assert official[1][-3:] == [-99, 1, 50] and set(official[1][:-3]) == {-99}
     assert cols[2] == [0, 1, 101, 201, 301, 401, 501, 601, 701, 801, 901, 999]
 
 
@@ -215,6 +264,28 @@ def test_sdi_cached_reuses_the_previous_prediction_and_refreshes(stub_prior):
     h = make(SDICached, SDICachedConfig(scale=7.5, refresh_every=3), stub_prior)
     h.set_extra_state(state)
     torch.testing.assert_close(h(moved, PROMPTS, 4, t=t2).grad, g(moved, PROMPTS, 4, t=t2).grad)
+
+
+def test_sdi_cached_first_kappa_is_the_eps_the_denoised_init_came_from(stub_prior):
+    """The SDI notebook: x0 = x0_hat(x_T) at t = 999 with CFG, and the first kappa is that eps prediction, so the
+    first refresh is the DDIM step from x_T (the stub's x_T is N(0, I), its sample_x_T)."""
+    from sdbridge.targets.image import ImageTarget, ImageTargetConfig, Init, Parameterization
+
+    target = ImageTarget(ImageTargetConfig(init=Init.denoised, init_cfg=8.5, parameterization=Parameterization.latent), stub_prior, B,
+                         torch.Generator().manual_seed(0), PROMPTS)
+    x_T = torch.randn(B, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    t_T = torch.full((B,), 999)
+    e_T = eps(stub_prior, x_T, t_T, [""] * B) + 8.5 * (eps(stub_prior, x_T, t_T, PROMPTS) - eps(stub_prior, x_T, t_T, [""] * B))
+    a_T = ab(stub_prior, t_T)
+    torch.testing.assert_close(target.param.detach(), (x_T - (1 - a_T).sqrt() * e_T) / a_T.sqrt(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(target.initial_noise(), e_T, rtol=1e-5, atol=1e-5)
+    g = SDICached(SDICachedConfig(scale=8.5), stub_prior, build_schedule(UniformConfig()), torch.Generator())
+    g.setup(1000, initial_noise=target.initial_noise())
+    x0 = target.param.detach()
+    first = g(x0, PROMPTS, 0, t=torch.full((B,), 980), noise=torch.randn_like(x0))  # fresh noise ignored
+    torch.testing.assert_close(first.noise, e_T, rtol=1e-5, atol=1e-5)
+    randn_init = ImageTarget(ImageTargetConfig(), stub_prior, B, torch.Generator().manual_seed(0), PROMPTS)
+    assert randn_init.initial_noise() is None
 
 
 def test_full_bridge_needs_a_model_source(stub_prior):
