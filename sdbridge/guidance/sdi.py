@@ -94,7 +94,8 @@ class SDICachedConfig(GuidanceConfig):
 
 
 class SDICached(Guidance):
-    SUMMARY = {"eps_tgt": "CFG_s(x_t; y)", "eps_src": "kappa", "noise": "previous step's eps prediction",
+    SUMMARY = {"eps_tgt": "CFG_s(x_t; y)", "eps_src": "kappa",
+               "noise": "previous refresh's eps prediction (first: the denoised init's)",
                "nfe": "2 per refresh (every refresh_every steps), else 0"}
 
     def __init__(self, *args, **kwargs):
