@@ -85,8 +85,9 @@ def run_method(guidance: str, protocol: ExactProtocol, extra: Sequence[str] = ()
     return summary
 
 
-def reference_rows(prior: Any, protocol: ExactProtocol) -> dict[str, dict]:
-    """Metrics of exact samples and of DDIM samples (exact eps, eta 0) at CFG 1 and 7.5 for the protocol's prompts."""
+def reference_rows(prior: Any, protocol: ExactProtocol, scales: Sequence[float] = (1.0, 7.5)) -> dict[str, dict]:
+    """Metrics of exact samples and of DDIM samples (exact eps, eta 0) at the CFG ``scales`` for the protocol's
+    prompts."""
     from sdbridge.eval.exact import exact_metrics
     from sdbridge.sampling import ddim_sample
 
@@ -97,7 +98,7 @@ def reference_rows(prior: Any, protocol: ExactProtocol) -> dict[str, dict]:
     t_true = time.perf_counter() - start
     rows = {"true samples": {"exact_metrics": exact_metrics(prior, true, prompts), "wall_clock_s": t_true,
                              "nfe_per_step": None, "steps": 0, "samples": true}}
-    for scale in (1.0, 7.5):
+    for scale in scales:
         nfe0 = prior.nfe
         start = time.perf_counter()
         ddim = ddim_sample(prior, prompts, num_steps=protocol.ddim_steps, scale=scale, generator=gen)
