@@ -51,6 +51,8 @@ class SDIConfig(GuidanceConfig):
     jitter: int = 100  # last inversion step goes to t + U{0..jitter-1}
     target_at_jittered_t: bool = False  # True: evaluate the target at t + delta (threestudio: at t)
     clean_start: bool = False  # True: invert from x0 at noise level 1 (threestudio: from t = -99 at alphas_cumprod[0])
+    refresh_every: int = 1  # recompute the target every k steps (threestudio: 1; the 2D notebook: 25, experiment=sdi_2d)
+    reencode: bool = False  # compute the target from encode(decode(x0)) (the 2D notebook's VAE round trip)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,11 +60,55 @@ class SDIConfig(GuidanceConfig):
             raise ValueError(f"guidance.inversion_steps={self.inversion_steps} must be >= 1")
         if self.jitter < 0:
             raise ValueError(f"guidance.jitter={self.jitter} must be >= 0")
+        check_refresh(self.refresh_every)
 
 
-class SDI(Guidance):
+def check_refresh(refresh_every: int) -> None:
+    if refresh_every < 1:
+        raise ValueError(f"guidance.refresh_every={refresh_every} must be >= 1")
+
+
+class RefreshedTarget(Guidance):
+    """The SDI notebook's loop: the target x0_hat is recomputed every ``config.refresh_every`` steps; in between the
+    gradient is x0 - x0_hat of the last refresh (0 NFEs), which an optimizer with a large step (Adam lr 0.1 there)
+    reaches, so each refresh is about one DDIM step. With refresh_every = 1 this is the plain method."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cached_x0_hat: torch.Tensor | None = None  # target between refreshes
+        self.cached_t: torch.Tensor | None = None
+
+    def refreshed(self, extras: dict[str, Any]) -> None:
+        """Called after each refresh with its extras (``eps_tgt``, ...)."""
+
+    def gradient(self, x0, prompts, step, t, noise):
+        if self.cached_x0_hat is not None and step % self.config.refresh_every != 0:
+            return x0 - self.cached_x0_hat.to(x0), self.cached_t.to(t.device), {"refreshed": False}
+        if getattr(self.config, "reencode", False):  # the notebook's round trip through the decoder (and the
+            with torch.no_grad():  # exact prior's pixel range): the target is computed from the re-encoded x0
+                x_in = self.prior.encode(self.prior.decode(x0.detach())).to(x0)
+            grad, t, extras = super().gradient(x_in, prompts, step, t, noise)
+            grad = x0 - (x_in - grad)  # x0 - x0_hat(x_in)
+        else:
+            grad, t, extras = super().gradient(x0, prompts, step, t, noise)
+        if self.config.refresh_every > 1:
+            self.cached_x0_hat = (x0 - grad).detach() if self.config.weighting is Weighting.sigma else None
+            self.cached_t = t.detach()
+        self.refreshed(extras)
+        return grad, t, {**extras, "refreshed": True}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"cached_x0_hat": self.cached_x0_hat, "cached_t": self.cached_t}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.cached_x0_hat = state.get("cached_x0_hat")
+        self.cached_t = state.get("cached_t")
+
+
+class SDI(RefreshedTarget):
     SUMMARY = {"eps_tgt": "CFG_s(x_{t+delta}; y) at t", "eps_src": "kappa (the inverted noise, read at t)",
-               "noise": "conditional DDIM inversion (CFG -6.5, eta 0.3, jitter)", "nfe": "2 x (inversion steps + 1)"}
+               "noise": "conditional DDIM inversion (CFG -6.5, eta 0.3, jitter)",
+               "nfe": "2 x (inversion steps + 1) per refresh (every refresh_every steps), else 0"}
 
     def make_x_t(self, x0, t, noise, prompts, step):
         c = self.config
@@ -89,11 +135,10 @@ class SDICachedConfig(GuidanceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.refresh_every < 1:
-            raise ValueError(f"guidance.refresh_every={self.refresh_every} must be >= 1")
+        check_refresh(self.refresh_every)
 
 
-class SDICached(Guidance):
+class SDICached(RefreshedTarget):
     SUMMARY = {"eps_tgt": "CFG_s(x_t; y)", "eps_src": "kappa",
                "noise": "previous refresh's eps prediction (first: the denoised init's)",
                "nfe": "2 per refresh (every refresh_every steps), else 0"}
@@ -101,8 +146,6 @@ class SDICached(Guidance):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.cached_eps: torch.Tensor | None = None  # kappa of the next refresh
-        self.cached_x0_hat: torch.Tensor | None = None  # target between refreshes
-        self.cached_t: torch.Tensor | None = None
 
     def setup(self, max_steps: int, initial_noise: torch.Tensor | None = None) -> None:
         super().setup(max_steps, initial_noise)
@@ -113,19 +156,12 @@ class SDICached(Guidance):
         kappa = noise if self.cached_eps is None else self.cached_eps.to(x0)
         return self.add_noise(x0, kappa, t), t, kappa
 
-    def gradient(self, x0, prompts, step, t, noise):
-        if self.cached_x0_hat is not None and step % self.config.refresh_every != 0:
-            return x0 - self.cached_x0_hat.to(x0), self.cached_t.to(t.device), {"refreshed": False}
-        grad, t, extras = super().gradient(x0, prompts, step, t, noise)
+    def refreshed(self, extras: dict[str, Any]) -> None:
         self.cached_eps = extras["eps_tgt"].detach()
-        self.cached_x0_hat = (x0 - grad).detach() if self.config.weighting is Weighting.sigma else None
-        self.cached_t = t.detach()
-        return grad, t, {**extras, "refreshed": True}
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"cached_eps": self.cached_eps, "cached_x0_hat": self.cached_x0_hat, "cached_t": self.cached_t}
+        return {**super().get_extra_state(), "cached_eps": self.cached_eps}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
         self.cached_eps = state.get("cached_eps")
-        self.cached_x0_hat = state.get("cached_x0_hat")
-        self.cached_t = state.get("cached_t")

@@ -193,6 +193,37 @@ def test_sdi_jitter_is_seeded_and_reported_with_target_at_jittered_t(stub_prior)
     assert jit.t.unique().numel() == 1 and 450 <= int(jit.t[0]) < 550  # one delta for the batch
 
 
+def test_sdi_refresh_every_keeps_the_target_between_refreshes(stub_prior):
+    """experiment=sdi_2d (the notebook's inversion mode): the target is recomputed every k steps; in between the
+    gradient is x0 - x0_hat of the last refresh, for 0 NFEs."""
+    g = make(SDI, SDIConfig(inversion_eta=0.0, jitter=0, refresh_every=3), stub_prior)
+    x0, _ = inputs()
+    t = torch.full((B,), 350)
+    first = g(x0, PROMPTS, 0, t=t)
+    torch.testing.assert_close(first.grad, _sdi_official_grad(stub_prior, x0, t, t), rtol=1e-4, atol=1e-4)
+    moved = 0.5 * x0
+    between = g(moved, PROMPTS, 1, t=torch.full((B,), 340))
+    torch.testing.assert_close(between.grad, moved - (x0 - first.grad), rtol=1e-5, atol=1e-5)
+    assert between.nfe == 0 and torch.equal(between.t, t)
+    refreshed = g(moved, PROMPTS, 3, t=t)
+    torch.testing.assert_close(refreshed.grad, _sdi_official_grad(stub_prior, moved, t, t), rtol=1e-4, atol=1e-4)
+    h = make(SDI, SDIConfig(inversion_eta=0.0, jitter=0, refresh_every=3), stub_prior)
+    h.set_extra_state(g.get_extra_state())
+    torch.testing.assert_close(h(x0, PROMPTS, 4, t=t).grad, g(x0, PROMPTS, 4, t=t).grad)
+
+
+def test_sdi_reencode_computes_the_target_from_the_round_trip(stub_prior):
+    """The notebook projects the latents through the decoder: the stub's decode/encode round trip clamps to
+    [-1, 1], so the target is x0_hat of the clamped x0 and the gradient x0 minus it."""
+    x0, _ = inputs()
+    x0 = 2 * x0  # beyond [-1, 1] in places
+    t = torch.full((B,), 350)
+    out = make(SDI, SDIConfig(inversion_eta=0.0, jitter=0, reencode=True), stub_prior)(x0, PROMPTS, 0, t=t)
+    clamped = x0.clamp(-1, 1)
+    expected = x0 - (clamped - _sdi_official_grad(stub_prior, clamped, t, t))
+    torch.testing.assert_close(out.grad, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_sdi_jitter_moves_only_the_last_inversion_step(stub_prior):
     """The grid is chosen below the scheduled t; only the last step goes to t + delta (threestudio's SDI)."""
     x0, _ = inputs()
