@@ -19,7 +19,14 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from sdbridge.guidance import GUIDANCES
 from sdbridge.priors import AnalyticConfig, RandomSDConfig, StableDiffusionConfig, TinySDConfig
 from sdbridge.prompts import CocoPromptConfig, PromptConfig
-from sdbridge.schedules import AnnealConfig, DDIMGridConfig, DreamTimeConfig, StagedConfig, UniformConfig
+from sdbridge.schedules import (
+    AnnealConfig,
+    DDIMGridConfig,
+    DreamTimeConfig,
+    ShrinkingMaxConfig,
+    StagedConfig,
+    UniformConfig,
+)
 from sdbridge.targets import ImageTargetConfig, NeRFTargetConfig
 
 
@@ -97,6 +104,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "anneal": AnnealConfig,
         "staged": StagedConfig,
         "dreamtime": DreamTimeConfig,
+        "shrinking_max": ShrinkingMaxConfig,
     },
     "prompt": {"prompt": PromptConfig, "coco": CocoPromptConfig},
     "target": {"image": ImageTargetConfig, "nerf": NeRFTargetConfig},

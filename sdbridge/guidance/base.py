@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -39,6 +39,9 @@ from sdbridge.guidance.perp_neg import PerpNegViews, perp_neg_guidance
 from sdbridge.priors.base import DiffusionPrior
 from sdbridge.sampling import classifier_free_guidance, ddim_step, timestep_path
 from sdbridge.schedules import TimestepSchedule
+
+
+E = TypeVar("E", bound=Enum)
 
 
 class Weighting(Enum):
@@ -63,13 +66,17 @@ class GuidanceConfig:
     def __post_init__(self) -> None:
         if self.bridge_steps < 1:
             raise ValueError(f"guidance.bridge_steps={self.bridge_steps} must be >= 1")
-        if not isinstance(self.weighting, Weighting):  # plain construction from Python with a string
-            try:
-                self.weighting = Weighting[str(self.weighting)]
-            except KeyError:
-                raise ValueError(
-                    f"guidance.weighting={self.weighting!r} is not one of {[w.name for w in Weighting]}"
-                ) from None
+        self.weighting = as_enum(Weighting, self.weighting, "guidance.weighting")
+
+
+def as_enum(kind: type[E], value: Any, key: str) -> E:
+    """``value`` as a member of ``kind``; a member's name also works (plain construction from Python)."""
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind[str(value)]
+    except KeyError:
+        raise ValueError(f"{key}={value!r} is not one of {[m.name for m in kind]}") from None
 
 
 @dataclass
@@ -139,6 +146,9 @@ class Guidance(nn.Module):
         #: the current step's Perp-Neg view conditionings (3D targets with ``target.perp_neg=true``); when set,
         #: the default CFG eps_tgt becomes the Perp-Neg combination (sdbridge/guidance/perp_neg.py)
         self.perp_neg: PerpNegViews | None = None
+        #: the current step's prompts without view suffixes (3D targets with view-dependent prompting); None when the
+        #: prompts are already view-independent. Only VSD's LoRA reads them (threestudio conditions it on these).
+        self.plain_prompts: list[str] | None = None
 
     def setup(self, max_steps: int, initial_noise: torch.Tensor | None = None) -> None:
         """Called once the trainer's real ``max_steps`` is known. ``initial_noise``: the eps prediction the target's
@@ -171,6 +181,10 @@ class Guidance(nn.Module):
             self.prior.encode_text(batch)
 
     # ------------------------------------------------------------------ trainable parts and state
+    #: whether :meth:`train_step` runs before the target's optimizer step, i.e. on the very samples the gradient was
+    #: computed on (the official VSD codes), rather than after it (an image target's updated image)
+    train_before_target_step: bool = True
+
     def train_step(self, x0: torch.Tensor, prompts: Sequence[str], step: int) -> dict[str, float]:
         """Update trainable parts (VSD's source network) on the detached current samples; returns log values."""
         return {}

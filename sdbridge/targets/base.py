@@ -51,6 +51,7 @@ class Render:
     images: Optional[torch.Tensor] = None
     x0: Optional[torch.Tensor] = None
     prompts: Optional[list[str]] = None
+    plain_prompts: Optional[list[str]] = None  # the same prompts without view suffixes (VSD's LoRA text in 3D)
     cameras: Optional[torch.Tensor] = None
     perp_neg: Optional[Any] = None  # sdbridge.guidance.perp_neg.PerpNegViews of the step's cameras
 

@@ -167,8 +167,8 @@ class NeRFTarget(Target):
         if self.config.perp_neg:
             perp_neg = perp_neg_views(self.prompt, batch["elevation"].cpu(), batch["azimuth"].cpu(), view_prompt,
                                       uncond="", overhead_threshold=self.config.overhead_threshold)
-        return Render(images=self.to_prior_size(images), prompts=self.prompts_for(batch), cameras=c2w.flatten(1),
-                      perp_neg=perp_neg)
+        return Render(images=self.to_prior_size(images), prompts=self.prompts_for(batch),
+                      plain_prompts=[self.prompt] * c2w.shape[0], cameras=c2w.flatten(1), perp_neg=perp_neg)
 
     def regularizers(self, step: int) -> dict[str, torch.Tensor]:
         if self._last is None:
