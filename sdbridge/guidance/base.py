@@ -43,6 +43,8 @@ from sdbridge.schedules import TimestepSchedule
 
 E = TypeVar("E", bound=Enum)
 
+LOSS_REDUCTIONS = ("sum", "mean")
+
 
 class Weighting(Enum):
     """w(t) choices. ``one_minus_abar`` is DreamFusion's default; ``sigma`` = sqrt((1 - abar) / abar) turns
@@ -62,10 +64,18 @@ class GuidanceConfig:
     negative_prompt: str = ""  # the "unconditional" text of CFG
     full_bridge: bool = False  # PF-ODE inversion with eps_src + generation with eps_tgt instead of one step
     bridge_steps: int = 10  # DDIM steps of each PF-ODE in full-bridge mode
+    #: how the surrogate loss reduces, i.e. the scale of the gradient the target receives. "sum": the gradient is
+    #: ``grad`` itself (the SDS-Bridge 2D code and LucidDreamer apply it directly; threestudio's SDS and VSD losses
+    #: ``0.5 mse(sum) / B`` at batch 1); "mean": threestudio SDI's ``0.5 mse(mean) / B``, gradient
+    #: ``grad / (B * numel)`` with numel the whole batch's elements, which sets the guidance's weight against the
+    #: regularizers of its 3D config (``experiment=nerf_sdi``). Adam nearly ignores it when nothing else is summed.
+    loss_reduction: str = "sum"
 
     def __post_init__(self) -> None:
         if self.bridge_steps < 1:
             raise ValueError(f"guidance.bridge_steps={self.bridge_steps} must be >= 1")
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"guidance.loss_reduction={self.loss_reduction!r} is not one of {list(LOSS_REDUCTIONS)}")
         self.weighting = as_enum(Weighting, self.weighting, "guidance.weighting")
 
 
@@ -374,10 +384,14 @@ class Guidance(nn.Module):
                 "Check the prior's dtype (fp16 overflow) and the CFG scale."
             )
         grad = grad.to(x0.dtype)
+        loss = surrogate_loss(x0, grad)
+        if self.config.loss_reduction == "mean":  # threestudio SDI: 0.5 mse(x0, x0 - grad, "mean") / B
+            factor = 1.0 / (x0.numel() * B)  # applied after the residual, which a tiny grad would lose in fp32
+            grad, loss = grad * factor, loss * factor
         kappa = extras.get("kappa")
         return GuidanceOutput(
             grad=grad,
-            loss=surrogate_loss(x0, grad),
+            loss=loss,
             t=t,
             noise=kappa.to(x0.dtype) if isinstance(kappa, torch.Tensor) else noise,
             nfe=self.prior.nfe - nfe_before,

@@ -13,6 +13,7 @@ import torch
 
 from sdbridge import rng
 from sdbridge.guidance.base import Guidance, classifier_free_guidance
+from sdbridge.guidance.perp_neg import perp_neg_guidance
 from sdbridge.sampling import ddim_step, ddpm_posterior_std
 
 
@@ -48,6 +49,7 @@ def invert(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     uncond_texts: Sequence[str] | None = None,
+    perp_neg: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Invert x0 along ``path`` (list of (B,) timesteps; path[0] = 0 means the clean sample, noise level 1; a negative
     path[0] reads x0 at ``alphas_cumprod[0]``, threestudio's SDI start, see :func:`inversion_path`).
@@ -55,12 +57,15 @@ def invert(
     Each step evaluates eps at (x, path[i]): CFG ``eps_u + scale (eps_c - eps_u)`` for the prompts (``scale`` may be
     negative, as SDI's -7.5), or the unconditional prediction alone when ``scale`` is None (ISM). The unconditional
     text is ``uncond_texts`` when given (ISM's empty inversion text), else the guidance's negative prompts. With
+    ``perp_neg`` and the step's Perp-Neg views set (3D), the guided prediction is the Perp-Neg combination at
+    ``scale`` instead of CFG, as threestudio's SDI inverts (its ``predict_noise`` serves both). With
     ``eta > 0`` it adds ``eta * std * N(0, I)`` per step, std the DDPM posterior std between the two levels (SDI uses
     eta = 0.3).
 
     Returns ``(x at path[-1], eps of the last evaluation)``.
     """
     uncond = guidance.negatives(prompts) if uncond_texts is None else list(uncond_texts)
+    views = guidance.perp_neg if perp_neg and scale is not None else None
     x = x0
     eps = torch.zeros_like(x0)
     for i in range(len(path) - 1):
@@ -72,6 +77,8 @@ def invert(
         a_to = guidance.alpha_bar(path[i + 1], x0)
         if scale is None:
             eps = guidance.predict(x, path[i], uncond=uncond)["uncond"]
+        elif views is not None:
+            eps = perp_neg_guidance(guidance.predict(x, path[i], uncond=uncond, **views.texts()), views, scale)
         else:
             e = guidance.predict(x, path[i], uncond=uncond, cond=prompts)
             eps = classifier_free_guidance(e["uncond"], e["cond"], scale)

@@ -76,7 +76,11 @@ OFFICIAL_CAMERA_DIM = 16  # TimestepEmbedding(16, 1280): a flattened 4x4 c2w
 IM_ADAMW = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-15)  # generate.py l. 92 (weight decay: torch's 0.01)
 LORA_ADAMW_2D = dict(lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)  # generate.py l. 93-99
 LORA_ADAMW_3D = dict(lr=1e-4, betas=(0.9, 0.99), eps=1e-15, weight_decay=0.01)  # prolificdreamer.yaml
-N3D_SCHEDULE = dict(min_step_ratio=0.02, max_step_ratio=0.98, switch_steps=[5000], max_ratios=[0.5])
+# max_step_percent [5000, 0.98, 0.5, 5001]: threestudio's C() interpolates between steps 5000 and 5001, so t's upper
+# end is 0.98 through step 5000 and 0.5 from step 5001 on
+N3D_SCHEDULE = dict(min_step_ratio=0.02, max_step_ratio=0.98, switch_steps=[5001], max_ratios=[0.5])
+# prolificdreamer.yaml's scene: AdamW without weight_decay (torch's 0.01) for every group, data.eval_camera_distance
+N3D_SCENE = dict(weight_decay=0.01, betas=[0.9, 0.99], eps=1e-15, eval_distance=1.5, eval_fovy=70.0)
 
 PROMPT = "a DSLR photo of a dolphin"
 VIEW_PROMPT = PROMPT + ", side view"
@@ -420,6 +424,11 @@ def test_nerf_vsd_preset_matches_prolificdreamer_yaml(tiny_prior, tiny_cache):
                 max_ratios=list(s.max_ratios)) == N3D_SCHEDULE
     assert run.target.view_dependent_prompts and (run.target.front_threshold, run.target.back_threshold) == (30, 30)
     assert run.target.cameras.batch_size == 1  # threestudio divides its loss by B; sdbridge's is per sample
+    o, cams = run.target.optimizer, run.target.cameras
+    scene = dict(weight_decay=o.weight_decay, betas=list(o.betas), eps=o.eps, eval_distance=cams.eval_distance,
+                 eval_fovy=cams.eval_fovy)
+    print(f"PRESET experiment=nerf_vsd scene: {scene}")
+    assert scene == N3D_SCENE
 
 
 @pytest.mark.parametrize("source", ["yaml", "dataclass"])

@@ -109,7 +109,8 @@ def test_nerf_presets_compose_with_the_official_3d_settings():
     assert bridge.guidance.scale == 100 and bridge.guidance.stage_two_start_step == 20000
     assert bridge.target.resolutions == [64, 512] and bridge.target.resolution_milestones == [5000]
     assert bridge.target.resolution(4999) == 64 and bridge.target.resolution(5000) == 512
-    assert bridge.scheduler.switch_steps == [5000] and bridge.scheduler.max_ratios == [0.5]
+    assert bridge.scheduler.switch_steps == [5001] and bridge.scheduler.max_ratios == [0.5]  # [5000, 0.98, 0.5, 5001]
+    assert bridge.target.optimizer.weight_decay == 0.01 and bridge.target.cameras.eval_distance == 1.5
     assert bridge.target.regularizers.weights(10001)["opaque"] == 1000
     sds = to_objects(compose(["experiment=nerf_sds"]))
     assert type(sds.guidance).__name__ == "SDSConfig" and sds.guidance.scale == 100
