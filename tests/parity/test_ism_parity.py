@@ -52,6 +52,7 @@ from sdbridge.guidance import ISM, Guidance, build_guidance
 from sdbridge.priors.tiny import TinySDConfig, ensure_tiny_sd
 from sdbridge.schedules import build_schedule
 from tests.conftest import compose
+from tests.parity.diffusers_sd import DiffusersSD
 from tests.parity.test_sdi_parity import composed  # the run config `python run.py <overrides>` composes, tiny SD
 
 TOL = 1e-4  # relative error: ||sdbridge - official|| / ||official||
@@ -124,16 +125,13 @@ def official_current_delta_t(warm_up_rate: float, delta_t: int, perpneg: bool) -
     return int(delta_t + warm_up_rate * (OFFICIAL_DELTA_T_START - delta_t))
 
 
-class OfficialISM:
+class OfficialISM(DiffusersSD):
     """LucidDreamer's ``StableDiffusion`` ISM on a diffusers folder, from the latents on (no VAE, no flips)."""
 
     def __init__(self, folder):
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from diffusers import DDIMScheduler
 
-        pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, feature_extractor=None,
-                                                       requires_safety_checker=False).to("cpu")
-        self.unet, self.tokenizer, self.text_encoder = pipe.unet.eval(), pipe.tokenizer, pipe.text_encoder
-        assert self.unet.dtype == torch.float32
+        super().__init__(folder)
         self.scheduler = DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler")
         assert self.scheduler.config.prediction_type == "epsilon" and not self.scheduler.config.thresholding
         assert not self.scheduler.config.clip_sample
@@ -145,11 +143,8 @@ class OfficialISM:
         self.warmup_step = int(self.num_train_timesteps * (OFFICIAL_MAX_T_RANGE - OFFICIAL_T_RANGE[1]))
         self.alphas = self.scheduler.alphas_cumprod
 
-    @torch.no_grad()
     def get_text_embeds(self, prompt) -> torch.Tensor:
-        ids = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids)[0]
+        return self.text(prompt)
 
     def ind_t_bounds(self, warm_up_rate: float) -> tuple[int, int]:
         """``torch.randint(low, high)``'s arguments for ind_t (high exclusive)."""

@@ -80,6 +80,7 @@ from sdbridge.priors.tiny import TinySDConfig, ensure_tiny_sd
 from sdbridge.schedules import AnnealConfig, build_schedule
 from sdbridge.targets import ImageTarget
 from tests.conftest import compose
+from tests.parity.diffusers_sd import DiffusersSD
 
 TOL = 1e-4  # relative error: ||sdbridge - official|| / ||official||
 
@@ -153,18 +154,15 @@ def rel_err(ours: torch.Tensor, official: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------- the official math, re-derived on diffusers
-class OfficialSDI:
+class OfficialSDI(DiffusersSD):
     """threestudio's ``StableDiffusionSDIGuidance`` (commit 1ade495) without Perp-Neg, on a diffusers folder, for one
     image (B = 1) at a time. Random draws are arguments: ``random_value`` replaces ``random.random()`` and
     ``noises`` yields what ``torch.randn_like`` would, one per inversion step."""
 
     def __init__(self, folder):
-        from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPipeline
+        from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-        pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, feature_extractor=None,
-                                                       requires_safety_checker=False).to("cpu")
-        self.unet, self.tokenizer, self.text_encoder = pipe.unet.eval(), pipe.tokenizer, pipe.text_encoder
-        assert self.unet.dtype == torch.float32
+        super().__init__(folder)
         self.scheduler = DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler")
         self.scheduler.set_timesteps(OFFICIAL_N_DDIM_STEPS)
         self.inverse_scheduler = DDIMInverseScheduler.from_pretrained(str(folder), subfolder="scheduler")
@@ -172,13 +170,7 @@ class OfficialSDI:
         self.inversion_n_steps = NOTEBOOK_INVERSION_N_STEPS
         self.inversion_eta = NOTEBOOK_INVERSION_ETA
 
-    # -- the prompt processor: cond and uncond ("" = its default negative prompt) embeddings
-    @torch.no_grad()
-    def text(self, prompt: str) -> torch.Tensor:
-        ids = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             return_tensors="pt").input_ids
-        return self.text_encoder(ids)[0]
-
+    # -- the prompt processor: cond and uncond ("" = its default negative prompt) embeddings (DiffusersSD.text)
     def embeddings(self, prompt: str) -> torch.Tensor:
         """``get_text_embeddings``: ``cat([cond, uncond])`` (threestudio's order)."""
         return torch.cat([self.text(prompt), self.text("")])
