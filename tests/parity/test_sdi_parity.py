@@ -574,8 +574,8 @@ def test_loss_reduction_mean_is_threestudio_sdi_loss(tiny_prior, tiny_cache):
     t = torch.tensor([500, 500])
     outs = {}
     for reduction in ("sum", "mean"):
-        g = default_guidance("sdi", "yaml", tiny_prior, tiny_cache, seed=9)
-        g.config.loss_reduction = reduction
+        g = default_guidance("sdi", "dataclass", tiny_prior, tiny_cache, seed=9)  # a fresh config: the composed one
+        g.config.loss_reduction = reduction  # is cached and shared by the other tests
         outs[reduction] = sdbridge_call(g, x0, PROMPTS, 0, t)
     official_grad = OfficialSDI.loss_gradient(x0, x0 - outs["sum"].grad)
     assert rel_err(outs["mean"].grad, official_grad) <= 1e-6
