@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sdbridge.callbacks.summary import write_summary
 from sdbridge.config import SCHEMAS, LoggerKind, RunConfig, to_objects
 from sdbridge.priors.analytic import AnalyticPrior
 from sdbridge.targets import ImageTargetConfig
@@ -228,7 +229,9 @@ def run(
             log.info("sdbridge: batch %d/%d (%d samples)", k + 1, len(batches), len(batch))
             batch_logger = logger if config.logger.kind == LoggerKind.wandb else build_logger(
                 config, batch_dir, resolved, f"{_run_name(config, resolved, run_dir)}-b{k:04d}")
-            parts.append(_optimize(config, prior, batch, batch_dir, resolved, callbacks, batch_logger, batch=k))
+            part = _optimize(config, prior, batch, batch_dir, resolved, callbacks, batch_logger, batch=k)
+            write_summary(batch_dir, part)
+            parts.append(part)
         summary = merge_summaries(parts, run_dir)
         if isinstance(prior, AnalyticPrior) and config.eval.exact:
             from sdbridge.eval.exact import exact_metrics
@@ -237,7 +240,7 @@ def run(
             summary["exact_metrics"] = exact_metrics(prior, samples, [r["prompt"] for r in summary["samples"]])
     summary["setup_s"] = round(setup_s, 3)
     summary["batch_size"] = config.prompt.batch_size
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_summary(run_dir, summary)  # the one writer of a run's summary.json
     if logger:
         if summary.get("batches"):  # a single optimization's summary was logged by its SummaryCallback already
             from sdbridge.callbacks.summary import summary_metrics
@@ -418,7 +421,7 @@ def _optimize(
             extra["compare"] = str(_compare_with_exact_samples(prior, target, samples, run_dir, config.seed))
     if exact_cb is not None and exact_cb.final is not None:
         extra["exact_metrics"] = exact_cb.final
-    return summary_cb.write(trainer, system, extra)
+    return summary_cb.finish(trainer, system, extra)
 
 
 def _compare_with_exact_samples(prior: Any, target: Any, samples: list[dict], run_dir: Path, seed: int) -> Path:
@@ -443,7 +446,7 @@ def protocol_of(config: RunConfig, prior: Any, prompt_set: Any, choices: dict[st
         "prior": choices.get("prior", type(prior).__name__),
         "target": choices.get("target", type(config.target).__name__),
         "sample_shape": list(prior.sample_shape),
-        "resolution": getattr(config.target, "resolution", None),
+        **config.target.protocol_fields(),
         "steps": config.trainer.max_steps,
         "seed": config.seed,
         "prompts": prompts,

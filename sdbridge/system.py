@@ -27,10 +27,6 @@ class StepStream(IterableDataset):
             yield {}
 
 
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return items[0]
-
-
 def step_stream_loader() -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(StepStream(), batch_size=None, collate_fn=None, num_workers=0)
 

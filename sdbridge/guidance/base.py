@@ -243,11 +243,6 @@ class Guidance(nn.Module):
         eps = self.prior.predict_eps(x_t, t, conds)
         return dict(zip(names, eps.unbind(0)))
 
-    def cfg_eps(self, x_t: torch.Tensor, t: torch.Tensor, prompts: Sequence[str], scale: float | None = None):
-        """CFG prediction for ``prompts`` (one batched call of 2 conditionings)."""
-        eps = self.predict(x_t, t, uncond=self.negatives(prompts), cond=prompts)
-        return classifier_free_guidance(eps["uncond"], eps["cond"], self.config.scale if scale is None else scale)
-
     # ------------------------------------------------------------------ the four parts (override what differs)
     def make_x_t(
         self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, prompts: Sequence[str], step: int

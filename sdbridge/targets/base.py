@@ -41,6 +41,10 @@ class OptimizerConfig:
 class TargetConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
+    def protocol_fields(self) -> dict[str, Any]:
+        """What of this target must match for two runs to share a comparison table (JSON values)."""
+        return {}
+
 
 @dataclass
 class Render:

@@ -59,6 +59,9 @@ class ImageTargetConfig(TargetConfig):
         if self.resolution is not None and self.resolution < 8:
             raise ValueError(f"target.resolution={self.resolution} must be >= 8")
 
+    def protocol_fields(self) -> dict[str, Any]:
+        return {"resolution": self.resolution}
+
 
 class ImageTarget(Target):
     def __init__(

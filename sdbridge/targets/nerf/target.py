@@ -89,6 +89,10 @@ class NeRFTargetConfig(TargetConfig):
         stage = sum(step >= m for m in self.resolution_milestones)
         return int(self.resolutions[stage])
 
+    def protocol_fields(self) -> dict[str, Any]:
+        return {"resolutions": list(self.resolutions), "resolution_milestones": list(self.resolution_milestones),
+                "eval_resolution": self.eval_resolution, "eval_views": self.cameras.eval_views}
+
 
 class NeRFTarget(Target):
     def __init__(
