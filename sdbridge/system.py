@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from sdbridge.guidance.base import Guidance, GuidanceOutput
-from sdbridge.priors.base import DiffusionPrior
+from sdbridge.priors.base import DiffusionPrior, attach_prior
 from sdbridge.targets.base import Target
 
 
@@ -69,7 +69,7 @@ class DistillationSystem(L.LightningModule):
         generator: torch.Generator,
     ):
         super().__init__()
-        object.__setattr__(self, "prior", prior)
+        attach_prior(self, prior)
         self.guidance = guidance
         self.target = target
         self.prompts = list(prompts)

@@ -36,7 +36,7 @@ from torch import nn
 
 from sdbridge import rng
 from sdbridge.guidance.perp_neg import PerpNegViews, perp_neg_guidance
-from sdbridge.priors.base import DiffusionPrior
+from sdbridge.priors.base import DiffusionPrior, attach_prior, per_sample
 from sdbridge.sampling import classifier_free_guidance, ddim_step, timestep_path
 from sdbridge.schedules import TimestepSchedule
 
@@ -121,7 +121,7 @@ def surrogate_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 
 def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.reshape(-1, *([1] * (like.dim() - 1))).to(like)
+    return per_sample(v, like).to(like)
 
 
 class Guidance(nn.Module):
@@ -146,7 +146,7 @@ class Guidance(nn.Module):
         super().__init__()
         self.config = config
         # Not registered as a submodule: the prior is shared and must not land in the guidance's state_dict.
-        object.__setattr__(self, "prior", prior)
+        attach_prior(self, prior)
         self.schedule = schedule
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.max_steps = 1

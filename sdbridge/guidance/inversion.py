@@ -14,6 +14,7 @@ import torch
 from sdbridge import rng
 from sdbridge.guidance.base import Guidance, classifier_free_guidance
 from sdbridge.guidance.perp_neg import perp_neg_guidance
+from sdbridge.priors.base import per_sample
 from sdbridge.sampling import ddim_step, ddpm_posterior_std
 
 
@@ -69,11 +70,11 @@ def invert(
     x = x0
     eps = torch.zeros_like(x0)
     for i in range(len(path) - 1):
-        moved = (path[i + 1] != path[i]).view(-1, *([1] * (x0.dim() - 1)))
+        moved = per_sample(path[i + 1] != path[i], x0)
         if not bool(moved.any()) and i < len(path) - 2:
             continue  # padding step for the whole batch: no evaluation needed
         a_from = guidance.alpha_bar(path[i], x0)
-        a_from = torch.where(path[i].view(-1, *([1] * (x0.dim() - 1))) == 0, torch.ones_like(a_from), a_from)
+        a_from = torch.where(per_sample(path[i], x0) == 0, torch.ones_like(a_from), a_from)
         a_to = guidance.alpha_bar(path[i + 1], x0)
         if scale is None:
             eps = guidance.predict(x, path[i], uncond=uncond)["uncond"]

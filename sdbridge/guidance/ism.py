@@ -40,6 +40,7 @@ import torch
 from sdbridge import rng
 from sdbridge.guidance.base import Guidance, GuidanceConfig, Weighting
 from sdbridge.guidance.inversion import invert
+from sdbridge.priors.base import per_sample
 from sdbridge.schedules import warmup_rate
 
 
@@ -112,7 +113,7 @@ class ISM(Guidance):
         length = max(len(g) for g in grids)
         grids = [[g[0] if g else b] * (length - len(g)) + g for g, b in zip(grids, s.tolist())]
         path = [torch.tensor(col, device=t.device) for col in zip(*grids)] + [s, t]
-        x = torch.where((path[0] > 0).view(-1, *([1] * (x0.dim() - 1))), self.add_noise(x0, noise, path[0]), x0)
+        x = torch.where(per_sample(path[0] > 0, x0), self.add_noise(x0, noise, path[0]), x0)
         x_t, eps_s = invert(self, x, path, prompts, scale=None, uncond_texts=self.inversion_texts(prompts))
         return x_t, t, eps_s
 

@@ -53,6 +53,7 @@ from torch import nn
 
 from sdbridge import rng
 from sdbridge.guidance.base import Guidance, GuidanceConfig, as_enum
+from sdbridge.priors.base import attach_prior, per_sample
 from sdbridge.priors.stable_diffusion import StableDiffusionPrior
 
 CAMERA_DIM = 16  # a flattened 4x4 camera-to-world matrix (threestudio's "extrinsics"); zeros for 2D targets
@@ -133,7 +134,7 @@ class VSDConfig(GuidanceConfig):
 
 def noised(model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` on ``model``'s schedule."""
-    abar = model.abar(t).float().view(-1, *([1] * (x0.dim() - 1))).to(x0)
+    abar = per_sample(model.abar(t).float(), x0).to(x0)
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
 
@@ -149,7 +150,7 @@ class LoRASource(nn.Module):
         from peft import LoraConfig
 
         model = prior if config.lora_base == LORA_ON_PRIOR else prior.companion(config.lora_base)
-        object.__setattr__(self, "prior", prior)
+        attach_prior(self, prior)
         object.__setattr__(self, "model", model)  # not a submodule: its weights stay out of checkpoints
         unet = model.unet
         if self.ADAPTER in getattr(unet, "peft_config", {}):  # a prior reused across runs: start fresh
@@ -237,7 +238,7 @@ class ResidualEpsSource(nn.Module):
         super().__init__()
         from diffusers import UNet2DModel
 
-        object.__setattr__(self, "prior", prior)
+        attach_prior(self, prior)
         self.classes = {p: i + 1 for i, p in enumerate(dict.fromkeys(prompts))}  # 0 = dropped condition
         c, size = prior.sample_shape[0], prior.sample_shape[-1]
         self.net = UNet2DModel(

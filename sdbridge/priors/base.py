@@ -63,6 +63,17 @@ class PriorConfig:
     dtype: str = "auto"  # "auto" (fp16 on GPU, fp32 on CPU), "float32", "float16", "bfloat16"
 
 
+def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``v`` (B,) shaped to broadcast against ``like`` (B, ...): one value per sample."""
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def attach_prior(module: nn.Module, prior: "DiffusionPrior") -> None:
+    """``module.prior = prior`` without registering it as a submodule: the prior is shared (its weights are not part
+    of the module's state, parameters or device moves)."""
+    object.__setattr__(module, "prior", prior)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -22,6 +22,7 @@ from sdbridge.priors.base import (
     DiffusionPrior,
     PriorConfig,
     TextEmbedding,
+    per_sample,
     resolve_device,
     resolve_dtype,
     scaled_linear_alphas_cumprod,
@@ -284,14 +285,14 @@ class StableDiffusionPrior(DiffusionPrior):
 
     def raw_to_eps(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.prediction_type == "v_prediction":
-            abar = self.abar(t).float().view(-1, *([1] * (x_t.dim() - 1)))
+            abar = per_sample(self.abar(t).float(), x_t)
             return abar.sqrt() * out + (1 - abar).sqrt() * x_t.float()
         return out
 
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the UNet is trained to output: eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0."""
         if self.prediction_type == "v_prediction":
-            abar = self.abar(t).float().view(-1, *([1] * (x0.dim() - 1)))
+            abar = per_sample(self.abar(t).float(), x0)
             return abar.sqrt() * noise - (1 - abar).sqrt() * x0
         return noise
 

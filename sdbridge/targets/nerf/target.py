@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from sdbridge.guidance.perp_neg import perp_neg_views
 from sdbridge.media import make_grid, save_png, slug, write_video
-from sdbridge.priors.base import DiffusionPrior
+from sdbridge.priors.base import DiffusionPrior, attach_prior
 from sdbridge.targets.base import Render, Target, TargetConfig
 from sdbridge.targets.nerf.cameras import (
     VIEWS,
@@ -111,7 +111,7 @@ class NeRFTarget(Target):
                 f"({sorted(set(prompts))[:3]}...). Set prompt.text=\"...\" (prompt.repeat does not apply)"
             )
         self.config = config
-        object.__setattr__(self, "prior", prior)
+        attach_prior(self, prior)
         self.prompt = prompts[0]
         self.seed = generator.initial_seed()
         with torch.random.fork_rng():  # initial weights from the run's seed, without drawing from its generator
