@@ -215,9 +215,13 @@ class Guidance(nn.Module):
         abar = self.alpha_bar(t, x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
-    def weight(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def weighting(self, step: int | None) -> Weighting:
+        """w(t)'s kind at ``step`` (the config's; a method with stages may change it)."""
+        return self.config.weighting
+
+    def weight(self, t: torch.Tensor, like: torch.Tensor, step: int | None = None) -> torch.Tensor:
         abar = self.alpha_bar(t, like)
-        w = self.config.weighting
+        w = self.weighting(step)
         if w is Weighting.one_minus_abar:
             return 1 - abar
         if w is Weighting.sigma:
@@ -318,7 +322,7 @@ class Guidance(nn.Module):
             return self.full_bridge_gradient(x0, prompts, step, t)
         x_t, t, kappa = self.make_x_t(x0, t, noise, prompts, step)
         eps_tgt, eps_src = self.estimate(x_t, t, kappa, prompts, step)
-        grad = self.weight(t, x0) * (eps_tgt - eps_src)
+        grad = self.weight(t, x0, step) * (eps_tgt - eps_src)
         return grad, t, {"eps_tgt": eps_tgt, "eps_src": eps_src, "x_t": x_t, "kappa": kappa}
 
     def full_bridge_gradient(

@@ -5,7 +5,7 @@ target's images and the model's sample space:
 
     images in [0, 1]  --encode-->  x0 (model space: SD latents, or pixels in [-1, 1])  --decode-->  images
 
-Conventions (see DESIGN.md):
+Conventions (the README's section on the one formula uses them):
 
 * ``alphas_cumprod`` is owned by the prior: 1000 steps, Stable Diffusion's scaled-linear betas 0.00085 -> 0.012.
 * ``predict_eps(x_t, t, conds)`` evaluates several conditionings in **one** batched call and returns a tensor of
