@@ -9,7 +9,7 @@ import imageio.v3 as iio
 import pytest
 import torch
 
-from sdbridge.cli import run
+from sdbridge.runner import run
 from sdbridge.config import to_objects
 from sdbridge.targets.nerf.export import read_ply
 from tests.conftest import compose, run_cli

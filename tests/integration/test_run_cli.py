@@ -102,7 +102,7 @@ def test_slow_export_counts_as_export_not_training(tmp_path, world_cache, monkey
     import time
 
     from sdbridge.callbacks.media import MediaCallback
-    from sdbridge.cli import run
+    from sdbridge.runner import run
     from sdbridge.config import to_objects
     from tests.conftest import compose
 

@@ -604,7 +604,7 @@ def test_sdi_batch_of_two_matches_official_per_image(t_pair, tiny_prior, tiny_ca
 
 # ---------------------------------------------------------------- 3. sdi_cached (the notebook's "Cache kappa")
 def sdbridge_cached_run(tiny_prior, tiny_cache, prompt: str, n_steps: int, overrides: tuple[str, ...] = ()):
-    """``python run.py guidance=sdi_cached`` on the tiny SD for ``n_steps`` steps, built as ``cli._optimize`` builds
+    """``python run.py guidance=sdi_cached`` on the tiny SD for ``n_steps`` steps, built as ``runner._optimize`` builds
     it (one generator seeded by ``seed``: guidance, then ImageTarget, then ``setup`` with the target's initial noise)
     and stepped as ``DistillationSystem.training_step`` steps an image target (render, guidance, backward, step)."""
     run = composed(("guidance=sdi_cached", *overrides), str(tiny_cache))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdbridge.cli import run
+from sdbridge.runner import run
 from sdbridge.config import to_objects
 from sdbridge.eval.exact import exact_metrics
 from sdbridge.priors import build_prior
