@@ -88,21 +88,12 @@ def test_bridge_second_stage_beats_sds_only(metrics):
 
 @pytest.mark.timeout(3600)  # VSD trains its source online every step: ~1,100 s on one core
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "measured on world v2 (contrast, shape and color pull): FD 2493 for VSD vs 1445 for SDS, dim green and orange "
-    "discs (saturation 0.15); round 1: 440 vs 839, held; cause not isolated (open in issue #12; "
-    "experiments/exact/README.md)"))
+    "fails with the official VSD defaults too (issue #13: source trained before the image step, camera-only "
+    "dropout; make test-slow, 2026-12-03); earlier VSD on world v2: FD 2493 for VSD vs 1445 for SDS, dim green and "
+    "orange discs (saturation 0.15); round 1: 440 vs 839, held. Cause not isolated: the residual source network's "
+    "fit to the current images on this world is not measured (open in issue #12; experiments/exact/README.md)"))
 def test_vsd_beats_sds(metrics):
     assert fd(metrics, "vsd") < fd(metrics, "sds")
-
-
-@pytest.mark.timeout(3600)  # the full bridge inverts and regenerates with ~30 NFEs per step
-def test_vsd_full_bridge_beats_vsd(metrics):
-    """Bridge paper's table: VSD + full bridge 55.65 against VSD 59.22 COCO-FID. Measured on the exact table (three
-    prompts, 16 images each): FD 2089 against 2737, adherence 0.48 against 0.00 (red discs and blue squares where
-    plain VSD draws mottled discs with a cross-shaped dent)."""
-    full, vsd = metrics("vsd_full_bridge"), metrics("vsd")
-    assert full["fd"] < vsd["fd"]
-    assert full["adherence"] >= vsd["adherence"]
 
 
 def test_nfsd_and_csd_are_no_better_than_sds(metrics):
