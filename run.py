@@ -1,6 +1,6 @@
 """sdbridge entry point: ``python run.py guidance=sds prior=sd21_base prompt.text="a DSLR photo of a dolphin"``.
 
-Thin on purpose: the configuration lives in conf/ and sdbridge/config.py, the work in sdbridge/cli.py.
+Thin on purpose: the configuration lives in conf/ and sdbridge/config.py, the work in sdbridge/runner.py (sdbridge/cli.py: the Hydra glue).
 """
 
 import hydra

@@ -19,7 +19,14 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from sdbridge.guidance import GUIDANCES
 from sdbridge.priors import AnalyticConfig, RandomSDConfig, StableDiffusionConfig, TinySDConfig
 from sdbridge.prompts import CocoPromptConfig, PromptConfig
-from sdbridge.schedules import AnnealConfig, DDIMGridConfig, DreamTimeConfig, StagedConfig, UniformConfig
+from sdbridge.schedules import (
+    AnnealConfig,
+    DDIMGridConfig,
+    DreamTimeConfig,
+    ShrinkingMaxConfig,
+    StagedConfig,
+    UniformConfig,
+)
 from sdbridge.targets import ImageTargetConfig, NeRFTargetConfig
 
 
@@ -97,6 +104,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "anneal": AnnealConfig,
         "staged": StagedConfig,
         "dreamtime": DreamTimeConfig,
+        "shrinking_max": ShrinkingMaxConfig,
     },
     "prompt": {"prompt": PromptConfig, "coco": CocoPromptConfig},
     "target": {"image": ImageTargetConfig, "nerf": NeRFTargetConfig},
@@ -107,11 +115,15 @@ SCHEMAS: dict[str, dict[str, type]] = {
 
 
 def register_configs() -> None:
+    """The schemas in Hydra's ConfigStore and the resolver ``conf/config.yaml`` uses for ``hydra.run.dir``."""
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     for group, options in SCHEMAS.items():
         for name, node in options.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
+    if not OmegaConf.has_resolver("sdb_run_dir"):
+        # hydra.run.dir: the resumed run's own directory, else a fresh timestamped one.
+        OmegaConf.register_new_resolver("sdb_run_dir", lambda resume, fresh: resume if resume else fresh)
 
 
 def to_objects(cfg: DictConfig) -> RunConfig:

@@ -210,8 +210,3 @@ def load_prompt_set(config: PromptConfig) -> PromptSet:
     mine = [records[i] for i in keep]
     description.update(shard=config.shard, num_shards=config.num_shards)
     return PromptSet([r["prompt"] for r in mine], [r["key"] for r in mine], mine, len(records), description)
-
-
-def load_prompts(config: PromptConfig) -> list[str]:
-    """The per-sample prompt list of this run (its shard); raises a clear error when it is empty or missing."""
-    return load_prompt_set(config).texts

@@ -107,6 +107,46 @@ class DreamTimeConfig(ScheduleConfig):
             raise ValueError(f"scheduler.spread={self.spread} must be > 0")
 
 
+@dataclass
+class ShrinkingMaxConfig(ScheduleConfig):
+    """LucidDreamer's t schedule (EnVision-Research/LucidDreamer at commit 2ecf093, ``guidance/sd_utils.py``
+    ``StableDiffusion.__init__`` and ``train_step``; ``train.py`` ``warm_up_rate``), one t for the batch:
+    ``t = index_offset + randint(min_step, max_step + int(warmup_step * rate))`` (upper end exclusive) with
+    ``min_step = int(1000 min_step_ratio)``, ``max_step = int(1000 max_step_ratio)``,
+    ``warmup_step = int(1000 (max_step_ratio_start - max_step_ratio))`` and ``rate = warmup_rate(step, warmup_steps)``:
+    the upper end falls linearly from ``max_step_ratio_start`` to ``max_step_ratio`` over the first ``warmup_steps``
+    steps. Official values: t_range [0.02, 0.5], max_t_range 0.98, warmup_iter 1500: t in {21..980} at the start,
+    {21..500} from step 1499 on."""
+
+    min_step_ratio: float = 0.02  # t_range[0]
+    max_step_ratio: float = 0.5  # t_range[1]: the upper end after the warm-up
+    max_step_ratio_start: float = 0.98  # max_t_range: the upper end at the start of the warm-up
+    warmup_steps: int = 1500  # OptimizationParams.warmup_iter (0: no warm-up, the upper end is max_step_ratio)
+    index_offset: int = 1  # the official draw is an index into DDIM's timesteps 1..1000: index i is timestep i + 1
+    per_sample: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.max_step_ratio <= self.max_step_ratio_start <= 1.0:
+            raise ValueError(f"scheduler.max_step_ratio_start={self.max_step_ratio_start} must be in "
+                             f"[max_step_ratio={self.max_step_ratio}, 1]")
+        if self.warmup_steps < 0:
+            raise ValueError(f"scheduler.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.index_offset not in (0, 1):
+            raise ValueError(f"scheduler.index_offset={self.index_offset} must be 0 or 1")
+        if int(NUM_TRAIN_TIMESTEPS * self.min_step_ratio) + self.index_offset > NUM_TRAIN_TIMESTEPS - 1:
+            raise ValueError(f"scheduler.min_step_ratio={self.min_step_ratio} leaves no timestep below "
+                             f"{NUM_TRAIN_TIMESTEPS}")
+
+
+def warmup_rate(step: int, warmup_steps: int) -> float:
+    """LucidDreamer's ``warm_up_rate = 1 - min(iteration / warmup_iter, 1)``, from 1 down to 0 (``train.py``).
+    Its iterations count from 1, sdbridge's steps from 0: step k is its iteration k + 1. No warm-up: 0."""
+    if warmup_steps <= 0:
+        return 0.0
+    return 1.0 - min((step + 1) / warmup_steps, 1.0)
+
+
 class TimestepSchedule:
     """Base: uniform sampling over a set of allowed timesteps (subclasses choose the set)."""
 
@@ -182,12 +222,24 @@ class DreamTimeSchedule(TimestepSchedule):
         return ts[idx : idx + 1].long()
 
 
+class ShrinkingMaxSchedule(TimestepSchedule):
+    def candidates(self, step: int) -> torch.Tensor:
+        c = self.config
+        n = self.num_train_timesteps
+        warmup_step = int(n * (c.max_step_ratio_start - c.max_step_ratio))
+        high = int(n * c.max_step_ratio) + int(warmup_step * warmup_rate(step, c.warmup_steps))  # exclusive
+        low = int(n * c.min_step_ratio)
+        t = torch.arange(low, max(high, low + 1)) + c.index_offset
+        return t[t <= n - 1]
+
+
 SCHEDULES: dict[type, type[TimestepSchedule]] = {
     UniformConfig: UniformSchedule,
     DDIMGridConfig: DDIMGridSchedule,
     AnnealConfig: AnnealSchedule,
     StagedConfig: StagedSchedule,
     DreamTimeConfig: DreamTimeSchedule,
+    ShrinkingMaxConfig: ShrinkingMaxSchedule,
 }
 
 

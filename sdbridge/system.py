@@ -8,14 +8,14 @@ RNG state — never the multi-GB diffusion weights.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
 from torch.utils.data import IterableDataset
 
-from sdbridge.guidance.base import Guidance
-from sdbridge.priors.base import DiffusionPrior
+from sdbridge.guidance.base import Guidance, GuidanceOutput
+from sdbridge.priors.base import DiffusionPrior, attach_prior
 from sdbridge.targets.base import Target
 
 
@@ -27,12 +27,34 @@ class StepStream(IterableDataset):
             yield {}
 
 
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return items[0]
-
-
 def step_stream_loader() -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(StepStream(), batch_size=None, collate_fn=None, num_workers=0)
+
+
+def distillation_step(
+    guidance: Guidance,
+    target: Target,
+    optimizer: torch.optim.Optimizer,
+    x0: torch.Tensor,
+    prompts: list[str],
+    step: int,
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+) -> tuple[GuidanceOutput, dict[str, torch.Tensor], torch.Tensor, dict[str, float]]:
+    """One optimization step on the rendered ``x0``: the guidance's gradient, the target's step, and the update of
+    the guidance's own trainable parts (VSD's source) on the detached ``x0``, before the target step (the samples the
+    gradient was computed on, as the official VSD codes do) or after it, as ``guidance.train_before_target_step`` says.
+    Returns ``(guidance output, regularizers, loss, source logs)``."""
+    out = guidance(x0, prompts, step)
+    regs = target.regularizers(step)
+    loss = out.loss + sum(regs.values(), torch.zeros((), device=out.loss.device))
+    source_first = guidance.train_before_target_step
+    source_logs = guidance.train_step(x0.detach(), prompts, step) if source_first else {}
+    optimizer.zero_grad(set_to_none=True)
+    backward(loss)
+    optimizer.step()
+    if not source_first:  # an image target's x0 is its parameter: the source sees the updated image
+        source_logs = guidance.train_step(x0.detach(), prompts, step)
+    return out, regs, loss, source_logs
 
 
 class DistillationSystem(L.LightningModule):
@@ -47,7 +69,7 @@ class DistillationSystem(L.LightningModule):
         generator: torch.Generator,
     ):
         super().__init__()
-        object.__setattr__(self, "prior", prior)
+        attach_prior(self, prior)
         self.guidance = guidance
         self.target = target
         self.prompts = list(prompts)
@@ -78,13 +100,9 @@ class DistillationSystem(L.LightningModule):
         prompts = render.prompts if render.prompts is not None else self.prompts
         self.guidance.cameras = render.cameras
         self.guidance.perp_neg = render.perp_neg
-        out = self.guidance(x0, prompts, step)
-        regs = self.target.regularizers(step)
-        loss = out.loss + sum(regs.values(), torch.zeros((), device=out.loss.device))
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        opt.step()
-        source_logs = self.guidance.train_step(x0.detach(), prompts, step)
+        self.guidance.plain_prompts = render.plain_prompts
+        out, regs, loss, source_logs = distillation_step(self.guidance, self.target, opt, x0, prompts, step,
+                                                         self.manual_backward)
 
         n = x0.shape[0]
         self.total_nfe += out.nfe

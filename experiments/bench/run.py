@@ -1,7 +1,7 @@
 """Cost of a guidance step against the cost of its denoiser calls, for every method, measured side by side.
 
 For each prior, method and batch size B (captions optimized at once) it runs the real training loop
-(``sdbridge.cli.run``: Lightning, render -> guidance -> backward -> AdamW, VSD's LoRA step) and reports
+(``sdbridge.runner.run``: Lightning, render -> guidance -> backward -> AdamW, VSD's LoRA step) and reports
 
 * ms per iteration (median over the timed steps, after warm-up steps),
 * NFEs per iteration (denoiser evaluations per sample, as counted by the prior),
@@ -92,7 +92,7 @@ def overrides_for(prior_name: str, method: str, batch: int, steps: int, extra: l
 
 def time_method(prior, prior_name: str, method: str, batch: int, warmup: int, iters: int, extra: list[str]) -> dict:
     """One real run of ``warmup + iters`` steps; returns the timed medians."""
-    from sdbridge.cli import run
+    from sdbridge.runner import run
     from sdbridge.eval.protocol import compose_run_config
 
     config, _ = compose_run_config(overrides_for(prior_name, method, batch, warmup + iters, extra))

@@ -1,14 +1,16 @@
 """Time, cost and loss accounting, written to ``summary.json`` and the logger at the end of a run.
 
-Recorded per run: optimization wall-clock (accumulated across resumes; model loading and text encoding are
-``setup_s``, reported apart), wall-clock per image, ms per iteration, NFEs per iteration, and peak memory: CUDA max
-allocated on a GPU (reset when training starts), else the process's peak resident set size (RSS, which includes
-the loaded models).
+Recorded per run: the optimization's wall-clock ``wall_clock_s`` (the training steps only, accumulated across
+resumes), ``export_s`` (from the end of the last step to the summary: final images, turntable, mesh, metrics and the
+last checkpoint) and, written by the CLI, ``setup_s`` (model loading and text encoding); wall-clock per image and ms
+per iteration from the training time alone; NFEs per iteration; peak memory: CUDA max allocated on a GPU (reset when
+training starts), else the process's peak resident set size (RSS, which includes the loaded models).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -27,8 +29,25 @@ def peak_memory(device: torch.device | None) -> tuple[float, str]:
     return (rss / 2**20 if sys.platform == "darwin" else rss / 2**10), "rss"
 
 
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
+    """``run_dir/summary.json``, written atomically (a temporary file in the same folder, fsynced, then renamed): a
+    reader sees the previous summary or the new one, never a part."""
+    path = Path(run_dir) / "summary.json"
+    tmp = path.with_name(f".summary.json.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(summary, indent=2, default=str))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 class SummaryCallback(L.Callback):
-    """Measures the training wall-clock (accumulated across resumes) and writes ``summary.json``."""
+    """Measures the training wall-clock (the steps, accumulated across resumes) and the export after them, and
+    builds the run's summary (``finish``); the CLI writes it (``write_summary``)."""
 
     def __init__(self, run_dir: Path, info: dict[str, Any], device: torch.device | None = None):
         self.run_dir = Path(run_dir)
@@ -37,6 +56,7 @@ class SummaryCallback(L.Callback):
         self.elapsed_before = 0.0
         self.steps_before = 0
         self._t0 = 0.0
+        self._last_step_end = 0.0
         self.summary: dict[str, Any] = {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -49,10 +69,17 @@ class SummaryCallback(L.Callback):
         if self.device is not None and self.device.type == "cuda" and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats(self.device)
         self._t0 = time.perf_counter()
+        self._last_step_end = self._t0
         self.steps_before = trainer.global_step
 
-    def write(self, trainer: L.Trainer, pl_module: Any, extra: dict[str, Any]) -> dict[str, Any]:
-        session = time.perf_counter() - self._t0 if self._t0 else 0.0
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._last_step_end = time.perf_counter()
+
+    def finish(self, trainer: L.Trainer, pl_module: Any, extra: dict[str, Any]) -> dict[str, Any]:
+        """The run's summary (also logged); the time after the last step counts as export, not training."""
+        now = time.perf_counter()
+        session = self._last_step_end - self._t0 if self._t0 else 0.0
+        export = now - self._last_step_end if self._t0 else 0.0
         steps = trainer.global_step
         session_steps = steps - self.steps_before
         wall = self.elapsed_before + session
@@ -65,6 +92,7 @@ class SummaryCallback(L.Callback):
             "wall_clock_s": round(wall, 3),
             "time_per_image_s": round(wall / num_images, 3),
             "ms_per_step": round(1000 * session / session_steps, 3) if session_steps else None,
+            "export_s": round(export, 3),
             "nfe_total": pl_module.total_nfe,
             "nfe_per_step": round(pl_module.total_nfe / steps, 3) if steps else None,
             "peak_memory_mb": round(memory_mb, 1),
@@ -74,7 +102,6 @@ class SummaryCallback(L.Callback):
             **extra,
         }
         self.summary = summary
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         if trainer.logger:
             trainer.logger.log_metrics(summary_metrics(summary), step=steps)
         return summary

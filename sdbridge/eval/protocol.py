@@ -44,7 +44,7 @@ def compose_config(overrides: Sequence[str] = ()):
     """Compose ``conf/config.yaml`` with overrides, as ``python run.py`` does (without range checks or running)."""
     from hydra import compose, initialize_config_dir
 
-    import sdbridge.cli  # noqa: F401  (registers schemas and resolvers)
+    import sdbridge.config  # noqa: F401  (registers schemas and resolvers)
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
@@ -60,7 +60,7 @@ def compose_run_config(overrides: Sequence[str]):
 
 def run_method(guidance: str, protocol: ExactProtocol, extra: Sequence[str] = (), run_dir: Path | None = None) -> dict:
     """Optimize the protocol's images with ``guidance`` on the exact prior; returns the run summary."""
-    from sdbridge.cli import run
+    from sdbridge.runner import run
 
     overrides = [
         "prior=analytic",

@@ -29,16 +29,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Sequence
+from typing import Any, Sequence, TypeVar
 
 import torch
 from torch import nn
 
 from sdbridge import rng
 from sdbridge.guidance.perp_neg import PerpNegViews, perp_neg_guidance
-from sdbridge.priors.base import DiffusionPrior
+from sdbridge.priors.base import DiffusionPrior, attach_prior, per_sample
 from sdbridge.sampling import classifier_free_guidance, ddim_step, timestep_path
 from sdbridge.schedules import TimestepSchedule
+
+
+E = TypeVar("E", bound=Enum)
+
+LOSS_REDUCTIONS = ("sum", "mean")
 
 
 class Weighting(Enum):
@@ -59,17 +64,29 @@ class GuidanceConfig:
     negative_prompt: str = ""  # the "unconditional" text of CFG
     full_bridge: bool = False  # PF-ODE inversion with eps_src + generation with eps_tgt instead of one step
     bridge_steps: int = 10  # DDIM steps of each PF-ODE in full-bridge mode
+    #: how the surrogate loss reduces, i.e. the scale of the gradient the target receives. "sum": the gradient is
+    #: ``grad`` itself (the SDS-Bridge 2D code and LucidDreamer apply it directly; threestudio's SDS and VSD losses
+    #: ``0.5 mse(sum) / B`` at batch 1); "mean": threestudio SDI's ``0.5 mse(mean) / B``, gradient
+    #: ``grad / (B * numel)`` with numel the whole batch's elements, which sets the guidance's weight against the
+    #: regularizers of its 3D config (``experiment=nerf_sdi``). Adam nearly ignores it when nothing else is summed.
+    loss_reduction: str = "sum"
 
     def __post_init__(self) -> None:
         if self.bridge_steps < 1:
             raise ValueError(f"guidance.bridge_steps={self.bridge_steps} must be >= 1")
-        if not isinstance(self.weighting, Weighting):  # plain construction from Python with a string
-            try:
-                self.weighting = Weighting[str(self.weighting)]
-            except KeyError:
-                raise ValueError(
-                    f"guidance.weighting={self.weighting!r} is not one of {[w.name for w in Weighting]}"
-                ) from None
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"guidance.loss_reduction={self.loss_reduction!r} is not one of {list(LOSS_REDUCTIONS)}")
+        self.weighting = as_enum(Weighting, self.weighting, "guidance.weighting")
+
+
+def as_enum(kind: type[E], value: Any, key: str) -> E:
+    """``value`` as a member of ``kind``; a member's name also works (plain construction from Python)."""
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind[str(value)]
+    except KeyError:
+        raise ValueError(f"{key}={value!r} is not one of {[m.name for m in kind]}") from None
 
 
 @dataclass
@@ -104,7 +121,7 @@ def surrogate_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 
 def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.reshape(-1, *([1] * (like.dim() - 1))).to(like)
+    return per_sample(v, like).to(like)
 
 
 class Guidance(nn.Module):
@@ -129,7 +146,7 @@ class Guidance(nn.Module):
         super().__init__()
         self.config = config
         # Not registered as a submodule: the prior is shared and must not land in the guidance's state_dict.
-        object.__setattr__(self, "prior", prior)
+        attach_prior(self, prior)
         self.schedule = schedule
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.max_steps = 1
@@ -139,6 +156,9 @@ class Guidance(nn.Module):
         #: the current step's Perp-Neg view conditionings (3D targets with ``target.perp_neg=true``); when set,
         #: the default CFG eps_tgt becomes the Perp-Neg combination (sdbridge/guidance/perp_neg.py)
         self.perp_neg: PerpNegViews | None = None
+        #: the current step's prompts without view suffixes (3D targets with view-dependent prompting); None when the
+        #: prompts are already view-independent. Only VSD's LoRA reads them (threestudio conditions it on these).
+        self.plain_prompts: list[str] | None = None
 
     def setup(self, max_steps: int, initial_noise: torch.Tensor | None = None) -> None:
         """Called once the trainer's real ``max_steps`` is known. ``initial_noise``: the eps prediction the target's
@@ -171,6 +191,10 @@ class Guidance(nn.Module):
             self.prior.encode_text(batch)
 
     # ------------------------------------------------------------------ trainable parts and state
+    #: whether :meth:`train_step` runs before the target's optimizer step, i.e. on the very samples the gradient was
+    #: computed on (the official VSD codes), rather than after it (an image target's updated image)
+    train_before_target_step: bool = True
+
     def train_step(self, x0: torch.Tensor, prompts: Sequence[str], step: int) -> dict[str, float]:
         """Update trainable parts (VSD's source network) on the detached current samples; returns log values."""
         return {}
@@ -191,9 +215,13 @@ class Guidance(nn.Module):
         abar = self.alpha_bar(t, x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
-    def weight(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def weighting(self, step: int | None) -> Weighting:
+        """w(t)'s kind at ``step`` (the config's; a method with stages may change it)."""
+        return self.config.weighting
+
+    def weight(self, t: torch.Tensor, like: torch.Tensor, step: int | None = None) -> torch.Tensor:
         abar = self.alpha_bar(t, like)
-        w = self.config.weighting
+        w = self.weighting(step)
         if w is Weighting.one_minus_abar:
             return 1 - abar
         if w is Weighting.sigma:
@@ -218,11 +246,6 @@ class Guidance(nn.Module):
         conds = [self.prior.encode_text(list(texts[n])) for n in names]
         eps = self.prior.predict_eps(x_t, t, conds)
         return dict(zip(names, eps.unbind(0)))
-
-    def cfg_eps(self, x_t: torch.Tensor, t: torch.Tensor, prompts: Sequence[str], scale: float | None = None):
-        """CFG prediction for ``prompts`` (one batched call of 2 conditionings)."""
-        eps = self.predict(x_t, t, uncond=self.negatives(prompts), cond=prompts)
-        return classifier_free_guidance(eps["uncond"], eps["cond"], self.config.scale if scale is None else scale)
 
     # ------------------------------------------------------------------ the four parts (override what differs)
     def make_x_t(
@@ -299,7 +322,7 @@ class Guidance(nn.Module):
             return self.full_bridge_gradient(x0, prompts, step, t)
         x_t, t, kappa = self.make_x_t(x0, t, noise, prompts, step)
         eps_tgt, eps_src = self.estimate(x_t, t, kappa, prompts, step)
-        grad = self.weight(t, x0) * (eps_tgt - eps_src)
+        grad = self.weight(t, x0, step) * (eps_tgt - eps_src)
         return grad, t, {"eps_tgt": eps_tgt, "eps_src": eps_src, "x_t": x_t, "kappa": kappa}
 
     def full_bridge_gradient(
@@ -360,10 +383,14 @@ class Guidance(nn.Module):
                 "Check the prior's dtype (fp16 overflow) and the CFG scale."
             )
         grad = grad.to(x0.dtype)
+        loss = surrogate_loss(x0, grad)
+        if self.config.loss_reduction == "mean":  # threestudio SDI: 0.5 mse(x0, x0 - grad, "mean") / B
+            factor = 1.0 / (x0.numel() * B)  # applied after the residual, which a tiny grad would lose in fp32
+            grad, loss = grad * factor, loss * factor
         kappa = extras.get("kappa")
         return GuidanceOutput(
             grad=grad,
-            loss=surrogate_loss(x0, grad),
+            loss=loss,
             t=t,
             noise=kappa.to(x0.dtype) if isinstance(kappa, torch.Tensor) else noise,
             nfe=self.prior.nfe - nfe_before,

@@ -8,14 +8,17 @@ i.e. eps_tgt = CFG_s with "uncond" = y + src_mod and "cond" = y + tgt_mod, eps_s
 batched call of 2 conditionings, the cost of SDS. Defaults from davidmcall/SDS-Bridge (``2D_experiments``): s = 40
 in both stages, switch at step 500 of 1000, the modifiers below appended to the prompt. The stage is a function of
 the step (``step >= stage_two_start_step``), so a run resumed past the switch stays in stage 2 (the 3D reference
-code switches on ``step == 20000`` and never does).
+code switches on ``step == 20000`` and never does). The 3D code (``threestudio-sds-bridge``, ``configs/sds-bridge.yaml``)
+gives stage 2 w(t) = 1 and s = 1 (``stage_two_weight: 1.``) and the target modifier "." (the prompt processor joins
+with ", "): ``experiment=nerf_bridge``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
-from sdbridge.guidance.base import Guidance, GuidanceConfig, classifier_free_guidance
+from sdbridge.guidance.base import Guidance, GuidanceConfig, Weighting, as_enum, classifier_free_guidance
 
 SOURCE_MODIFIER = ", oversaturated, smooth, pixelated, cartoon, foggy, hazy, blurry, bad structure, noisy, malformed"
 TARGET_MODIFIER = ", detailed high resolution, high quality, sharp"
@@ -28,6 +31,17 @@ class BridgeConfig(GuidanceConfig):
     stage_two_start_step: int = 500
     source_modifier: str = SOURCE_MODIFIER
     target_modifier: str = TARGET_MODIFIER
+    #: w(t) of stage 2 (None: ``weighting``, as the 2D code). The 3D code (``sds_bridge_guidance.py``,
+    #: ``weighting_strategy: uniform``) weighs stage 1 by 1 - abar_t inside its formula and stage 2 by 1.
+    stage_two_weighting: Optional[Weighting] = None
+    #: appended to the prompt in stage 1 (the 2D code: nothing; the 3D code conditions its SDS stage on the target
+    #: text, prompt + ", .")
+    stage_one_modifier: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.stage_two_weighting is not None:
+            self.stage_two_weighting = as_enum(Weighting, self.stage_two_weighting, "guidance.stage_two_weighting")
 
 
 class Bridge(Guidance):
@@ -36,12 +50,17 @@ class Bridge(Guidance):
     def stage(self, step: int) -> int:
         return 2 if step >= self.config.stage_two_start_step else 1
 
+    def weighting(self, step):
+        if step is not None and self.stage(step) == 2 and self.config.stage_two_weighting is not None:
+            return self.config.stage_two_weighting
+        return self.config.weighting
+
     def text_change_steps(self):
         return [self.config.stage_two_start_step]
 
     def target_texts(self, prompts, step):
         if self.stage(step) == 1:
-            return super().target_texts(prompts, step)
+            return super().target_texts([p + self.config.stage_one_modifier for p in prompts], step)
         return {
             "src": [p + self.config.source_modifier for p in prompts],
             "tgt": [p + self.config.target_modifier for p in prompts],

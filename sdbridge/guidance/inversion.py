@@ -13,6 +13,8 @@ import torch
 
 from sdbridge import rng
 from sdbridge.guidance.base import Guidance, classifier_free_guidance
+from sdbridge.guidance.perp_neg import perp_neg_guidance
+from sdbridge.priors.base import per_sample
 from sdbridge.sampling import ddim_step, ddpm_posterior_std
 
 
@@ -47,29 +49,39 @@ def invert(
     scale: float | None,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
+    uncond_texts: Sequence[str] | None = None,
+    perp_neg: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Invert x0 along ``path`` (list of (B,) timesteps; path[0] = 0 means the clean sample, noise level 1; a negative
     path[0] reads x0 at ``alphas_cumprod[0]``, threestudio's SDI start, see :func:`inversion_path`).
 
     Each step evaluates eps at (x, path[i]): CFG ``eps_u + scale (eps_c - eps_u)`` for the prompts (``scale`` may be
-    negative, as SDI's -7.5), or the unconditional prediction alone when ``scale`` is None (ISM). With ``eta > 0`` it
-    adds ``eta * std * N(0, I)`` per step, std the DDPM posterior std between the two levels (SDI uses eta = 0.3).
+    negative, as SDI's -7.5), or the unconditional prediction alone when ``scale`` is None (ISM). The unconditional
+    text is ``uncond_texts`` when given (ISM's empty inversion text), else the guidance's negative prompts. With
+    ``perp_neg`` and the step's Perp-Neg views set (3D), the guided prediction is the Perp-Neg combination at
+    ``scale`` instead of CFG, as threestudio's SDI inverts (its ``predict_noise`` serves both). With
+    ``eta > 0`` it adds ``eta * std * N(0, I)`` per step, std the DDPM posterior std between the two levels (SDI uses
+    eta = 0.3).
 
     Returns ``(x at path[-1], eps of the last evaluation)``.
     """
+    uncond = guidance.negatives(prompts) if uncond_texts is None else list(uncond_texts)
+    views = guidance.perp_neg if perp_neg and scale is not None else None
     x = x0
     eps = torch.zeros_like(x0)
     for i in range(len(path) - 1):
-        moved = (path[i + 1] != path[i]).view(-1, *([1] * (x0.dim() - 1)))
+        moved = per_sample(path[i + 1] != path[i], x0)
         if not bool(moved.any()) and i < len(path) - 2:
             continue  # padding step for the whole batch: no evaluation needed
         a_from = guidance.alpha_bar(path[i], x0)
-        a_from = torch.where(path[i].view(-1, *([1] * (x0.dim() - 1))) == 0, torch.ones_like(a_from), a_from)
+        a_from = torch.where(per_sample(path[i], x0) == 0, torch.ones_like(a_from), a_from)
         a_to = guidance.alpha_bar(path[i + 1], x0)
         if scale is None:
-            eps = guidance.predict(x, path[i], uncond=guidance.negatives(prompts))["uncond"]
+            eps = guidance.predict(x, path[i], uncond=uncond)["uncond"]
+        elif views is not None:
+            eps = perp_neg_guidance(guidance.predict(x, path[i], uncond=uncond, **views.texts()), views, scale)
         else:
-            e = guidance.predict(x, path[i], uncond=guidance.negatives(prompts), cond=prompts)
+            e = guidance.predict(x, path[i], uncond=uncond, cond=prompts)
             eps = classifier_free_guidance(e["uncond"], e["cond"], scale)
         x_next = ddim_step(x, eps, a_from, a_to)
         if eta > 0:

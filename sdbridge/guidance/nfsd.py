@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sdbridge.guidance.base import Guidance, GuidanceConfig
+from sdbridge.priors.base import per_sample
 
 NFSD_NEGATIVE = (
     "unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, gloomy"
@@ -35,5 +36,5 @@ class NFSD(Guidance):
         return {"neg": [self.config.nfsd_negative] * len(prompts)}
 
     def source_from(self, eps, x_t, t, kappa, prompts, step):
-        low = (t < self.config.switch_t).view(-1, *([1] * (x_t.dim() - 1)))
+        low = per_sample(t < self.config.switch_t, x_t)
         return torch.where(low, torch.zeros_like(eps["neg"]), eps["neg"])

@@ -21,7 +21,10 @@ without Perp-Neg and ``eps_u + s (...)`` with it (ours: always ``eps_u + s (eps_
 on) stay 7.5 / -7.5 (``experiment=nerf_sdi``). Two options restore our earlier choices, both off by default:
 ``target_at_jittered_t`` evaluates the target at t + delta, the noise level its input really has, and reports that
 t; ``clean_start`` starts the inversion from x0 as a clean sample (noise level 1, the model at t = 0, no noise on the
-first step) instead of at t = -99. NFEs per step: 2 x (inversion steps + 1).
+first step) instead of at t = -99. With Perp-Neg view prompts (``target.perp_neg=true``, ``experiment=nerf_sdi``) the
+inversion uses the Perp-Neg combination at the inversion scale, as threestudio's (``inversion_perp_neg=false``: plain
+CFG, our earlier choice), and ``experiment=nerf_sdi`` sets threestudio's mean-reduced loss
+(``guidance.loss_reduction=mean``). NFEs per step: 2 x (inversion steps + 1) (5 x with Perp-Neg).
 
 ``guidance=sdi_cached`` is the 2D exact mode of the SDI notebook: kappa is the previous step's eps prediction (no
 inversion: 2 NFEs), and the target x0_hat is recomputed only every ``refresh_every`` steps; between refreshes the
@@ -51,6 +54,7 @@ class SDIConfig(GuidanceConfig):
     jitter: int = 100  # last inversion step goes to t + U{0..jitter-1}
     target_at_jittered_t: bool = False  # True: evaluate the target at t + delta (threestudio: at t)
     clean_start: bool = False  # True: invert from x0 at noise level 1 (threestudio: from t = -99 at alphas_cumprod[0])
+    inversion_perp_neg: bool = True  # with Perp-Neg views (3D) invert with Perp-Neg (threestudio); False: plain CFG
     refresh_every: int = 1  # recompute the target every k steps (threestudio: 1; the 2D notebook: 25, experiment=sdi_2d)
     reencode: bool = False  # compute the target from encode(decode(x0)) (the 2D notebook's VAE round trip)
 
@@ -119,7 +123,8 @@ class SDI(RefreshedTarget):
             delta = rng.randint(c.jitter, t.shape[0], self.generator, shared=True).to(t.device)
             t_end = (t + delta).clamp(max=self.prior.num_train_timesteps - 1)
             path[-1] = t_end
-        x_t, _ = invert(self, x0, path, prompts, c.inversion_scale, c.inversion_eta, self.generator)
+        x_t, _ = invert(self, x0, path, prompts, c.inversion_scale, c.inversion_eta, self.generator,
+                        perp_neg=c.inversion_perp_neg)
         if c.target_at_jittered_t:
             t = t_end
         abar = self.alpha_bar(t, x0)  # kappa read at the target's t, so that sigma_t (eps - kappa) = x0 - x0_hat

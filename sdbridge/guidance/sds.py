@@ -4,7 +4,7 @@
 
 One batched denoiser call of 2 conditionings per step (2 NFEs). Default s = 40, the 2D setting of the Bridge
 paper's code (davidmcall/SDS-Bridge); its 3D setting is s = 100 (threestudio's 100 in its own ``eps_c + s'(...)``
-convention is s = 101 here; REFERENCE.md restates it as 100).
+convention is s = 101 here; ``experiment=nerf_sds`` and ``nerf_bridge`` use 100, the value the Bridge paper states).
 """
 
 from __future__ import annotations

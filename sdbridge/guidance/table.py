@@ -19,6 +19,8 @@ def schedule_label(sched) -> str:
     lo, hi = sched.min_step_ratio, sched.max_step_ratio
     if name == "anneal":
         return f"anneal {hi:g} → {lo:g}"
+    if name == "shrinking_max":
+        return f"uniform [{lo:g}, {sched.max_step_ratio_start:g} → {hi:g} over {sched.warmup_steps} steps]"
     return f"{name} [{lo:g}, {hi:g}]"
 
 

@@ -2,21 +2,39 @@
 
     grad = w(t) * ( CFG_7.5(x_t; y) - eps_phi(x_t; y, c) )
 
-eps_src is a copy of the prior fitted online to the current samples: every step it takes one AdamW step of the
-diffusion loss on the detached x0 (t ~ U[0, 1000), 10% condition dropout). Two source networks:
+eps_src is a model fitted online to the current samples: every step it takes one AdamW step of the diffusion loss
+on the detached x0 (t ~ U{0..999}, 10% condition dropout). Two source networks:
 
-* **LoRA** (Stable Diffusion priors): a peft LoRA on the prior's own UNet plus a camera embedding in the UNet's
-  class-embedding slot (``TimestepEmbedding(16, time_embed_dim)``, zeros in 2D). The pretrained prediction and the
-  LoRA prediction come from the same UNet with adapters switched off / on, so no second UNet is held in memory.
-  LoRA starts as the identity (B = 0), so the source starts as the pretrained conditional model.
+* **LoRA** (Stable Diffusion priors): rank-4 LoRA on the attention projections (to_q, to_k, to_v, to_out.0) of a
+  UNet, plus a camera embedding ``TimestepEmbedding(16, time_embed_dim)`` in that UNet's class-embedding slot, fed
+  the flattened camera-to-world matrix (zeros for images). By default the UNet is a **separate** model,
+  ``lora_base`` = SD 2.1 (v-prediction; its output is turned into eps with ``eps = sqrt(abar) v + sqrt(1-abar) x_t``
+  and it is trained on the v target), as in both official codes; ``lora_base=prior`` puts the adapters on the
+  prior's own UNet instead (switched off for the pretrained prediction: no second UNet in memory).
 * **Residual eps network** (pixel priors such as the exact prior): eps_src = eps_prior(x_t; y) + r(x_t, t, y) with
-  r a small diffusers ``UNet2DModel`` whose output layer starts at zero — the same "pretrained + learned correction"
-  start as LoRA.
+  r a small diffusers ``UNet2DModel`` whose output layer starts at zero. It has no camera.
 
-Defaults from davidmcall/SDS-Bridge ``2D_experiments`` (``generate.py``, ``guidance.py``): CFG 7.5, t ~ U{20..980},
-LoRA AdamW lr 3e-4 with weight decay 0, one LoRA step per iteration, 10% dropout of the camera condition; LoRA rank 4
-(diffusers' LoRAAttnProcessor default there). Unlike that code, the LoRA is trained on this prior's own prediction
-type (it uses a separate SD 2.1 v-model as the LoRA base).
+Official sources (the defaults reproduce them; tests/parity/test_vsd_parity.py re-derives their math):
+
+* ``guidance=vsd`` (2D) = davidmcall/SDS-Bridge at ``240e06e511c7c5813dc9caf5d14f54237beaa992``,
+  ``2D_experiments/guidance.py`` (``vsd_loss``, ``train_lora``, the LoRA setup in ``Guidance.__init__``) and
+  ``2D_experiments/generate.py`` (``cfg_scale=7.5`` for vsd; the LoRA optimizer ``AdamW(unet_lora.parameters(),
+  lr=3e-4, weight_decay=0)`` with torch's betas (0.9, 0.999) and eps 1e-8; the loop trains the LoRA on the image
+  *before* the image step): t ~ randint(20, 981), w = 1 - abar, LoRA base ``stabilityai/stable-diffusion-2-1``,
+  camera condition zeros, LoRA trained with t ~ randint(0, 1000) on the prompt with a 10% chance per step of zeroing
+  the (already zero) camera.
+* ``experiment=nerf_vsd`` (3D) = threestudio-project/threestudio at ``28d9d80d9d00f308244adfcf3be8b17ca0cb6465``,
+  ``threestudio/models/guidance/stable_diffusion_vsd_guidance.py`` (``compute_grad_vsd``, ``train_lora``,
+  ``forward``) and ``configs/prolificdreamer.yaml``: the same math; the LoRA conditioned on the view-independent
+  prompt and on ``c2w`` (``camera_condition_type: extrinsics``), dropout zeroing the camera of the whole batch; the
+  guidance's parameters in the system's AdamW at lr 1e-4, betas (0.9, 0.99), eps 1e-15, torch's weight decay 0.01.
+  Both LoRA and target are stepped from the same render (one optimizer step), which is ``before_target_step`` here.
+
+Both official codes build LoRA with diffusers' ``LoRAAttnProcessor`` (down ~ N(0, 1/rank^2), up = 0, no alpha
+scaling: peft's ``init_lora_weights="gaussian"`` with ``lora_alpha = rank``) and leave the camera embedding at
+torch's random init. Conventions kept from them: the LoRA's own CFG (``guidance_scale_lora = 1``) is the camera
+prediction itself, so one LoRA evaluation per step; threestudio's surrogate loss is divided by the batch size (the
+prolificdreamer batch is 1), sdbridge's is per sample.
 
 ``guidance=vsd_full_bridge`` replaces the one-step difference by the full bridge (base class): PF-ODE inversion of x0
 with the LoRA source, PF-ODE generation with the pretrained target.
@@ -25,7 +43,8 @@ with the LoRA source, PF-ODE generation with the pretrained target.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Sequence
 
 import torch
@@ -33,52 +52,112 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdbridge import rng
-from sdbridge.guidance.base import Guidance, GuidanceConfig
+from sdbridge.guidance.base import Guidance, GuidanceConfig, as_enum
+from sdbridge.priors.base import attach_prior, per_sample
 from sdbridge.priors.stable_diffusion import StableDiffusionPrior
 
-CAMERA_DIM = 16  # a flattened 4x4 camera-to-world matrix (threestudio's convention); zeros for 2D targets
+CAMERA_DIM = 16  # a flattened 4x4 camera-to-world matrix (threestudio's "extrinsics"); zeros for 2D targets
+LORA_ON_PRIOR = "prior"  # guidance.lora_base value: adapters on the prior's own UNet
+
+
+class LoRAInit(Enum):
+    gaussian = "down ~ N(0, 1/rank^2), up = 0: diffusers' LoRAAttnProcessor (both official codes)"
+    kaiming = "down ~ kaiming-uniform, up = 0: peft's default (sdbridge before issue #13)"
+
+
+class CameraInit(Enum):
+    random = "torch's default Linear init (both official codes): adds a learned offset even for a zero camera"
+    zero = "output layer zeroed: the embedding starts adding nothing, so the source starts as its base model"
+
+
+class ConditionDropout(Enum):
+    camera = "with probability p, the cameras of the whole batch are zeroed; the text stays (both official codes)"
+    camera_and_text = "per sample, camera zeroed and text blanked: also learns an unconditional source"
+
+
+class LoRAPrompt(Enum):
+    view_independent = "the prompt without view suffixes (threestudio)"
+    view_dependent = "the step's view-dependent prompts, as the pretrained target sees them"
 
 
 @dataclass
 class VSDConfig(GuidanceConfig):
+    """Defaults: the Bridge paper's 2D code (module docstring); ``experiment=nerf_vsd`` sets threestudio's 3D values.
+    Each non-official option says why it exists."""
+
     scale: float = 7.5
+    # the LoRA's base UNet: a hub id or diffusers folder (official: SD 2.1, v-prediction), or "prior": adapters on the
+    # prior's own UNet, switched off for the pretrained prediction (saves a second UNet's memory and load)
+    lora_base: str = "stabilityai/stable-diffusion-2-1"
     lora_rank: int = 4
+    lora_init: LoRAInit = LoRAInit.gaussian  # kaiming: peft's default init (sdbridge's choice before issue #13)
     lora_lr: float = 3e-4
+    lora_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # torch's AdamW defaults (2D code)
+    lora_eps: float = 1e-8
     lora_weight_decay: float = 0.0
     lora_steps: int = 1  # source-network updates per optimization step
+    lora_timestep_samples: int = 1  # official lora_n_timestamp_samples: copies of the batch, each with its own t
     condition_dropout: float = 0.1
+    # camera_and_text: per-sample dropout that also blanks the text (teaches the source an unconditional prediction)
+    dropout: ConditionDropout = ConditionDropout.camera
+    camera_init: CameraInit = CameraInit.random  # zero: the source starts exactly as its base model
+    # view_dependent: the LoRA sees the same texts as the pretrained target (sdbridge before issue #13)
+    lora_prompt: LoRAPrompt = LoRAPrompt.view_independent
+    # false: train after the target step; an image target's LoRA then fits the image just produced
+    train_before_target_step: bool = True
     train_min_step: int = 0  # source training draws t ~ U[train_min_step, train_max_step)
     train_max_step: int = 1000
     residual_channels: int = 32  # width of the residual eps network (pixel priors)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.lora_rank < 1 or self.lora_steps < 1:
-            raise ValueError("guidance.lora_rank and guidance.lora_steps must be >= 1")
+        self.lora_init = as_enum(LoRAInit, self.lora_init, "guidance.lora_init")
+        self.dropout = as_enum(ConditionDropout, self.dropout, "guidance.dropout")
+        self.camera_init = as_enum(CameraInit, self.camera_init, "guidance.camera_init")
+        self.lora_prompt = as_enum(LoRAPrompt, self.lora_prompt, "guidance.lora_prompt")
+        for key in ("lora_rank", "lora_steps", "lora_timestep_samples"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"guidance.{key}={getattr(self, key)} must be >= 1")
+        if not self.lora_base:
+            raise ValueError(f"guidance.lora_base must be a model id, a folder or {LORA_ON_PRIOR!r}")
         if not self.lora_lr > 0:
             raise ValueError(f"guidance.lora_lr={self.lora_lr} must be > 0")
+        if len(self.lora_betas) != 2 or not all(0 <= b < 1 for b in self.lora_betas):
+            raise ValueError(f"guidance.lora_betas={list(self.lora_betas)} must be two numbers in [0, 1)")
+        if not self.lora_eps > 0 or self.lora_weight_decay < 0:
+            raise ValueError("guidance.lora_eps must be > 0 and guidance.lora_weight_decay >= 0")
         if not 0 <= self.condition_dropout <= 1:
             raise ValueError(f"guidance.condition_dropout={self.condition_dropout} must be in [0, 1]")
         if not 0 <= self.train_min_step < self.train_max_step <= 1000:
             raise ValueError("guidance.train_min_step / train_max_step must satisfy 0 <= min < max <= 1000")
 
 
+def noised(model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` on ``model``'s schedule."""
+    abar = per_sample(model.abar(t).float(), x0).to(x0)
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
 class LoRASource(nn.Module):
-    """LoRA adapters on the SD prior's UNet (switched on only inside :meth:`active`) and a camera embedding."""
+    """LoRA adapters and a camera embedding on a UNet: the prior's own (adapters switched on only inside
+    :meth:`active`) or a separate base model loaded by :meth:`StableDiffusionPrior.companion`."""
 
     ADAPTER = "sdbridge_vsd"
 
-    def __init__(self, prior: StableDiffusionPrior, rank: int):
+    def __init__(self, prior: StableDiffusionPrior, config: VSDConfig):
         super().__init__()
         from diffusers.models.embeddings import TimestepEmbedding
         from peft import LoraConfig
 
-        object.__setattr__(self, "prior", prior)
-        unet = prior.unet
+        model = prior if config.lora_base == LORA_ON_PRIOR else prior.companion(config.lora_base)
+        attach_prior(self, prior)
+        object.__setattr__(self, "model", model)  # not a submodule: its weights stay out of checkpoints
+        unet = model.unet
         if self.ADAPTER in getattr(unet, "peft_config", {}):  # a prior reused across runs: start fresh
             unet.delete_adapters(self.ADAPTER)
+        init = "gaussian" if config.lora_init is LoRAInit.gaussian else True
         unet.add_adapter(
-            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True,
+            LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights=init,
                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
             adapter_name=self.ADAPTER,
         )
@@ -87,13 +166,14 @@ class LoRASource(nn.Module):
             p.data = p.data.float()
         time_dim = unet.config.block_out_channels[0] * 4
         self.camera_embedding = TimestepEmbedding(CAMERA_DIM, time_dim).to(prior.device)
-        nn.init.zeros_(self.camera_embedding.linear_2.weight)  # starts adding nothing: the source starts as the
-        nn.init.zeros_(self.camera_embedding.linear_2.bias)  # pretrained model (threestudio starts it random)
+        if config.camera_init is CameraInit.zero:
+            nn.init.zeros_(self.camera_embedding.linear_2.weight)
+            nn.init.zeros_(self.camera_embedding.linear_2.bias)
         for p in self.lora_parameters():
             p.requires_grad_(True)
 
     def lora_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.prior.unet.named_parameters() if self.ADAPTER in n]
+        return [p for n, p in self.model.unet.named_parameters() if self.ADAPTER in n]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [*self.lora_parameters(), *self.camera_embedding.parameters()]
@@ -102,7 +182,7 @@ class LoRASource(nn.Module):
     def active(self):
         """Adapters on and the camera embedding in place (re-entrant). Backward passes through the LoRA must run
         inside it too: peft turns ``requires_grad`` off when adapters are disabled, and autograd then skips them."""
-        unet = self.prior.unet
+        unet = self.model.unet
         self._depth = getattr(self, "_depth", 0) + 1
         if self._depth == 1:
             unet.enable_adapters()
@@ -117,14 +197,18 @@ class LoRASource(nn.Module):
                 unet.disable_adapters()
 
     def forward(self, x_t, t, prompts, camera) -> torch.Tensor:
-        """(eps prediction, native output) of the adapted UNet."""
+        """(eps prediction, native output: eps or v) of the adapted UNet."""
         emb = self.prior.encode_text(list(prompts)).value
         with self.active():
-            raw = self.prior.unet_raw(x_t, t, emb, class_labels=camera)
-        return self.prior.raw_to_eps(raw, x_t, t), raw
+            raw = self.model.unet_raw(x_t, t, emb, class_labels=camera)
+        return self.model.raw_to_eps(raw, x_t, t), raw
+
+    def add_noise(self, x0, noise, t):
+        """x_t on the base model's own schedule (official: ``scheduler_lora.add_noise``)."""
+        return noised(self.model, x0, noise, t)
 
     def training_target(self, x0, noise, t):
-        return self.prior.training_target(x0, noise, t)
+        return self.model.training_target(x0, noise, t)
 
     def train_context(self):
         return self.active()
@@ -133,14 +217,14 @@ class LoRASource(nn.Module):
         from peft.utils import get_peft_model_state_dict
 
         return {
-            "lora": get_peft_model_state_dict(self.prior.unet, adapter_name=self.ADAPTER),
+            "lora": get_peft_model_state_dict(self.model.unet, adapter_name=self.ADAPTER),
             "camera_embedding": self.camera_embedding.state_dict(),
         }
 
     def load(self, state: dict[str, Any]) -> None:
         from peft.utils import set_peft_model_state_dict
 
-        set_peft_model_state_dict(self.prior.unet, state["lora"], adapter_name=self.ADAPTER)
+        set_peft_model_state_dict(self.model.unet, state["lora"], adapter_name=self.ADAPTER)
         self.camera_embedding.load_state_dict(state["camera_embedding"])
 
 
@@ -154,7 +238,7 @@ class ResidualEpsSource(nn.Module):
         super().__init__()
         from diffusers import UNet2DModel
 
-        object.__setattr__(self, "prior", prior)
+        attach_prior(self, prior)
         self.classes = {p: i + 1 for i, p in enumerate(dict.fromkeys(prompts))}  # 0 = dropped condition
         c, size = prior.sample_shape[0], prior.sample_shape[-1]
         self.net = UNet2DModel(
@@ -181,6 +265,9 @@ class ResidualEpsSource(nn.Module):
         out = base + self.net(x_t, t, class_labels=labels).sample
         return out, out
 
+    def add_noise(self, x0, noise, t):
+        return noised(self.prior, x0, noise, t)
+
     def training_target(self, x0, noise, t):
         return noise
 
@@ -202,6 +289,12 @@ class VSD(Guidance):
         self.source: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending_state: dict[str, Any] | None = None
+        #: the draws of the last :meth:`train_step` (``t``, ``noise``, ``camera_drop``, ``text_drop``), for logs and tests
+        self.last_train_draws: dict[str, torch.Tensor | None] = {}
+
+    @property
+    def train_before_target_step(self) -> bool:
+        return self.config.train_before_target_step
 
     def prepare(self, prompts: Sequence[str]) -> None:
         super().prepare(prompts)
@@ -213,12 +306,13 @@ class VSD(Guidance):
             with torch.random.fork_rng():  # CPU and CUDA generators (LoRA weights are created on the UNet's device)
                 torch.manual_seed(seed)
                 if isinstance(self.prior, StableDiffusionPrior):
-                    self.source = LoRASource(self.prior, self.config.lora_rank)
+                    self.source = LoRASource(self.prior, self.config)
                 else:
                     self.source = ResidualEpsSource(self.prior, prompts, self.config.residual_channels)
-            self.optimizer = torch.optim.AdamW(
-                self.source.trainable_parameters(), lr=self.config.lora_lr, weight_decay=self.config.lora_weight_decay
-            )
+            c = self.config
+            self.optimizer = torch.optim.AdamW(self.source.trainable_parameters(), lr=c.lora_lr,
+                                               betas=tuple(c.lora_betas), eps=c.lora_eps,
+                                               weight_decay=c.lora_weight_decay)
         if self._pending_state is not None:
             self.set_extra_state(self._pending_state)
 
@@ -235,30 +329,56 @@ class VSD(Guidance):
             return self.cameras.to(device=device, dtype=torch.float32)
         return torch.zeros(batch_size, CAMERA_DIM, device=device)
 
+    def source_prompts(self, prompts: Sequence[str]) -> list[str]:
+        """The texts the source is conditioned on: the view-independent prompts when the step has them."""
+        plain = self.plain_prompts
+        if self.config.lora_prompt is LoRAPrompt.view_independent and plain is not None and len(plain) == len(prompts):
+            return list(plain)
+        return list(prompts)
+
     def source_from(self, eps, x_t, t, kappa, prompts, step):
         self._ensure_source(prompts)
-        pred, _ = self.source(x_t, t, prompts, self.camera(x_t.shape[0], x_t.device))
+        pred, _ = self.source(x_t, t, self.source_prompts(prompts), self.camera(x_t.shape[0], x_t.device))
         self.prior.nfe += 1
         return pred.float()
 
-    def train_step(self, x0: torch.Tensor, prompts: Sequence[str], step: int) -> dict[str, float]:
-        """One diffusion-loss step of the source network on the detached current samples."""
+    def draw_training(self, batch_size: int) -> dict[str, torch.Tensor | None]:
+        """The random numbers of one source update for a batch of ``batch_size``: ``t`` and ``noise`` for each of the
+        ``lora_timestep_samples`` copies of the batch, and the dropout masks (``camera_drop`` over the copies,
+        ``text_drop`` only for per-sample ``camera_and_text`` dropout)."""
+        c, g, B, k = self.config, self.generator, batch_size, self.config.lora_timestep_samples
+        shape = (B, *self.prior.sample_shape)
+        t = torch.cat([rng.randint(c.train_max_step, B, g, low=c.train_min_step) for _ in range(k)])
+        noise = torch.cat([rng.randn(shape, g) for _ in range(k)])
+        if c.dropout is ConditionDropout.camera:  # one draw for the batch (per caption with per-caption generators)
+            camera_drop = (rng.per_sample(g, B, lambda gen: torch.rand(1, generator=gen)) < c.condition_dropout)
+            return {"t": t, "noise": noise, "camera_drop": camera_drop.repeat(k), "text_drop": None}
+        drop = torch.cat([rng.rand(B, g) < c.condition_dropout for _ in range(k)])
+        return {"t": t, "noise": noise, "camera_drop": drop, "text_drop": drop}
+
+    def train_step(self, x0: torch.Tensor, prompts: Sequence[str], step: int, *,
+                   draws: dict[str, torch.Tensor | None] | None = None) -> dict[str, float]:
+        """One diffusion-loss step of the source network on the detached current samples (``lora_steps`` times).
+        ``draws`` (as :meth:`draw_training` returns them) fixes the random numbers of a single update."""
         self._ensure_source(prompts)
         c = self.config
+        k, dev = c.lora_timestep_samples, x0.device
+        x0 = x0.detach().float().repeat(k, *([1] * (x0.dim() - 1)))
+        texts = self.source_prompts(prompts) * k
         losses = []
         for _ in range(c.lora_steps):
-            B = x0.shape[0]
-            t = rng.randint(c.train_max_step, B, self.generator, low=c.train_min_step).to(x0.device)
-            noise = self.sample_noise(x0)
-            x_t = self.add_noise(x0, noise, t)
-            drop = (rng.rand(B, self.generator) < c.condition_dropout).to(x0.device)
-            camera = self.camera(B, x0.device) * (~drop).float().unsqueeze(1)
-            texts = [("" if bool(d) else p) for d, p in zip(drop, prompts)]
+            d = draws if draws is not None else self.draw_training(len(prompts))
+            self.last_train_draws = d
+            t, noise = d["t"].to(dev), d["noise"].to(x0)
+            camera = self.camera(len(prompts), dev).repeat(k, 1) * (~d["camera_drop"].to(dev)).float().unsqueeze(1)
+            text_drop = d["text_drop"]
+            x_t = self.source.add_noise(x0, noise, t)
             with self.source.train_context():
                 if isinstance(self.source, ResidualEpsSource):
-                    _, raw = self.source(x_t, t, prompts, camera, drop=drop)
+                    _, raw = self.source(x_t, t, texts, camera, drop=None if text_drop is None else text_drop.to(dev))
                 else:
-                    _, raw = self.source(x_t, t, texts, camera)
+                    kept = texts if text_drop is None else [("" if bool(d) else p) for d, p in zip(text_drop, texts)]
+                    _, raw = self.source(x_t, t, kept, camera)
                 loss = F.mse_loss(raw.float(), self.source.training_target(x0, noise, t).float())
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()

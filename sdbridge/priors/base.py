@@ -5,7 +5,7 @@ target's images and the model's sample space:
 
     images in [0, 1]  --encode-->  x0 (model space: SD latents, or pixels in [-1, 1])  --decode-->  images
 
-Conventions (see DESIGN.md):
+Conventions (the README's section on the one formula uses them):
 
 * ``alphas_cumprod`` is owned by the prior: 1000 steps, Stable Diffusion's scaled-linear betas 0.00085 -> 0.012.
 * ``predict_eps(x_t, t, conds)`` evaluates several conditionings in **one** batched call and returns a tensor of
@@ -61,6 +61,17 @@ class PriorConfig:
 
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"  # "auto" (fp16 on GPU, fp32 on CPU), "float32", "float16", "bfloat16"
+
+
+def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``v`` (B,) shaped to broadcast against ``like`` (B, ...): one value per sample."""
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def attach_prior(module: nn.Module, prior: "DiffusionPrior") -> None:
+    """``module.prior = prior`` without registering it as a submodule: the prior is shared (its weights are not part
+    of the module's state, parameters or device moves)."""
+    object.__setattr__(module, "prior", prior)
 
 
 def resolve_device(device: str) -> torch.device:

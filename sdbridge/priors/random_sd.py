@@ -125,5 +125,16 @@ class RandomSDPrior(StableDiffusionPrior):
         dtype = resolve_dtype(config.dtype, device)
         super().__init__(config, components=build_random_sd21_base(device, dtype, config.seed))
 
+    def companion(self, model: str) -> StableDiffusionPrior:
+        """Any companion model (VSD's LoRA base, SD 2.1 in the official codes) as SD 2.1's UNet with random weights
+        (768px config: sample size 96, v-prediction), so the benchmark holds the official second UNet."""
+        from diffusers import UNet2DConditionModel
+
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
+                torch.device(self.device):
+            torch.manual_seed(self.config.seed + 1)
+            unet = UNet2DConditionModel(**{**SD21_BASE_UNET, "sample_size": 96}).to(self.dtype)
+        return self._companion_from(model, unet, {**SD21_BASE_SCHEDULER, "prediction_type": "v_prediction"}, None)
+
 
 __all__ = ["RandomSDConfig", "RandomSDPrior", "build_random_sd21_base"]

@@ -22,6 +22,7 @@ from sdbridge.priors.base import (
     DiffusionPrior,
     PriorConfig,
     TextEmbedding,
+    per_sample,
     resolve_device,
     resolve_dtype,
     scaled_linear_alphas_cumprod,
@@ -30,11 +31,6 @@ from sdbridge.priors.base import (
 #: Files fetched for a hub model id: configs, tokenizer files and the default (non-variant) safetensors weights of
 #: the five components we use. SD repos also hold multi-GB single-file checkpoints at their root; those are skipped.
 COMPONENTS = ("scheduler", "tokenizer", "text_encoder", "unet", "vae")
-ALLOW_PATTERNS = ["model_index.json"] + [
-    f"{c}/{pattern}"
-    for c in COMPONENTS
-    for pattern in ("*.json", "*.txt", "diffusion_pytorch_model.safetensors", "model.safetensors")
-]
 
 
 class PriorUnavailableError(RuntimeError):
@@ -56,8 +52,18 @@ def _unavailable_message(model: str, reason: str) -> str:
     )
 
 
-def resolve_model_path(model: str, revision: Optional[str] = None, cache_dir: Optional[str] = None) -> Path:
-    """Return a local folder holding ``model``; download it only when the hub is reachable.
+def allow_patterns(components: tuple[str, ...] = COMPONENTS) -> list[str]:
+    """The hub files of ``components`` (configs, tokenizer files, default safetensors weights)."""
+    return ["model_index.json"] + [
+        f"{c}/{pattern}"
+        for c in components
+        for pattern in ("*.json", "*.txt", "diffusion_pytorch_model.safetensors", "model.safetensors")
+    ]
+
+
+def resolve_model_path(model: str, revision: Optional[str] = None, cache_dir: Optional[str] = None,
+                       components: tuple[str, ...] = COMPONENTS) -> Path:
+    """Return a local folder holding ``model`` (its ``components``); download it only when the hub is reachable.
 
     Never hangs offline: with ``HF_HUB_OFFLINE=1`` only the local cache is consulted, and otherwise a download
     attempt uses short connection time-outs.
@@ -73,10 +79,12 @@ def resolve_model_path(model: str, revision: Optional[str] = None, cache_dir: Op
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    patterns = allow_patterns(components)
+
     try:
         return Path(
             snapshot_download(
-                model, revision=revision, cache_dir=cache_dir, allow_patterns=ALLOW_PATTERNS, local_files_only=True
+                model, revision=revision, cache_dir=cache_dir, allow_patterns=patterns, local_files_only=True
             )
         )
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError) as err:
@@ -87,7 +95,7 @@ def resolve_model_path(model: str, revision: Optional[str] = None, cache_dir: Op
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
     try:
-        return Path(snapshot_download(model, revision=revision, cache_dir=cache_dir, allow_patterns=ALLOW_PATTERNS))
+        return Path(snapshot_download(model, revision=revision, cache_dir=cache_dir, allow_patterns=patterns))
     except Exception as err:  # network errors, 401/404 for gated or misspelt ids, ...
         raise PriorUnavailableError(_unavailable_message(model, f"download failed ({type(err).__name__}: {err})")) from err
 
@@ -201,6 +209,37 @@ class StableDiffusionPrior(DiffusionPrior):
         if config.compile:
             self.unet.compile(mode=config.compile_mode)
 
+    # ------------------------------------------------------------------ a second denoiser on the same text encoder
+    def companion_path(self, model: str) -> Path:
+        """Local folder of ``model`` (a hub id or a diffusers folder) for :meth:`companion`; only its UNet and
+        scheduler are fetched."""
+        return resolve_model_path(model, None, self.config.cache_dir, components=("scheduler", "unet"))
+
+    def companion(self, model: str) -> "StableDiffusionPrior":
+        """Another SD UNet (and its scheduler: prediction type, schedule) served on this prior's tokenizer, text
+        encoder and VAE, as a prior of its own. VSD's LoRA base in the official codes: SD 2.1 (v-prediction) next to
+        SD 2.1 base, both conditioned on the same OpenCLIP text states. Loaded fresh on every call (adapters added to
+        it belong to the caller). Raises :class:`PriorUnavailableError` when the weights are missing offline."""
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+
+        path = self.companion_path(model)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=self.dtype)
+        return self._companion_from(model, unet, DDPMScheduler.load_config(path, subfolder="scheduler"), path)
+
+    def _companion_from(self, model: str, unet, scheduler_config: dict, path: Path | None) -> "StableDiffusionPrior":
+        width = int(self.text_encoder.config.hidden_size)
+        if int(unet.config.cross_attention_dim) != width or int(unet.config.in_channels) != self.sample_shape[0]:
+            raise ValueError(
+                f"{model!r} cannot share {self.config.model!r}'s text encoder and latents: its UNet takes "
+                f"{unet.config.cross_attention_dim}-d text states and {unet.config.in_channels} latent channels, "
+                f"the prior gives {width}-d and {self.sample_shape[0]}"
+            )
+        components = {"tokenizer": self.tokenizer, "text_encoder": self.text_encoder, "unet": unet, "vae": self.vae,
+                      "scheduler_config": dict(scheduler_config)}
+        other = StableDiffusionPrior(self.config, components=components)
+        other.model_path = path
+        return other
+
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return self._sample_shape
@@ -246,14 +285,14 @@ class StableDiffusionPrior(DiffusionPrior):
 
     def raw_to_eps(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.prediction_type == "v_prediction":
-            abar = self.abar(t).float().view(-1, *([1] * (x_t.dim() - 1)))
+            abar = per_sample(self.abar(t).float(), x_t)
             return abar.sqrt() * out + (1 - abar).sqrt() * x_t.float()
         return out
 
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the UNet is trained to output: eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0."""
         if self.prediction_type == "v_prediction":
-            abar = self.abar(t).float().view(-1, *([1] * (x0.dim() - 1)))
+            abar = per_sample(self.abar(t).float(), x0)
             return abar.sqrt() * noise - (1 - abar).sqrt() * x0
         return noise
 

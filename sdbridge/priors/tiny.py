@@ -183,11 +183,33 @@ def ensure_tiny_sd(config: TinySDConfig) -> Path:
     return folder
 
 
+#: Hub models the tiny SD stands in for, with their prediction types: ``companion(model)`` on the tiny prior builds a
+#: tiny random SD of that prediction type (another seed: another model) instead of downloading the real one.
+TINY_STAND_INS = {
+    "stabilityai/stable-diffusion-2-1": "v_prediction",  # VSD's official LoRA base
+    "stabilityai/stable-diffusion-2-1-base": "epsilon",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "epsilon",
+}
+
+
 class TinySDPrior(StableDiffusionPrior):
     """``prior=tiny_sd``: builds (once) and loads the tiny random SD through the real SD loading path."""
 
     def __init__(self, config: TinySDConfig):
         super().__init__(config, path=ensure_tiny_sd(config))
 
+    def companion_path(self, model: str) -> Path:
+        """A local diffusers folder as it is; a hub id of :data:`TINY_STAND_INS` as a tiny random SD of that model's
+        prediction type, seeded ``seed + 1`` (built offline once)."""
+        if Path(os.path.expanduser(model)).is_dir() or model.startswith((".", "/", "~")):
+            return super().companion_path(model)
+        if model not in TINY_STAND_INS:
+            raise ValueError(f"prior=tiny_sd has no tiny stand-in for {model!r} (known: {sorted(TINY_STAND_INS)}); "
+                             "give a local diffusers folder or use a real prior")
+        c = self.config
+        stand_in = TinySDConfig(cache_dir=c.cache_dir, seed=c.seed + 1, latent_size=c.latent_size,
+                                prediction_type=TINY_STAND_INS[model])
+        return ensure_tiny_sd(stand_in)
 
-__all__ = ["TinySDConfig", "TinySDPrior", "build_tiny_sd", "ensure_tiny_sd", "tiny_sd_folder", "asdict"]
+
+__all__ = ["TINY_STAND_INS", "TinySDConfig", "TinySDPrior", "build_tiny_sd", "ensure_tiny_sd", "tiny_sd_folder", "asdict"]

@@ -41,6 +41,10 @@ class OptimizerConfig:
 class TargetConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
+    def protocol_fields(self) -> dict[str, Any]:
+        """What of this target must match for two runs to share a comparison table (JSON values)."""
+        return {}
+
 
 @dataclass
 class Render:
@@ -51,6 +55,7 @@ class Render:
     images: Optional[torch.Tensor] = None
     x0: Optional[torch.Tensor] = None
     prompts: Optional[list[str]] = None
+    plain_prompts: Optional[list[str]] = None  # the same prompts without view suffixes (VSD's LoRA text in 3D)
     cameras: Optional[torch.Tensor] = None
     perp_neg: Optional[Any] = None  # sdbridge.guidance.perp_neg.PerpNegViews of the step's cameras
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from sdbridge import rng
 from sdbridge.media import load_image, make_grid, save_png, slug
-from sdbridge.priors.base import DiffusionPrior
+from sdbridge.priors.base import DiffusionPrior, attach_prior, per_sample
 from sdbridge.targets.base import Render, Target, TargetConfig
 
 
@@ -59,6 +59,9 @@ class ImageTargetConfig(TargetConfig):
         if self.resolution is not None and self.resolution < 8:
             raise ValueError(f"target.resolution={self.resolution} must be >= 8")
 
+    def protocol_fields(self) -> dict[str, Any]:
+        return {"resolution": self.resolution}
+
 
 class ImageTarget(Target):
     def __init__(
@@ -73,7 +76,7 @@ class ImageTarget(Target):
         if num_images < 1:
             raise ValueError("the image target needs at least one image (the prompt list is empty)")
         self.config = config
-        object.__setattr__(self, "prior", prior)  # shared, not part of this target's state
+        attach_prior(self, prior)
         param = config.parameterization
         if param == Parameterization.auto:
             param = Parameterization.latent if prior.is_latent else Parameterization.pixel
@@ -99,7 +102,7 @@ class ImageTarget(Target):
             x_T = self.prior.sample_x_T(list(texts), generator).to(self.prior.device)
             t = torch.full((shape[0],), self.prior.num_train_timesteps - 1, device=self.prior.device)
             eps = guided_eps(self.prior, x_T, t, texts, cfg.init_cfg, "")
-            a = self.prior.abar(t).float().view(-1, *([1] * (x_T.dim() - 1)))
+            a = per_sample(self.prior.abar(t).float(), x_T)
             x0 = (x_T - (1 - a).sqrt() * eps) / a.sqrt()
             if self.parameterization == Parameterization.latent:
                 self._initial_noise = eps.cpu()

@@ -122,7 +122,7 @@ def _final_latents(config_overrides, run_dir):
     """Run in-process; returns the optimized parameters of every sample, in prompt order."""
     import lightning as L
 
-    from sdbridge.cli import run
+    from sdbridge.runner import run
     from sdbridge.eval.protocol import compose_run_config
 
     class Grab(L.Callback):

@@ -9,7 +9,7 @@ import imageio.v3 as iio
 import pytest
 import torch
 
-from sdbridge.cli import run
+from sdbridge.runner import run
 from sdbridge.config import to_objects
 from sdbridge.targets.nerf.export import read_ply
 from tests.conftest import compose, run_cli
@@ -48,6 +48,10 @@ def test_nerf_cli_run_writes_grids_video_checkpoint_mesh_and_resumes(tmp_path, w
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["target"] == "nerf"
     assert summary["exact_metrics"]["per_prompt"].keys() == {"a red ball"}
+    protocol = summary["protocol"]  # the NeRF target's own comparable fields, not a bound method's text
+    assert (protocol["resolutions"], protocol["resolution_milestones"], protocol["eval_resolution"],
+            protocol["eval_views"]) == ([16], [], 16, 4)
+    assert "resolution" not in protocol
     for step in (15, 30):  # validation grids: rows rgb / normal / opacity of 4 views
         grid = iio.imread(run_dir / "images" / f"step_{step:06d}.png")
         assert grid.shape[0] > 2 * grid.shape[1] / 4  # 3 rows of 4 square tiles

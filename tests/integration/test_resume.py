@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from sdbridge.cli import run
+from sdbridge.runner import run
 from sdbridge.config import to_objects
 from tests.conftest import compose, run_cli
 

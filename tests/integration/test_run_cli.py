@@ -95,3 +95,35 @@ def test_unknown_prompt_word_on_the_exact_prior_fails_cleanly(tmp_path, world_ca
     res = run_cli([f"hydra.run.dir={tmp_path / 'run'}", f"prior.cache_dir={world_cache}", "trainer.max_steps=2",
                    "prompt.text=a red banana"], timeout=120)
     _assert_failed_cleanly(res, tmp_path / "run", "banana", "Vocabulary", "circle")
+
+
+def test_slow_export_counts_as_export_not_training(tmp_path, world_cache, monkeypatch):
+    """ms_per_step and wall_clock_s time the steps only: a final export that takes 1.5 s more lands in export_s."""
+    import time
+
+    from sdbridge.callbacks.media import MediaCallback
+    from sdbridge.runner import run
+    from sdbridge.config import to_objects
+    from tests.conftest import compose
+
+    slow_export = 1.5
+    real_end = MediaCallback.on_train_end
+
+    def on_train_end(self, trainer, pl_module):
+        time.sleep(slow_export)
+        return real_end(self, trainer, pl_module)
+
+    monkeypatch.setattr(MediaCallback, "on_train_end", on_train_end)
+    config = to_objects(compose([f"prior.cache_dir={world_cache}", "logger=none", "trainer.progress_bar=false",
+                                 "trainer.max_steps=4", "trainer.checkpoint_every=0", "trainer.save_every=0",
+                                 "prompt.texts=[a red circle]", "prompt.repeat=2"]))
+    start = time.perf_counter()
+    summary = run(config, tmp_path / "run")
+    total = time.perf_counter() - start
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["ms_per_step"] == summary["ms_per_step"] and on_disk["setup_s"] == summary["setup_s"]
+    assert summary["export_s"] >= slow_export
+    training = summary["ms_per_step"] * summary["steps"] / 1000
+    assert abs(training - summary["wall_clock_s"]) < 1e-2  # one definition: the steps' time / steps
+    assert training + slow_export < total  # the sleep is not in the steps' time
+    assert summary["time_per_image_s"] == round(summary["wall_clock_s"] / 2, 3)

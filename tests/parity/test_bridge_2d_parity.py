@@ -345,3 +345,59 @@ def test_csd_matches_cvmi_lab_coefficients(coefficients, source, tiny_prior, tin
     ours = sdbridge_grads(g, x0, PROMPTS, 0, t, noise)
     ref = [official.csd(x0[i : i + 1], PROMPTS[i], t[i : i + 1], noise[i : i + 1], **coefficients) for i in range(3)]
     assert max(compare(f"csd-cvmi[{source}]", ours, ref)) <= TOL
+
+
+# ---------------------------------------------------------------- the 3D code: experiment=nerf_bridge
+# davidmcall/SDS-Bridge threestudio-sds-bridge (240e06e): guidance/sds_bridge_guidance.py compute_grad_sds_bridge,
+# prompt_processors/stable_diffusion_sds_bridge_prompt_processor.py, configs/sds-bridge.yaml.
+OFFICIAL_3D_GUIDANCE_SCALE = 100.0  # sds-bridge.yaml guidance.guidance_scale
+OFFICIAL_3D_STAGE_ONE_WEIGHT = 1.0  # guidance.stage_one_weight
+OFFICIAL_3D_STAGE_TWO_WEIGHT = 1.0  # guidance.stage_two_weight (the code default is 100)
+OFFICIAL_3D_STAGE_TWO_START = 20000  # guidance.stage_two_start_step
+OFFICIAL_3D_SRC_MODIFIER = "oversaturated, smooth, pixelated, cartoon, foggy, hazy, blurry, bad structure, noisy, malformed"
+OFFICIAL_3D_TGT_MODIFIER = "."  # prompt_processor.tgt_modifier; use_modifier_only: false
+
+
+def official_3d_bridge(official: Official2D, latents, prompt, t, noise, phase: int) -> torch.Tensor:
+    """``compute_grad_sds_bridge`` with ``weighting_strategy: uniform`` (w = 1) for one image: the prompt processor's
+    ``src_prompt = prompt + ', ' + src_modifier``, ``tgt_prompt = prompt + ', ' + tgt_modifier``, uncond ""; phase 1
+    calls the UNet on ``[uncond, tgt]``, phase 2 on ``[src, tgt]``."""
+    src = official.text(prompt + ", " + OFFICIAL_3D_SRC_MODIFIER)
+    tgt = official.text(prompt + ", " + OFFICIAL_3D_TGT_MODIFIER)
+    uncond = official.text("")
+    abar = official.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    latents_noisy = official.scheduler.add_noise(latents, noise, t)
+    if phase == 1:
+        noise_pred_text_src, noise_pred_text_tgt = official.unet_on(latents_noisy, t, uncond, tgt)
+        w = 1 - abar
+        noise_pred_sds = noise_pred_text_src + OFFICIAL_3D_GUIDANCE_SCALE * (noise_pred_text_tgt - noise_pred_text_src)
+        noise_pred = OFFICIAL_3D_STAGE_ONE_WEIGHT * w * noise_pred_sds
+        noise = OFFICIAL_3D_STAGE_ONE_WEIGHT * w * noise
+    else:
+        noise_pred_text_src, noise_pred_text_tgt = official.unet_on(latents_noisy, t, src, tgt)
+        noise_pred = OFFICIAL_3D_STAGE_TWO_WEIGHT * noise_pred_text_tgt
+        noise = OFFICIAL_3D_STAGE_TWO_WEIGHT * noise_pred_text_src
+    w = 1  # weighting_strategy: uniform
+    return w * (noise_pred - noise)
+
+
+@pytest.mark.parametrize("step", [0, OFFICIAL_3D_STAGE_TWO_START - 1, OFFICIAL_3D_STAGE_TWO_START, 24999])
+def test_nerf_bridge_matches_threestudio_sds_bridge(step, tiny_prior, tiny_cache, official):
+    """``experiment=nerf_bridge``'s gradient = the 3D code's: stage 1 is (1 - abar) (CFG_100 on the target text
+    "<prompt>, ." - kappa), stage 2 is eps("<prompt>, ." ) - eps("<prompt>, <src words>") unweighted at scale 1."""
+    run = to_objects(compose(["experiment=nerf_bridge", "prior=tiny_sd", f"prior.cache_dir={tiny_cache}",
+                              "prior.device=cpu"]))
+    g = build_guidance(run.guidance, tiny_prior, build_schedule(run.scheduler, tiny_prior.num_train_timesteps),
+                       torch.Generator().manual_seed(0))
+    g.setup(run.trainer.max_steps)
+    x0, noise = inputs(len(PROMPTS), seed=step % 97)
+    t = torch.tensor([120, 480, 930])
+    ours = sdbridge_grads(g, x0, PROMPTS, step, t, noise)
+    phase = 1 if step < OFFICIAL_3D_STAGE_TWO_START else 2
+    ref = [official_3d_bridge(official, x0[i:i + 1], p, t[i:i + 1], noise[i:i + 1], phase)
+           for i, p in enumerate(PROMPTS)]
+    assert max(compare(f"nerf_bridge step {step} (phase {phase})", ours, ref)) <= TOL
+    if phase == 2:  # the 2D stage 2 (w = 1 - abar, s = 40 or 100) is a different gradient
+        g.config.stage_two_weighting, g.config.stage_two_scale = None, 100.0
+        drift = compare("nerf_bridge with 2D stage-2 weighting", sdbridge_grads(g, x0, PROMPTS, step, t, noise), ref)
+        assert min(drift) > 10 * TOL

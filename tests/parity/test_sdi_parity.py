@@ -80,6 +80,7 @@ from sdbridge.priors.tiny import TinySDConfig, ensure_tiny_sd
 from sdbridge.schedules import AnnealConfig, build_schedule
 from sdbridge.targets import ImageTarget
 from tests.conftest import compose
+from tests.parity.diffusers_sd import DiffusersSD
 
 TOL = 1e-4  # relative error: ||sdbridge - official|| / ||official||
 
@@ -122,6 +123,24 @@ SDI3D_NORMAL_TYPE = "analytic"  # system.geometry.normal_type
 SDI3D_LOSSES = dict(orient=[0.1], sparsity=[0, 0.15, 0.0, 3000], opaque=[0.1], z_variance=[1.0],
                     convexity=[0, 1.0, 0.1, 4000])  # lambda_orient, lambda_sparsity, ...
 
+# threestudio prompt_processors/base.py Config: Perp-Neg's decay functions a exp(-b r) + c and the overhead threshold
+PERP_NEG_F_SB = (1, 0.5, -0.606)
+PERP_NEG_F_FSB = (1, 0.5, +0.967)
+PERP_NEG_F_FS = (4, 0.5, -2.426)
+PERP_NEG_F_SF = (4, 0.5, -2.426)
+PERP_NEG_OVERHEAD_THRESHOLD = 60.0
+
+
+def shifted_expotional_decay(a, b, c, r):  # threestudio utils/ops.py
+    return a * torch.exp(-b * r) + c
+
+
+def perpendicular_component(x, y):  # threestudio utils/ops.py
+    eps = torch.ones_like(x[:, 0, 0, 0]) * 1e-6
+    return x - (torch.mul(x, y).sum(dim=[1, 2, 3]) / torch.maximum(torch.mul(y, y).sum(dim=[1, 2, 3]), eps)).view(
+        -1, 1, 1, 1) * y
+
+
 # threestudio's CFG convention without Perp-Neg -> sdbridge's (s = s' + 1)
 def ours_from_threestudio_no_perp_neg(s: float) -> float:
     return s + 1.0
@@ -135,18 +154,15 @@ def rel_err(ours: torch.Tensor, official: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------- the official math, re-derived on diffusers
-class OfficialSDI:
+class OfficialSDI(DiffusersSD):
     """threestudio's ``StableDiffusionSDIGuidance`` (commit 1ade495) without Perp-Neg, on a diffusers folder, for one
     image (B = 1) at a time. Random draws are arguments: ``random_value`` replaces ``random.random()`` and
     ``noises`` yields what ``torch.randn_like`` would, one per inversion step."""
 
     def __init__(self, folder):
-        from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionPipeline
+        from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-        pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, feature_extractor=None,
-                                                       requires_safety_checker=False).to("cpu")
-        self.unet, self.tokenizer, self.text_encoder = pipe.unet.eval(), pipe.tokenizer, pipe.text_encoder
-        assert self.unet.dtype == torch.float32
+        super().__init__(folder)
         self.scheduler = DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler")
         self.scheduler.set_timesteps(OFFICIAL_N_DDIM_STEPS)
         self.inverse_scheduler = DDIMInverseScheduler.from_pretrained(str(folder), subfolder="scheduler")
@@ -154,13 +170,7 @@ class OfficialSDI:
         self.inversion_n_steps = NOTEBOOK_INVERSION_N_STEPS
         self.inversion_eta = NOTEBOOK_INVERSION_ETA
 
-    # -- the prompt processor: cond and uncond ("" = its default negative prompt) embeddings
-    @torch.no_grad()
-    def text(self, prompt: str) -> torch.Tensor:
-        ids = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             return_tensors="pt").input_ids
-        return self.text_encoder(ids)[0]
-
+    # -- the prompt processor: cond and uncond ("" = its default negative prompt) embeddings (DiffusersSD.text)
     def embeddings(self, prompt: str) -> torch.Tensor:
         """``get_text_embeddings``: ``cat([cond, uncond])`` (threestudio's order)."""
         return torch.cat([self.text(prompt), self.text("")])
@@ -173,6 +183,48 @@ class OfficialSDI:
                                encoder_hidden_states=text_embeddings).sample
         noise_pred_text, noise_pred_uncond = noise_pred.chunk(2)
         return noise_pred_text + guidance_scale * (noise_pred_text - noise_pred_uncond)
+
+    @torch.no_grad()
+    def predict_noise_perp_neg(self, latents_noisy, t, text_embeddings, neg_guidance_weights, guidance_scale):
+        """With Perp-Neg: one UNet call on ``[pos, uncond, neg_1, neg_2]`` (``get_text_embeddings_perp_neg``'s order),
+        ``e_pos = text - uncond``, ``accum = sum_i w_i perpendicular_component(neg_i - uncond, e_pos)``, then
+        ``uncond + guidance_scale (e_pos + accum)``."""
+        batch_size = latents_noisy.shape[0]
+        noise_pred = self.unet(torch.cat([latents_noisy] * 4, dim=0), torch.cat([t] * 4).to(torch.float32),
+                               encoder_hidden_states=text_embeddings).sample
+        noise_pred_text = noise_pred[:batch_size]
+        noise_pred_uncond = noise_pred[batch_size: batch_size * 2]
+        noise_pred_neg = noise_pred[batch_size * 2:]
+        e_pos = noise_pred_text - noise_pred_uncond
+        accum_grad = 0
+        n_negative_prompts = neg_guidance_weights.shape[-1]
+        for i in range(n_negative_prompts):
+            e_i_neg = noise_pred_neg[i::n_negative_prompts] - noise_pred_uncond
+            accum_grad += neg_guidance_weights[:, i].view(-1, 1, 1, 1) * perpendicular_component(e_i_neg, e_pos)
+        return noise_pred_uncond + guidance_scale * (e_pos + accum_grad)
+
+    def text_embeddings_perp_neg(self, prompt: str, elevation: float, azimuth: float):
+        """``get_text_embeddings_perp_neg`` for one camera below the overhead threshold: the view texts
+        ``"<prompt>, side|front|back view"``, the uncond text "" (its default negative prompt), the interpolated
+        positive embedding, the two negatives and their weights ``-shifted_expotional_decay(*f, r)``."""
+        assert elevation <= PERP_NEG_OVERHEAD_THRESHOLD
+        side, front, back = (self.text(f"{prompt}, {view} view") for view in ("side", "front", "back"))
+        uncond = self.text("")
+        azi = torch.tensor(float(azimuth))
+        azi = (azi + 180) % 360 - 180  # shift_azimuth_deg
+        if torch.abs(azi) < 90:
+            r_inter = 1 - torch.abs(azi) / 90
+            pos = r_inter * front + (1 - r_inter) * side
+            negs = [front, side]
+            weights = [-shifted_expotional_decay(*PERP_NEG_F_FS, r_inter),
+                       -shifted_expotional_decay(*PERP_NEG_F_SF, 1 - r_inter)]
+        else:
+            r_inter = 2.0 - torch.abs(azi) / 90
+            pos = r_inter * side + (1 - r_inter) * back
+            negs = [side, front]
+            weights = [-shifted_expotional_decay(*PERP_NEG_F_SB, r_inter),
+                       -shifted_expotional_decay(*PERP_NEG_F_FSB, r_inter)]
+        return torch.cat([pos, uncond, *negs]), torch.as_tensor(weights).reshape(1, 2)
 
     def ddim_inversion_step(self, model_output, timestep, prev_timestep, sample, noise):
         inv = self.inverse_scheduler
@@ -204,14 +256,20 @@ class OfficialSDI:
         return timesteps, delta_t
 
     @torch.no_grad()
-    def invert_noise(self, start_latents, invert_to_t, text_embeddings, random_value, noises: Iterator[torch.Tensor]):
+    def invert_noise(self, start_latents, invert_to_t, text_embeddings, random_value, noises: Iterator[torch.Tensor],
+                     predict=None):
+        """``predict(latents, t)``: the guided prediction ``predict_noise`` makes at the inversion scale (default: the
+        notebook's, without Perp-Neg)."""
+        if predict is None:
+            def predict(x, tt):
+                return self.predict_noise(x, tt, text_embeddings, NOTEBOOK_INVERSION_GUIDANCE_SCALE)
         latents = start_latents.clone()
         B = start_latents.shape[0]
         assert B == 1, "threestudio's SDI inverts one image (int(invert_to_t))"
         timesteps, _ = self.get_inversion_timesteps(invert_to_t, B, random_value)
         evaluated = []
         for t, next_t in zip(timesteps[:-1], timesteps[1:]):
-            noise_pred = self.predict_noise(latents, t.repeat([B]), text_embeddings, NOTEBOOK_INVERSION_GUIDANCE_SCALE)
+            noise_pred = predict(latents, t.repeat([B]))
             evaluated.append(int(t))
             latents = self.ddim_inversion_step(noise_pred, t, next_t, latents, next(noises))
         found_noise = self.get_noise_from_target(start_latents, latents, next_t)
@@ -455,6 +513,75 @@ def test_inversion_grid_matches_official(t_value, source, tiny_prior, tiny_cache
     assert [u[0] for u in record["unet_t"]] == [*timesteps[:-1].tolist(), t_value]
 
 
+# ---------------------------------------------------------------- 1c. the 3D preset: Perp-Neg inversion, mean loss
+def nerf_sdi_guidance(prior, tiny_cache, seed: int, overrides: tuple[str, ...] = ()) -> Guidance:
+    run = composed(("experiment=nerf_sdi", *overrides), str(tiny_cache))
+    g = build_guidance(run.guidance, prior, build_schedule(run.scheduler, prior.num_train_timesteps),
+                       torch.Generator().manual_seed(seed))
+    g.setup(run.trainer.max_steps)
+    return g.to(prior.device)
+
+
+@pytest.mark.parametrize("azimuth", [0.0, 180.0, -100.0])
+@pytest.mark.parametrize("t_value", [350, 620])
+def test_nerf_sdi_perp_neg_matches_official(t_value, azimuth, tiny_prior, tiny_cache, official):
+    """``experiment=nerf_sdi`` (``configs/sdi.yaml``: Perp-Neg on): the inversion AND the target use
+    ``predict_noise``'s Perp-Neg combination (-7.5 / 7.5 in that branch's ``eps_u + s (...)`` convention), and the
+    gradient is that of ``0.5 mse(latents, target, "mean") / B``. At azimuths 0 and 180 the official positive
+    embedding is exactly one view's (r = 1 or 0), where sdbridge's interpolation of predictions is the same thing; at
+    -100 both sides interpolate (side/back, r = 0.89), embeddings there and predictions here (the documented
+    difference of sdbridge.guidance.perp_neg), so the tolerance there is looser. (t = 980 is left out: sdbridge
+    evaluates 5 conditionings where threestudio evaluates 4, and that fp32 batch-layout noise, amplified by the
+    inversion's -7.5 and x0_hat's 1 / sqrt(abar_980) ~ 14, reaches 9e-5 there.)"""
+    from sdbridge.guidance.perp_neg import perp_neg_views
+    from sdbridge.targets.nerf.cameras import view_prompt
+
+    g = nerf_sdi_guidance(tiny_prior, tiny_cache, seed=t_value)
+    prompt, elevation = PROMPTS[0], 0.0
+    g.perp_neg = perp_neg_views(prompt, torch.tensor([elevation]), torch.tensor([azimuth]), view_prompt, uncond="")
+    x0 = inputs(1, seed=t_value + 1)
+    t = torch.tensor([t_value])
+    replay = same_state(g.generator)
+    out = sdbridge_call(g, x0, [prompt], 0, t)
+
+    emb, weights = official.text_embeddings_perp_neg(prompt, elevation, azimuth)
+    delta = int(rng.randint(OFFICIAL_JITTER, 1, replay, shared=True)[0])
+    n_steps = len(official.get_inversion_timesteps(t, 1, uniform_for(delta))[0]) - 1
+    noises = iter([rng.randn(x0.shape, replay) for _ in range(n_steps)])
+    x_t, _, _, _ = official.invert_noise(
+        x0, t, emb, uniform_for(delta), noises,
+        predict=lambda x, tt: official.predict_noise_perp_neg(x, tt, emb, weights, SDI3D_INVERSION_GUIDANCE_SCALE))
+    noise_pred = official.predict_noise_perp_neg(x_t, t, emb, weights, SDI3D_GUIDANCE_SCALE)
+    target = official.get_x0(x_t, noise_pred, t)
+    ref = official.loss_gradient(x0, target)  # 0.5 mse(mean) / B
+    e_x_t, e = rel_err(out.extras["x_t"], x_t), rel_err(out.grad, ref)
+    print(f"PARITY nerf_sdi perp-neg[t={t_value}, azimuth={azimuth}, delta={delta}]: x_t rel err {e_x_t:.1e}, "
+          f"grad rel err {e:.1e}")
+    tol = TOL if azimuth in (0.0, 180.0) else 5e-2
+    assert e_x_t <= tol and e <= tol
+    # the earlier choice (plain CFG in the inversion) is measurably not the official method
+    g_cfg = nerf_sdi_guidance(tiny_prior, tiny_cache, seed=t_value, overrides=("guidance.inversion_perp_neg=false",))
+    g_cfg.perp_neg = g.perp_neg
+    drift = rel_err(sdbridge_call(g_cfg, x0, [prompt], 0, t).grad, ref)
+    print(f"PARITY nerf_sdi inversion_perp_neg=false: grad rel err {drift:.1e}")
+    assert drift > 10 * TOL
+
+
+def test_loss_reduction_mean_is_threestudio_sdi_loss(tiny_prior, tiny_cache):
+    """``loss_reduction=mean``: the surrogate loss's gradient and the reported gradient are the sum-reduced gradient
+    divided by B * numel (B = 2 here), the gradient of ``0.5 mse(x, x - grad, "mean") / B``."""
+    x0 = inputs(2, seed=4)
+    t = torch.tensor([500, 500])
+    outs = {}
+    for reduction in ("sum", "mean"):
+        g = default_guidance("sdi", "dataclass", tiny_prior, tiny_cache, seed=9)  # a fresh config: the composed one
+        g.config.loss_reduction = reduction  # is cached and shared by the other tests
+        outs[reduction] = sdbridge_call(g, x0, PROMPTS, 0, t)
+    official_grad = OfficialSDI.loss_gradient(x0, x0 - outs["sum"].grad)
+    assert rel_err(outs["mean"].grad, official_grad) <= 1e-6
+    assert rel_err(outs["mean"].grad * x0.numel() * 2, outs["sum"].grad) <= 1e-6
+
+
 # ---------------------------------------------------------------- 1b. batch of two: one shared jitter
 @pytest.mark.parametrize("t_pair", [(350, 350), (350, 620)])
 def test_sdi_batch_of_two_matches_official_per_image(t_pair, tiny_prior, tiny_cache, official, monkeypatch):
@@ -477,7 +604,7 @@ def test_sdi_batch_of_two_matches_official_per_image(t_pair, tiny_prior, tiny_ca
 
 # ---------------------------------------------------------------- 3. sdi_cached (the notebook's "Cache kappa")
 def sdbridge_cached_run(tiny_prior, tiny_cache, prompt: str, n_steps: int, overrides: tuple[str, ...] = ()):
-    """``python run.py guidance=sdi_cached`` on the tiny SD for ``n_steps`` steps, built as ``cli._optimize`` builds
+    """``python run.py guidance=sdi_cached`` on the tiny SD for ``n_steps`` steps, built as ``runner._optimize`` builds
     it (one generator seeded by ``seed``: guidance, then ImageTarget, then ``setup`` with the target's initial noise)
     and stepped as ``DistillationSystem.training_step`` steps an image target (render, guidance, backward, step)."""
     run = composed(("guidance=sdi_cached", *overrides), str(tiny_cache))
@@ -664,6 +791,7 @@ def test_nerf_sdi_preset_matches_threestudio_config(tiny_cache):
     assert g.inversion_steps == SDI3D_INVERSION_N_STEPS and g.inversion_eta == SDI3D_INVERSION_ETA
     assert g.jitter == OFFICIAL_NUM_TRAIN_TIMESTEPS // SDI3D_INVERSION_N_STEPS
     assert not g.target_at_jittered_t and not g.clean_start
+    assert g.inversion_perp_neg and g.loss_reduction == "mean"  # predict_noise serves the inversion; mse "mean" / B
     assert tgt.perp_neg and tgt.view_dependent_prompts
     assert type(s) is AnnealConfig and not s.per_sample
     assert (s.min_step_ratio, s.max_step_ratio) == (SDI3D_MIN_STEP_PERCENT, SDI3D_MAX_STEP_PERCENT)

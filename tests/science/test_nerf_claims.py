@@ -16,11 +16,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdbridge.cli import run
+from sdbridge.runner import run
 from sdbridge.config import to_objects
 from sdbridge.eval.exact import exact_metrics
 from sdbridge.priors import build_prior
-from sdbridge.prompts import load_prompts
+from sdbridge.prompts import load_prompt_set
 from sdbridge.targets.nerf.target import NeRFTarget
 from tests.conftest import compose
 
@@ -39,7 +39,7 @@ def ball(tmp_path_factory, world_cache):
         "target.renderer.num_samples=32", "target.renderer.background=envmap",
     ]))
     prior = build_prior(config.prior)
-    prompts = load_prompts(config.prompt)
+    prompts = load_prompt_set(config.prompt).texts
     initial = NeRFTarget(config.target, prior, 1, torch.Generator().manual_seed(config.seed), prompts)
     before = exact_metrics(prior, initial.model_samples(), initial.sample_prompts(prompts))["mean"]["fd"]
     after = run(config, tmp_path)["exact_metrics"]["mean"]["fd"]

@@ -105,13 +105,13 @@ def test_bridge_stage_switch_and_stage_two_closed_form(stub_prior):
     assert g.stage(499) == 1 and g.stage(500) == 2
 
 
-def _invert_by_hand(prior, x0, path, prompts, scale, uncond_only=False):
+def _invert_by_hand(prior, x0, path, prompts, scale, uncond_only=False, uncond=""):
     x = x0
     e = None
     for i in range(len(path) - 1):
         a_from = torch.ones(B, 1, 1, 1) if int(path[i][0]) == 0 else ab(prior, path[i])
         a_to = ab(prior, path[i + 1])
-        e_u = eps(prior, x, path[i], [""] * B)
+        e_u = eps(prior, x, path[i], [uncond] * B)
         e = e_u if uncond_only else e_u + scale * (eps(prior, x, path[i], prompts) - e_u)
         x0_hat = (x - (1 - a_from).sqrt() * e) / a_from.sqrt()
         x = a_to.sqrt() * x0_hat + (1 - a_to).sqrt() * e
@@ -252,20 +252,54 @@ def test_inversion_path_grid():
 
 
 def test_ism_closed_form(stub_prior):
-    cfg = ISMConfig(scale=7.5, delta_t=80, inversion_stride=200, inversion_steps=5)
+    """LucidDreamer's ISM (the defaults): at step 0 delta_t = int(80 + (1 - 1/1500) 20) = 99, so s = 530 - 99 = 431;
+    x0 is noised to t = 1 with the step's noise, inverted with "" at 1, 201, 401 (stride 200) to s, one more step to
+    t; the target's CFG uses the negative prompt; the gradient is scaled by lambda_guidance = 0.1."""
+    cfg = ISMConfig(negative_prompt="ugly")
+    g = make(ISM, cfg, stub_prior)
+    x0, noise = inputs()
+    t = torch.full((B,), 530)
+    out = g(x0, PROMPTS, 0, t=t, noise=noise)
+    assert out.extras["delta_t"] == 99
+    path = [torch.full((B,), v) for v in (1, 201, 401, 431, 530)]
+    x_t, e_s = _invert_by_hand(stub_prior, noised(stub_prior, x0, noise, path[0]), path, PROMPTS, None,
+                               uncond_only=True)
+    e_n, e_y = eps(stub_prior, x_t, t, ["ugly"] * B), eps(stub_prior, x_t, t, PROMPTS)
+    a = ab(stub_prior, t)
+    expected = 0.1 * ((1 - a) / a).sqrt() * (e_n + 7.5 * (e_y - e_n) - e_s)
+    torch.testing.assert_close(out.grad, expected, rtol=1e-4, atol=1e-4)
+    assert out.nfe == 4 + 2  # four inversion steps (1, 201, 401, 431 -> next), then CFG
+    # after the warm-up (step 1499 on) delta_t = 80
+    assert [g.delta_t(k) for k in (0, 74, 75, 749, 1498, 1499, 4999)] == [99, 99, 98, 90, 80, 80, 80]
+    assert ISM(ISMConfig(delta_t_ceil=True), stub_prior, g.schedule).delta_t(0) == 100  # train_step_perpneg
+
+
+def test_ism_earlier_options_give_the_earlier_closed_form(stub_prior):
+    """The options that restore sdbridge's earlier ISM: fixed delta_t, inversion of the clean x0 from t = 0 with the
+    negative prompt, no gradient scale."""
+    cfg = ISMConfig(delta_t_warmup_steps=0, noised_start=False, invert_with_negative=True, lambda_guidance=1.0,
+                    negative_prompt="ugly")
     g = make(ISM, cfg, stub_prior)
     x0, _ = inputs()
     t = torch.full((B,), 530)
-    out = g(x0, PROMPTS, 0, t=t, noise=torch.zeros_like(x0))
-    s = 450
+    out = g(x0, PROMPTS, 0, t=t, noise=torch.randn_like(x0))  # the noise does not enter from a clean start
     path = [torch.full((B,), v) for v in (0, 200, 400, 450, 530)]
-    x_t, e_s = _invert_by_hand(stub_prior, x0, path, PROMPTS, None, uncond_only=True)
-    e_u, e_y = eps(stub_prior, x_t, t, [""] * B), eps(stub_prior, x_t, t, PROMPTS)
+    x_t, e_s = _invert_by_hand(stub_prior, x0, path, PROMPTS, None, uncond_only=True, uncond="ugly")
+    e_n, e_y = eps(stub_prior, x_t, t, ["ugly"] * B), eps(stub_prior, x_t, t, PROMPTS)
     a = ab(stub_prior, t)
-    expected = ((1 - a) / a).sqrt() * (e_u + 7.5 * (e_y - e_u) - e_s)
+    expected = ((1 - a) / a).sqrt() * (e_n + 7.5 * (e_y - e_n) - e_s)
     torch.testing.assert_close(out.grad, expected, rtol=1e-4, atol=1e-4)
-    assert out.nfe == 4 + 2  # four inversion steps (0, 200, 400, 450 -> next), then CFG
-    assert s == 530 - 80
+    assert out.nfe == 4 + 2 and out.extras["delta_t"] == 80
+
+
+def test_ism_noise_has_a_shared_offset(stub_prior):
+    """noise = randn + 0.1 randn(1, C, 1, 1), the offset shared by the batch; offset_noise = 0 gives plain randn."""
+    like = torch.zeros(B, 3, 4, 4)
+    g = make(ISM, ISMConfig(), stub_prior, seed=3)
+    plain = make(ISM, ISMConfig(offset_noise=0.0), stub_prior, seed=3)
+    offset = (g.sample_noise(like) - plain.sample_noise(like)) / 0.1
+    assert torch.allclose(offset, offset[:1, :, :1, :1].expand_as(offset), atol=1e-5)
+    assert float(offset.abs().max()) > 1e-3
 
 
 def test_sdi_cached_reuses_the_previous_prediction_and_refreshes(stub_prior):

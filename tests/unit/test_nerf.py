@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import math
 
 import numpy as np
@@ -216,15 +215,28 @@ def test_progressive_levels_mask_features_and_gradients():
     assert (grid(torch.rand(10, 3))[:, 6:] != 0).any()
 
 
-def test_tinycudann_absence_falls_back_to_pytorch(monkeypatch):
-    real_import = builtins.__import__
+def test_tinycudann_is_used_when_importable_on_cuda_and_torch_otherwise(monkeypatch):
+    """backend=auto takes tinycudann's HashGrid when it imports and CUDA is there (faked here: this machine has
+    neither), with the grid's own levels and table size; an import failure or backend=torch gives the PyTorch grid."""
+    import sys
+    import types
 
-    def no_tcnn(name, *args, **kwargs):
-        if name == "tinycudann":
-            raise ImportError("No module named 'tinycudann'")
-        return real_import(name, *args, **kwargs)
+    class Encoding(torch.nn.Module):
+        def __init__(self, n_input_dims, encoding_config, dtype=None):
+            super().__init__()
+            self.n_input_dims, self.encoding_config = n_input_dims, encoding_config
 
-    monkeypatch.setattr(builtins, "__import__", no_tcnn)
+    fake = types.ModuleType("tinycudann")
+    fake.Encoding = Encoding
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "tinycudann", fake)
+    grid = small_grid(backend="auto")
+    assert isinstance(grid.tcnn, Encoding) and grid.tcnn.n_input_dims == 3
+    cfg = grid.tcnn.encoding_config
+    assert (cfg["otype"], cfg["n_levels"], cfg["log2_hashmap_size"]) == ("HashGrid", grid.config.levels,
+                                                                         grid.config.log2_table_size)
+    assert small_grid(backend="torch").tcnn is None
+    monkeypatch.setitem(sys.modules, "tinycudann", None)  # `import tinycudann` now raises ImportError
     grid = small_grid(backend="auto")
     assert grid.tcnn is None
     assert grid(torch.rand(5, 3)).shape == (5, 8)

@@ -24,10 +24,10 @@ def _prior(tiny_cache, *overrides):
     return build_prior(config.prior)
 
 
-def _guidance(prior, method: str, generator):
+def _guidance(prior, method: str, generator, overrides: list[str] | None = None):
     from sdbridge.config import to_objects
 
-    config = to_objects(compose([f"guidance={method}", "prior=tiny_sd"]))
+    config = to_objects(compose([f"guidance={method}", "prior=tiny_sd", *(overrides or [])]))
     g = build_guidance(config.guidance, prior, build_schedule(config.scheduler, prior.num_train_timesteps), generator)
     g.setup(1000)
     g.prepare(PROMPTS)
@@ -123,14 +123,32 @@ def test_sd21_base_random_has_the_published_architecture():
         RandomSDConfig(attention="flash3")
 
 
-def test_vsd_and_sdi_keep_no_second_unet(tiny_prior):
-    """VSD's source is LoRA adapters on the prior's own UNet (plus a camera embedding), SDI only inverts with it."""
+def test_vsd_on_the_prior_and_sdi_keep_no_second_unet(tiny_prior):
+    """With ``guidance.lora_base=prior`` VSD's source is LoRA adapters on the prior's own UNet (plus a camera
+    embedding); SDI only inverts with it. Neither registers a UNet in the guidance (checkpoints stay small)."""
     from diffusers import UNet2DConditionModel
 
     unet_size = sum(p.numel() for n, p in tiny_prior.unet.named_parameters() if "sdbridge_vsd" not in n)
-    for method in ("vsd", "sdi"):
-        g = _guidance(tiny_prior, method, torch.Generator().manual_seed(0))
+    for method, overrides in (("vsd", ["guidance.lora_base=prior"]), ("sdi", [])):
+        g = _guidance(tiny_prior, method, torch.Generator().manual_seed(0), overrides)
         g(torch.randn(1, *tiny_prior.sample_shape), PROMPTS[:1], 0)
         assert not any(isinstance(m, UNet2DConditionModel) for m in g.modules())
         own = sum(p.numel() for p in g.parameters())
         assert own < 0.25 * unet_size, (method, own, unet_size)  # tiny SD: LoRA rank 4 + camera MLP vs the UNet
+        if method == "vsd":
+            assert g.source.model is tiny_prior
+
+
+def test_vsd_default_lora_base_is_a_second_unet_outside_the_checkpoint(tiny_prior):
+    """The official LoRA base (SD 2.1, v-prediction; on the tiny prior its tiny stand-in) is a second UNet, loaded
+    beside the prior and kept out of the guidance's modules; only the LoRA and camera weights are guidance state."""
+    from diffusers import UNet2DConditionModel
+
+    g = _guidance(tiny_prior, "vsd", torch.Generator().manual_seed(0))
+    g(torch.randn(1, *tiny_prior.sample_shape), PROMPTS[:1], 0)
+    assert g.source.model is not tiny_prior and g.source.model.unet is not tiny_prior.unet
+    assert g.source.model.prediction_type == "v_prediction"
+    assert g.source.model.text_encoder is tiny_prior.text_encoder  # one text encoder for both UNets
+    assert not any(isinstance(m, UNet2DConditionModel) for m in g.modules())
+    prior_params = {id(p) for p in tiny_prior.unet.parameters()}  # (a session prior may hold another run's adapters)
+    assert g.source.lora_parameters() and not any(id(p) in prior_params for p in g.source.lora_parameters())

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from sdbridge.guidance.perp_neg import perp_neg_views
 from sdbridge.media import make_grid, save_png, slug, write_video
-from sdbridge.priors.base import DiffusionPrior
+from sdbridge.priors.base import DiffusionPrior, attach_prior
 from sdbridge.targets.base import Render, Target, TargetConfig
 from sdbridge.targets.nerf.cameras import (
     VIEWS,
@@ -89,6 +89,10 @@ class NeRFTargetConfig(TargetConfig):
         stage = sum(step >= m for m in self.resolution_milestones)
         return int(self.resolutions[stage])
 
+    def protocol_fields(self) -> dict[str, Any]:
+        return {"resolutions": list(self.resolutions), "resolution_milestones": list(self.resolution_milestones),
+                "eval_resolution": self.eval_resolution, "eval_views": self.cameras.eval_views}
+
 
 class NeRFTarget(Target):
     def __init__(
@@ -107,7 +111,7 @@ class NeRFTarget(Target):
                 f"({sorted(set(prompts))[:3]}...). Set prompt.text=\"...\" (prompt.repeat does not apply)"
             )
         self.config = config
-        object.__setattr__(self, "prior", prior)
+        attach_prior(self, prior)
         self.prompt = prompts[0]
         self.seed = generator.initial_seed()
         with torch.random.fork_rng():  # initial weights from the run's seed, without drawing from its generator
@@ -167,8 +171,8 @@ class NeRFTarget(Target):
         if self.config.perp_neg:
             perp_neg = perp_neg_views(self.prompt, batch["elevation"].cpu(), batch["azimuth"].cpu(), view_prompt,
                                       uncond="", overhead_threshold=self.config.overhead_threshold)
-        return Render(images=self.to_prior_size(images), prompts=self.prompts_for(batch), cameras=c2w.flatten(1),
-                      perp_neg=perp_neg)
+        return Render(images=self.to_prior_size(images), prompts=self.prompts_for(batch),
+                      plain_prompts=[self.prompt] * c2w.shape[0], cameras=c2w.flatten(1), perp_neg=perp_neg)
 
     def regularizers(self, step: int) -> dict[str, torch.Tensor]:
         if self._last is None:
