@@ -212,8 +212,7 @@ class Guidance(nn.Module):
         return _expand(self.prior.abar(t), like)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        abar = self.alpha_bar(t, x0)
-        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        return self.prior.add_noise(x0, noise, t)
 
     def weighting(self, step: int | None) -> Weighting:
         """w(t)'s kind at ``step`` (the config's; a method with stages may change it)."""

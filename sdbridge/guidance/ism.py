@@ -92,8 +92,8 @@ class ISM(Guidance):
         return [self.config.inversion_text] * len(prompts)
 
     def texts(self, prompts):
-        texts = super().texts(prompts)
-        return texts + [self.inversion_texts(prompts)] * (self.inversion_texts(prompts) not in texts)
+        texts, inversion = super().texts(prompts), self.inversion_texts(prompts)
+        return texts if inversion in texts else [*texts, inversion]
 
     def sample_noise(self, x0):
         noise = super().sample_noise(x0)

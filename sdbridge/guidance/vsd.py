@@ -53,7 +53,7 @@ from torch import nn
 
 from sdbridge import rng
 from sdbridge.guidance.base import Guidance, GuidanceConfig, as_enum
-from sdbridge.priors.base import attach_prior, per_sample
+from sdbridge.priors.base import attach_prior
 from sdbridge.priors.stable_diffusion import StableDiffusionPrior
 
 CAMERA_DIM = 16  # a flattened 4x4 camera-to-world matrix (threestudio's "extrinsics"); zeros for 2D targets
@@ -132,12 +132,6 @@ class VSDConfig(GuidanceConfig):
             raise ValueError("guidance.train_min_step / train_max_step must satisfy 0 <= min < max <= 1000")
 
 
-def noised(model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` on ``model``'s schedule."""
-    abar = per_sample(model.abar(t).float(), x0).to(x0)
-    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-
-
 class LoRASource(nn.Module):
     """LoRA adapters and a camera embedding on a UNet: the prior's own (adapters switched on only inside
     :meth:`active`) or a separate base model loaded by :meth:`StableDiffusionPrior.companion`."""
@@ -205,7 +199,7 @@ class LoRASource(nn.Module):
 
     def add_noise(self, x0, noise, t):
         """x_t on the base model's own schedule (official: ``scheduler_lora.add_noise``)."""
-        return noised(self.model, x0, noise, t)
+        return self.model.add_noise(x0, noise, t)
 
     def training_target(self, x0, noise, t):
         return self.model.training_target(x0, noise, t)
@@ -266,7 +260,7 @@ class ResidualEpsSource(nn.Module):
         return out, out
 
     def add_noise(self, x0, noise, t):
-        return noised(self.prior, x0, noise, t)
+        return self.prior.add_noise(x0, noise, t)
 
     def training_target(self, x0, noise, t):
         return noise

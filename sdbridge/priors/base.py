@@ -137,6 +137,11 @@ class DiffusionPrior(nn.Module, abc.ABC):
         (``set_alpha_to_one=False``); the UNet sees t = -99 as it is."""
         return self.alphas_cumprod[torch.as_tensor(t, device=self.device).long().clamp(min=0)]
 
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The forward process on this prior's schedule: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``."""
+        abar = per_sample(self.abar(t), x0).to(x0)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
     # ------------------------------------------------------------------ text
     def encode_text(self, prompts: Sequence[str]) -> TextEmbedding:
         """Encode a list of prompts (one per sample). Each distinct string is encoded once per run (cached)."""
