@@ -243,7 +243,8 @@ def _optimize(
     else:
         generator = torch.Generator().manual_seed(config.seed)
     schedule = build_schedule(config.scheduler, prior.num_train_timesteps)
-    guidance = build_guidance(config.guidance, prior, schedule, generator).to(prior.device)
+    guidance = build_guidance(config.guidance, prior, schedule, generator,
+                              config.target.view_prompting()).to(prior.device)
     target = TARGETS[type(config.target)](config.target, prior, len(prompts), generator, prompts)
     guidance.prepare(target.guidance_prompts(prompts))
     system = DistillationSystem(prior, guidance, target, prompts, generator)

@@ -17,6 +17,7 @@ from torch.utils.data import IterableDataset
 from sdbridge.guidance.base import Guidance, GuidanceOutput
 from sdbridge.priors.base import DiffusionPrior, attach_prior
 from sdbridge.targets.base import Target
+from sdbridge.views import Views
 
 
 class StepStream(IterableDataset):
@@ -39,21 +40,22 @@ def distillation_step(
     prompts: list[str],
     step: int,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    views: Views | None = None,
 ) -> tuple[GuidanceOutput, dict[str, torch.Tensor], torch.Tensor, dict[str, float]]:
     """One optimization step on the rendered ``x0``: the guidance's gradient, the target's step, and the update of
     the guidance's own trainable parts (VSD's source) on the detached ``x0``, before the target step (the samples the
     gradient was computed on, as the official VSD codes do) or after it, as ``guidance.train_before_target_step`` says.
-    Returns ``(guidance output, regularizers, loss, source logs)``."""
-    out = guidance(x0, prompts, step)
+    ``views``: the step's cameras (3D targets), passed to the guidance with the prompts. Returns ``(guidance output, regularizers, loss, source logs)``."""
+    out = guidance(x0, prompts, step, views=views)
     regs = target.regularizers(step)
     loss = out.loss + sum(regs.values(), torch.zeros((), device=out.loss.device))
     source_first = guidance.train_before_target_step
-    source_logs = guidance.train_step(x0.detach(), prompts, step) if source_first else {}
+    source_logs = guidance.train_step(x0.detach(), prompts, step, views=views) if source_first else {}
     optimizer.zero_grad(set_to_none=True)
     backward(loss)
     optimizer.step()
     if not source_first:  # an image target's x0 is its parameter: the source sees the updated image
-        source_logs = guidance.train_step(x0.detach(), prompts, step)
+        source_logs = guidance.train_step(x0.detach(), prompts, step, views=views)
     return out, regs, loss, source_logs
 
 
@@ -98,11 +100,8 @@ class DistillationSystem(L.LightningModule):
         render = self.target(batch)
         x0 = render.x0 if render.x0 is not None else self.prior.encode(render.images)
         prompts = render.prompts if render.prompts is not None else self.prompts
-        self.guidance.cameras = render.cameras
-        self.guidance.perp_neg = render.perp_neg
-        self.guidance.plain_prompts = render.plain_prompts
         out, regs, loss, source_logs = distillation_step(self.guidance, self.target, opt, x0, prompts, step,
-                                                         self.manual_backward)
+                                                         self.manual_backward, views=render.views)
 
         n = x0.shape[0]
         self.total_nfe += out.nfe

@@ -26,6 +26,7 @@ from sdbridge.guidance.sds import SDS, SDSConfig
 from sdbridge.guidance.vsd import VSD, VSDConfig
 from sdbridge.priors.base import DiffusionPrior
 from sdbridge.schedules import TimestepSchedule
+from sdbridge.views import ViewPrompting
 
 #: name (the YAML in conf/guidance/) -> (config class, guidance class)
 GUIDANCES: dict[str, tuple[type[GuidanceConfig], type[Guidance]]] = {
@@ -41,11 +42,12 @@ GUIDANCES: dict[str, tuple[type[GuidanceConfig], type[Guidance]]] = {
 
 
 def build_guidance(
-    config: GuidanceConfig, prior: DiffusionPrior, schedule: TimestepSchedule, generator: torch.Generator | None
+    config: GuidanceConfig, prior: DiffusionPrior, schedule: TimestepSchedule, generator: torch.Generator | None,
+    view_prompting: ViewPrompting | None = None,
 ) -> Guidance:
     for cfg_cls, cls in GUIDANCES.values():
         if type(config) is cfg_cls:
-            return cls(config, prior, schedule, generator)
+            return cls(config, prior, schedule, generator, view_prompting)
     raise ValueError(f"no guidance is registered for config type {type(config).__name__}")
 
 

@@ -35,10 +35,11 @@ import torch
 from torch import nn
 
 from sdbridge import rng
-from sdbridge.guidance.perp_neg import PerpNegViews, perp_neg_guidance
+from sdbridge.guidance.perp_neg import perp_neg_guidance
 from sdbridge.priors.base import DiffusionPrior, attach_prior, per_sample
 from sdbridge.sampling import classifier_free_guidance, ddim_step, timestep_path
 from sdbridge.schedules import TimestepSchedule
+from sdbridge.views import StepPrompts, ViewPrompting, Views
 
 
 E = TypeVar("E", bound=Enum)
@@ -120,10 +121,6 @@ def surrogate_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((x0 - target) ** 2).sum()
 
 
-def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return per_sample(v, like).to(like)
-
-
 class Guidance(nn.Module):
     """Base class of all guidances; see the module docstring for the formula.
 
@@ -134,6 +131,11 @@ class Guidance(nn.Module):
         prior: the diffusion prior (owns the schedule, the text encoder and the denoiser).
         schedule: the timestep schedule used when ``t`` is not given.
         generator: the run's seeded CPU generator; all randomness (t, noise) is drawn from it.
+        view_prompting: how the views a 3D target passes to :meth:`forward` change the texts (view-dependent
+            prompts, Perp-Neg); off by default (image targets pass no views).
+
+    Every part below receives the step's prompts as :class:`~sdbridge.views.StepPrompts` (a list of the texts to
+    condition on, with the step's ``views``, ``plain`` view-independent prompts and ``perp_neg`` conditionings).
     """
 
     def __init__(
@@ -142,6 +144,7 @@ class Guidance(nn.Module):
         prior: DiffusionPrior,
         schedule: TimestepSchedule,
         generator: torch.Generator | None = None,
+        view_prompting: ViewPrompting | None = None,
     ):
         super().__init__()
         self.config = config
@@ -150,15 +153,7 @@ class Guidance(nn.Module):
         self.schedule = schedule
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.max_steps = 1
-        #: the current step's cameras ``(B, 16)`` (flattened camera-to-world), set by the training system for 3D
-        #: targets; None for image targets. Only camera-conditioned parts (VSD's LoRA) read it.
-        self.cameras: torch.Tensor | None = None
-        #: the current step's Perp-Neg view conditionings (3D targets with ``target.perp_neg=true``); when set,
-        #: the default CFG eps_tgt becomes the Perp-Neg combination (sdbridge/guidance/perp_neg.py)
-        self.perp_neg: PerpNegViews | None = None
-        #: the current step's prompts without view suffixes (3D targets with view-dependent prompting); None when the
-        #: prompts are already view-independent. Only VSD's LoRA reads them (threestudio conditions it on these).
-        self.plain_prompts: list[str] | None = None
+        self.view_prompting = view_prompting or ViewPrompting()
 
     def setup(self, max_steps: int, initial_noise: torch.Tensor | None = None) -> None:
         """Called once the trainer's real ``max_steps`` is known. ``initial_noise``: the eps prediction the target's
@@ -186,17 +181,21 @@ class Guidance(nn.Module):
         return []
 
     def prepare(self, prompts: Sequence[str]) -> None:
-        """Encode every text once before training: fills the embedding cache and fails early on bad prompts."""
-        for batch in self.texts(prompts):
-            self.prior.encode_text(batch)
+        """Encode every text once before training (each view direction's, for 3D targets): fills the embedding cache
+        and fails early on bad prompts."""
+        for resolved in self.view_prompting.every_view(prompts):
+            for batch in self.texts(resolved):
+                self.prior.encode_text(batch)
 
     # ------------------------------------------------------------------ trainable parts and state
     #: whether :meth:`train_step` runs before the target's optimizer step, i.e. on the very samples the gradient was
     #: computed on (the official VSD codes), rather than after it (an image target's updated image)
     train_before_target_step: bool = True
 
-    def train_step(self, x0: torch.Tensor, prompts: Sequence[str], step: int) -> dict[str, float]:
-        """Update trainable parts (VSD's source network) on the detached current samples; returns log values."""
+    def train_step(self, x0: torch.Tensor, prompts: Sequence[str], step: int, *,
+                   views: Views | None = None) -> dict[str, float]:
+        """Update trainable parts (VSD's source network) on the detached current samples seen from ``views``;
+        returns log values."""
         return {}
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -209,7 +208,7 @@ class Guidance(nn.Module):
     # ------------------------------------------------------------------ building blocks
     def alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``abar_t`` reshaped to broadcast against ``like``."""
-        return _expand(self.prior.abar(t), like)
+        return per_sample(self.prior.abar(t), like).to(like)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.prior.add_noise(x0, noise, t)
@@ -255,14 +254,17 @@ class Guidance(nn.Module):
 
     def target_texts(self, prompts: Sequence[str], step: int) -> dict[str, list[str]]:
         """Named conditionings eps_tgt needs (all evaluated with the source's in one batched call)."""
-        if self.perp_neg is not None:
-            return {"uncond": self.negatives(prompts), **self.perp_neg.texts()}
+        perp_neg = StepPrompts.of(prompts).perp_neg
+        if perp_neg is not None:
+            return {"uncond": self.negatives(prompts), **perp_neg.texts()}
         return {"uncond": self.negatives(prompts), "cond": list(prompts)}
 
-    def target_from(self, eps: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-        """eps_tgt from the predictions (default: CFG; Perp-Neg when the step's views are set)."""
-        if self.perp_neg is not None:
-            return perp_neg_guidance(eps, self.perp_neg, self.config.scale)
+    def target_from(self, eps: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, prompts: Sequence[str],
+                    step: int) -> torch.Tensor:
+        """eps_tgt from the predictions (default: CFG; Perp-Neg when the step's prompts carry Perp-Neg views)."""
+        perp_neg = StepPrompts.of(prompts).perp_neg
+        if perp_neg is not None:
+            return perp_neg_guidance(eps, perp_neg, self.config.scale)
         return classifier_free_guidance(eps["uncond"], eps["cond"], self.config.scale)
 
     def source_texts(self, prompts: Sequence[str], step: int) -> dict[str, list[str]]:
@@ -309,7 +311,7 @@ class Guidance(nn.Module):
                     raise ValueError(f"{type(self).__name__}: conditioning {name!r} means two different texts")
                 texts[name] = batch
         eps = self.predict(x_t, t, **texts) if texts else {}
-        tgt = self.target_from(eps, x_t, t, step) if "tgt" in parts else None
+        tgt = self.target_from(eps, x_t, t, prompts, step) if "tgt" in parts else None
         src = self.source_from(eps, x_t, t, kappa, prompts, step) if "src" in parts else None
         return tgt, src
 
@@ -351,17 +353,20 @@ class Guidance(nn.Module):
         prompts: Sequence[str],
         step: int,
         *,
+        views: Views | None = None,
         t: torch.Tensor | int | None = None,
         noise: torch.Tensor | None = None,
     ) -> GuidanceOutput:
         """Gradient and surrogate loss for the batch ``x0`` (``(B, *sample_shape)``, one prompt per sample).
 
+        ``views``: the step's cameras (3D targets), resolved with the prompts by :attr:`view_prompting`.
         Explicit ``t`` (an int or ``(B,)``) and ``noise`` make the result a pure function of the inputs;
         otherwise they are drawn from the run's generator.
         """
         B = x0.shape[0]
         if len(prompts) != B:
             raise ValueError(f"got {len(prompts)} prompts for a batch of {B} samples")
+        prompts = self.view_prompting.resolve(prompts, views)
         if t is None:
             t = self.sample_timesteps(step, B)
         t = torch.as_tensor(t).long().reshape(-1).cpu()
@@ -372,7 +377,7 @@ class Guidance(nn.Module):
         noise = self.sample_noise(x0) if noise is None else noise.to(x0)
         nfe_before = self.prior.nfe
         with torch.no_grad():
-            grad, t, extras = self.gradient(x0.detach().float(), list(prompts), step, t.to(x0.device), noise.float())
+            grad, t, extras = self.gradient(x0.detach().float(), prompts, step, t.to(x0.device), noise.float())
         t = t.cpu()
         if not torch.isfinite(grad).all():
             bad = (~torch.isfinite(grad)).flatten(1).any(1).nonzero().flatten().tolist()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from sdbridge.guidance.base import Guidance, GuidanceConfig, Weighting, as_enum, classifier_free_guidance
+from sdbridge.views import edited
 
 SOURCE_MODIFIER = ", oversaturated, smooth, pixelated, cartoon, foggy, hazy, blurry, bad structure, noisy, malformed"
 TARGET_MODIFIER = ", detailed high resolution, high quality, sharp"
@@ -60,21 +61,22 @@ class Bridge(Guidance):
 
     def target_texts(self, prompts, step):
         if self.stage(step) == 1:
-            return super().target_texts([p + self.config.stage_one_modifier for p in prompts], step)
+            return super().target_texts(edited(prompts, lambda p: p + self.config.stage_one_modifier), step)
         return {
-            "src": [p + self.config.source_modifier for p in prompts],
-            "tgt": [p + self.config.target_modifier for p in prompts],
+            "src": list(edited(prompts, lambda p: p + self.config.source_modifier)),
+            "tgt": list(edited(prompts, lambda p: p + self.config.target_modifier)),
         }
 
-    def target_from(self, eps, x_t, t, step):
+    def target_from(self, eps, x_t, t, prompts, step):
         if self.stage(step) == 1:
-            return super().target_from(eps, x_t, t, step)
+            return super().target_from(eps, x_t, t, edited(prompts, lambda p: p + self.config.stage_one_modifier),
+                                       step)
         return classifier_free_guidance(eps["src"], eps["tgt"], self.config.stage_two_scale)
 
     def source_texts(self, prompts, step):
         if self.stage(step) == 1:
             return {}
-        return {"src": [p + self.config.source_modifier for p in prompts]}
+        return {"src": list(edited(prompts, lambda p: p + self.config.source_modifier))}
 
     def source_from(self, eps, x_t, t, kappa, prompts, step):
         if self.stage(step) == 1:

@@ -14,6 +14,7 @@ import torch
 from sdbridge import rng
 from sdbridge.guidance.base import Guidance, classifier_free_guidance
 from sdbridge.guidance.perp_neg import perp_neg_guidance
+from sdbridge.views import StepPrompts
 from sdbridge.priors.base import per_sample
 from sdbridge.sampling import ddim_step, ddpm_posterior_std
 
@@ -66,7 +67,7 @@ def invert(
     Returns ``(x at path[-1], eps of the last evaluation)``.
     """
     uncond = guidance.negatives(prompts) if uncond_texts is None else list(uncond_texts)
-    views = guidance.perp_neg if perp_neg and scale is not None else None
+    views = StepPrompts.of(prompts).perp_neg if perp_neg and scale is not None else None
     x = x0
     eps = torch.zeros_like(x0)
     for i in range(len(path) - 1):

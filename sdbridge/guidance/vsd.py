@@ -55,6 +55,7 @@ from sdbridge import rng
 from sdbridge.guidance.base import Guidance, GuidanceConfig, as_enum
 from sdbridge.priors.base import attach_prior
 from sdbridge.priors.stable_diffusion import StableDiffusionPrior
+from sdbridge.views import StepPrompts
 
 CAMERA_DIM = 16  # a flattened 4x4 camera-to-world matrix (threestudio's "extrinsics"); zeros for 2D targets
 LORA_ON_PRIOR = "prior"  # guidance.lora_base value: adapters on the prior's own UNet
@@ -317,22 +318,22 @@ class VSD(Guidance):
     def has_model_source(self, step: int) -> bool:
         return True
 
-    def camera(self, batch_size: int, device) -> torch.Tensor:
-        """The step's cameras (3D targets) or zeros (images)."""
-        if self.cameras is not None and self.cameras.shape == (batch_size, CAMERA_DIM):
-            return self.cameras.to(device=device, dtype=torch.float32)
-        return torch.zeros(batch_size, CAMERA_DIM, device=device)
+    def camera(self, prompts: Sequence[str], device) -> torch.Tensor:
+        """The step's cameras ``(B, 16)`` (3D targets: flattened camera-to-world, as threestudio) or zeros (images)."""
+        views = StepPrompts.of(prompts).views
+        if views is None:
+            return torch.zeros(len(prompts), CAMERA_DIM, device=device)
+        return views.cameras().to(device)
 
     def source_prompts(self, prompts: Sequence[str]) -> list[str]:
-        """The texts the source is conditioned on: the view-independent prompts when the step has them."""
-        plain = self.plain_prompts
-        if self.config.lora_prompt is LoRAPrompt.view_independent and plain is not None and len(plain) == len(prompts):
-            return list(plain)
-        return list(prompts)
+        """The texts the source is conditioned on: the view-independent prompts (``lora_prompt=view_independent``,
+        threestudio) or the step's view-dependent texts."""
+        prompts = StepPrompts.of(prompts)
+        return list(prompts.plain if self.config.lora_prompt is LoRAPrompt.view_independent else prompts)
 
     def source_from(self, eps, x_t, t, kappa, prompts, step):
         self._ensure_source(prompts)
-        pred, _ = self.source(x_t, t, self.source_prompts(prompts), self.camera(x_t.shape[0], x_t.device))
+        pred, _ = self.source(x_t, t, self.source_prompts(prompts), self.camera(prompts, x_t.device))
         self.prior.nfe += 1
         return pred.float()
 
@@ -350,10 +351,12 @@ class VSD(Guidance):
         drop = torch.cat([rng.rand(B, g) < c.condition_dropout for _ in range(k)])
         return {"t": t, "noise": noise, "camera_drop": drop, "text_drop": drop}
 
-    def train_step(self, x0: torch.Tensor, prompts: Sequence[str], step: int, *,
+    def train_step(self, x0: torch.Tensor, prompts: Sequence[str], step: int, *, views=None,
                    draws: dict[str, torch.Tensor | None] | None = None) -> dict[str, float]:
-        """One diffusion-loss step of the source network on the detached current samples (``lora_steps`` times).
-        ``draws`` (as :meth:`draw_training` returns them) fixes the random numbers of a single update."""
+        """One diffusion-loss step of the source network on the detached current samples seen from ``views``
+        (``lora_steps`` times). ``draws`` (as :meth:`draw_training` returns them) fixes the random numbers of a
+        single update."""
+        prompts = self.view_prompting.resolve(prompts, views)
         self._ensure_source(prompts)
         c = self.config
         k, dev = c.lora_timestep_samples, x0.device
@@ -364,7 +367,7 @@ class VSD(Guidance):
             d = draws if draws is not None else self.draw_training(len(prompts))
             self.last_train_draws = d
             t, noise = d["t"].to(dev), d["noise"].to(x0)
-            camera = self.camera(len(prompts), dev).repeat(k, 1) * (~d["camera_drop"].to(dev)).float().unsqueeze(1)
+            camera = self.camera(prompts, dev).repeat(k, 1) * (~d["camera_drop"].to(dev)).float().unsqueeze(1)
             text_drop = d["text_drop"]
             x_t = self.source.add_noise(x0, noise, t)
             with self.source.train_context():

@@ -10,6 +10,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from sdbridge.views import ViewPrompting, Views
+
 
 @dataclass
 class OptimizerConfig:
@@ -45,19 +47,21 @@ class TargetConfig:
         """What of this target must match for two runs to share a comparison table (JSON values)."""
         return {}
 
+    def view_prompting(self) -> ViewPrompting:
+        """How this target's views change the guidance's texts (none for image targets)."""
+        return ViewPrompting()
+
 
 @dataclass
 class Render:
     """A target's output for one step: either images in [0, 1] (to be encoded by the prior) or model-space x0;
-    optionally the step's own per-sample prompts (view-dependent prompting) and cameras ``(B, 16)`` (flattened
-    camera-to-world matrices, for camera-conditioned guidance such as VSD's LoRA)."""
+    optionally the step's per-sample prompts and the cameras it was rendered from (3D targets: the guidance resolves
+    the view-dependent texts and conditions VSD's LoRA on them)."""
 
     images: Optional[torch.Tensor] = None
     x0: Optional[torch.Tensor] = None
-    prompts: Optional[list[str]] = None
-    plain_prompts: Optional[list[str]] = None  # the same prompts without view suffixes (VSD's LoRA text in 3D)
-    cameras: Optional[torch.Tensor] = None
-    perp_neg: Optional[Any] = None  # sdbridge.guidance.perp_neg.PerpNegViews of the step's cameras
+    prompts: Optional[list[str]] = None  # one per sample (a 3D target's batch of cameras)
+    views: Optional[Views] = None
 
 
 class Target(nn.Module, abc.ABC):

@@ -390,11 +390,11 @@ def uniform_for(delta: int) -> float:
     return (delta + 0.5) / OFFICIAL_JITTER
 
 
-def sdbridge_call(g: Guidance, x0: torch.Tensor, prompts: Sequence[str], step: int, t: torch.Tensor):
+def sdbridge_call(g: Guidance, x0: torch.Tensor, prompts: Sequence[str], step: int, t: torch.Tensor, views=None):
     """sdbridge's output for fixed x0 and t (``noise`` is given so the base class draws none; SDI ignores it: its
     kappa comes from the inversion); also checks that the surrogate loss backpropagates exactly ``grad``."""
     x = x0.clone().requires_grad_(True)
-    out = g(x, list(prompts), step, t=t, noise=torch.zeros_like(x0))
+    out = g(x, list(prompts), step, views=views, t=t, noise=torch.zeros_like(x0))
     (loss_grad,) = torch.autograd.grad(out.loss, x)
     assert rel_err(loss_grad, out.grad) <= 1e-6
     return out
@@ -517,7 +517,8 @@ def test_inversion_grid_matches_official(t_value, source, tiny_prior, tiny_cache
 def nerf_sdi_guidance(prior, tiny_cache, seed: int, overrides: tuple[str, ...] = ()) -> Guidance:
     run = composed(("experiment=nerf_sdi", *overrides), str(tiny_cache))
     g = build_guidance(run.guidance, prior, build_schedule(run.scheduler, prior.num_train_timesteps),
-                       torch.Generator().manual_seed(seed))
+                       torch.Generator().manual_seed(seed), run.target.view_prompting())
+    assert g.view_prompting.perp_neg  # the preset's target turns Perp-Neg on
     g.setup(run.trainer.max_steps)
     return g.to(prior.device)
 
@@ -533,16 +534,15 @@ def test_nerf_sdi_perp_neg_matches_official(t_value, azimuth, tiny_prior, tiny_c
     difference of sdbridge.guidance.perp_neg), so the tolerance there is looser. (t = 980 is left out: sdbridge
     evaluates 5 conditionings where threestudio evaluates 4, and that fp32 batch-layout noise, amplified by the
     inversion's -7.5 and x0_hat's 1 / sqrt(abar_980) ~ 14, reaches 9e-5 there.)"""
-    from sdbridge.guidance.perp_neg import perp_neg_views
-    from sdbridge.targets.nerf.cameras import view_prompt
+    from sdbridge.views import Views
 
     g = nerf_sdi_guidance(tiny_prior, tiny_cache, seed=t_value)
     prompt, elevation = PROMPTS[0], 0.0
-    g.perp_neg = perp_neg_views(prompt, torch.tensor([elevation]), torch.tensor([azimuth]), view_prompt, uncond="")
+    views = Views.at([elevation], [azimuth])
     x0 = inputs(1, seed=t_value + 1)
     t = torch.tensor([t_value])
     replay = same_state(g.generator)
-    out = sdbridge_call(g, x0, [prompt], 0, t)
+    out = sdbridge_call(g, x0, [prompt], 0, t, views=views)
 
     emb, weights = official.text_embeddings_perp_neg(prompt, elevation, azimuth)
     delta = int(rng.randint(OFFICIAL_JITTER, 1, replay, shared=True)[0])
@@ -561,8 +561,7 @@ def test_nerf_sdi_perp_neg_matches_official(t_value, azimuth, tiny_prior, tiny_c
     assert e_x_t <= tol and e <= tol
     # the earlier choice (plain CFG in the inversion) is measurably not the official method
     g_cfg = nerf_sdi_guidance(tiny_prior, tiny_cache, seed=t_value, overrides=("guidance.inversion_perp_neg=false",))
-    g_cfg.perp_neg = g.perp_neg
-    drift = rel_err(sdbridge_call(g_cfg, x0, [prompt], 0, t).grad, ref)
+    drift = rel_err(sdbridge_call(g_cfg, x0, [prompt], 0, t, views=views).grad, ref)
     print(f"PARITY nerf_sdi inversion_perp_neg=false: grad rel err {drift:.1e}")
     assert drift > 10 * TOL
 

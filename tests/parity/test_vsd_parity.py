@@ -59,6 +59,7 @@ from sdbridge.guidance import GUIDANCES, build_guidance
 from sdbridge.priors.tiny import TinySDConfig, ensure_tiny_sd
 from sdbridge.schedules import build_schedule
 from sdbridge.system import distillation_step
+from sdbridge.views import Views
 from sdbridge.targets import ImageTarget
 from tests.conftest import compose
 
@@ -239,10 +240,15 @@ def build(overrides: tuple[str, ...], prior, tiny_cache, source: str = "yaml", s
     config = run.guidance if source == "yaml" else GUIDANCES["vsd"][0]()
     assert type(config) is GUIDANCES["vsd"][0]
     g = build_guidance(config, prior, build_schedule(run.scheduler, prior.num_train_timesteps),
-                       torch.Generator().manual_seed(seed))
+                       torch.Generator().manual_seed(seed), run.target.view_prompting())
     g.setup(run.trainer.max_steps)
     g.prepare([PROMPT])
     return g, run
+
+
+def side_view(c2w: torch.Tensor) -> Views:
+    """One camera at azimuth 90 (its view-dependent text is ``VIEW_PROMPT``) with the camera matrix ``c2w``."""
+    return Views(torch.tensor([0.0]), torch.tensor([90.0]), torch.tensor([1.0]), c2w)
 
 
 def official_for(g, folders) -> OfficialVSD:
@@ -293,9 +299,8 @@ def test_vsd_gradient_matches_official_3d(tiny_prior, tiny_cache, folders):
     ref = official_for(g, folders)
     x0, noise = inputs(7)
     c2w = torch.randn(1, 4, 4, generator=torch.Generator().manual_seed(8))
-    g.cameras, g.plain_prompts = c2w.flatten(1), [PROMPT]
     t = torch.tensor([333])
-    ours = g(x0, [VIEW_PROMPT], 0, t=t, noise=noise).grad
+    ours = g(x0, [PROMPT], 0, views=side_view(c2w), t=t, noise=noise).grad
     official = ref.grad(x0, t, noise, VIEW_PROMPT, PROMPT, c2w)
     wrong_text = ref.grad(x0, t, noise, VIEW_PROMPT, VIEW_PROMPT, c2w)  # LoRA on the view-dependent text
     err = rel_err(ours, official)
@@ -314,9 +319,8 @@ def test_lora_step_matches_official(drop, preset, tiny_prior, tiny_cache, folder
     x0, noise = inputs(11)
     t = torch.tensor([637])
     c2w = torch.randn(1, 4, 4, generator=torch.Generator().manual_seed(12)) if three_d else torch.zeros(1, 4, 4)
-    g.cameras, g.plain_prompts = (c2w.flatten(1), [PROMPT]) if three_d else (None, None)
     before_ours, before_cam = our_lora_vector(g), our_camera_vector(g)
-    logs = g.train_step(x0, [VIEW_PROMPT if three_d else PROMPT], 0,
+    logs = g.train_step(x0, [PROMPT], 0, views=side_view(c2w) if three_d else None,
                         draws={"t": t, "noise": noise, "camera_drop": torch.tensor([drop]), "text_drop": None})
     opt = ref.lora_optimizer(**(LORA_ADAMW_3D if three_d else LORA_ADAMW_2D))
     before_ref = ref.lora_vector()

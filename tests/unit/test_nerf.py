@@ -16,8 +16,8 @@ from sdbridge.targets.nerf.cameras import (
     sample_cameras,
     spherical_position,
     turntable_cameras,
-    view_direction,
 )
+from sdbridge.views import view_direction
 from sdbridge.targets.nerf.encoding import HashGrid, HashGridConfig
 from sdbridge.targets.nerf.export import extract_mesh, read_ply, write_obj, write_ply
 from sdbridge.targets.nerf.field import FieldConfig, NormalType, RadianceField
@@ -324,14 +324,13 @@ def test_mesh_of_the_blob_is_the_expected_sphere_and_files_round_trip(tmp_path):
 
 # ------------------------------------------------------------------ Perp-Neg
 def test_perp_neg_components_and_weights():
-    from sdbridge.guidance.perp_neg import F_SF, decay, perp_neg_guidance, perp_neg_views, perpendicular
-    from sdbridge.targets.nerf.cameras import view_prompt
+    from sdbridge.guidance.perp_neg import perp_neg_guidance, perpendicular
+    from sdbridge.views import F_SF, decay, perp_neg_views
 
     x, y = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
     p = perpendicular(x, y)
     assert torch.allclose((p * y).sum((1, 2, 3)), torch.zeros(3), atol=1e-4)
-    views = perp_neg_views("a cat", torch.tensor([0.0, 0.0, 0.0, 80.0]), torch.tensor([0.0, 45.0, 180.0, 0.0]),
-                           view_prompt, uncond="")
+    views = perp_neg_views(["a cat"] * 4, torch.tensor([0.0, 0.0, 0.0, 80.0]), torch.tensor([0.0, 45.0, 180.0, 0.0]))
     assert views.pos_a[0] == "a cat, front view" and views.mix[0] == 1.0  # straight front: pos = front
     assert views.weights[0, 0].item() == pytest.approx(0.0, abs=1e-3)  # f_fs(1) = 0 by construction
     assert views.weights[0, 1].item() == pytest.approx(-decay(F_SF, 0.0))  # the side view is pushed away

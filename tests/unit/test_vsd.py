@@ -9,6 +9,7 @@ import torch
 from sdbridge.guidance import VSD, VSDConfig
 from sdbridge.guidance.vsd import LoRAPrompt
 from sdbridge.schedules import UniformConfig, build_schedule
+from sdbridge.views import ViewPrompting, Views
 
 
 def make_vsd(prior, prompts, **cfg):
@@ -38,7 +39,7 @@ def test_lora_loss_decreases_and_adapters_off_leave_the_prior_unchanged(lora_bas
         abar = prior.alphas_cumprod[fixed_t].float().view(-1, 1, 1, 1)
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * fixed_noise
         with torch.no_grad():
-            pred, _ = g.source(x_t, fixed_t, prompts, g.camera(2, x0.device))
+            pred, _ = g.source(x_t, fixed_t, prompts, g.camera(prompts, x0.device))
         return float(((pred - fixed_noise) ** 2).mean())
 
     start = fixed_loss()
@@ -47,13 +48,13 @@ def test_lora_loss_decreases_and_adapters_off_leave_the_prior_unchanged(lora_bas
     assert fixed_loss() < 0.95 * start  # LoRA on a tiny random UNet has little capacity; without training it stays equal
     after = prior.predict_eps(x, t, [prior.encode_text(prompts)])
     torch.testing.assert_close(after, before)  # adapters are off for the pretrained prediction
-    lora_pred, _ = g.source(x, t, prompts, g.camera(2, x.device))
+    lora_pred, _ = g.source(x, t, prompts, g.camera(prompts, x.device))
     assert not torch.allclose(lora_pred, before[0])  # ... and on for the source
     # the source state survives a checkpoint round trip
     state = g.get_extra_state()
     g2 = make_vsd(prior, prompts, lora_base=lora_base)
     g2.set_extra_state(state)
-    torch.testing.assert_close(g2.source(x, t, prompts, g2.camera(2, x.device))[0], lora_pred)
+    torch.testing.assert_close(g2.source(x, t, prompts, g2.camera(prompts, x.device))[0], lora_pred)
 
 
 def test_vsd_gradient_uses_the_source_network(tiny_prior):
@@ -68,7 +69,7 @@ def test_vsd_gradient_uses_the_source_network(tiny_prior):
     assert out.nfe == 3  # CFG (2) + LoRA source (1)
     abar = tiny_prior.alphas_cumprod[t].float().view(-1, 1, 1, 1)
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-    src, raw = g.source(x_t, t, prompts, g.camera(2, x0.device))
+    src, raw = g.source(x_t, t, prompts, g.camera(prompts, x0.device))
     torch.testing.assert_close(src, abar.sqrt() * raw + (1 - abar).sqrt() * x_t)  # v-prediction served as eps
     cond = tiny_prior.predict_eps(x_t, t, [tiny_prior.encode_text(prompts)])[0]
     assert not torch.allclose(src, cond, rtol=1e-2, atol=1e-3)
@@ -95,10 +96,10 @@ def test_vsd_options_change_the_source_training(tiny_prior):
     d = g.draw_training(4000)
     assert d["text_drop"] is not None and torch.equal(d["text_drop"], d["camera_drop"])
     assert 0 < float(d["camera_drop"].float().mean()) < 1  # per sample, not one draw for the batch
-    g.plain_prompts = ["a dog"]
-    assert g.source_prompts(["a dog, side view"]) == ["a dog"]
+    side = ViewPrompting(enabled=True).resolve(["a dog"], Views.at([0.0], [90.0]))
+    assert list(side) == ["a dog, side view"] and g.source_prompts(side) == ["a dog"]
     g.config.lora_prompt = LoRAPrompt.view_dependent
-    assert g.source_prompts(["a dog, side view"]) == ["a dog, side view"]
+    assert g.source_prompts(side) == ["a dog, side view"]
     assert make_vsd(tiny_prior, ["a dog"], lora_base="prior", train_before_target_step=False).train_before_target_step \
         is False
     with pytest.raises(ValueError, match="guidance.dropout='sample'"):

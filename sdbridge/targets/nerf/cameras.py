@@ -165,26 +165,4 @@ class CameraDataModule(L.LightningDataModule):
         return DataLoader(CameraStream(self.config, self.seed, start), batch_size=None, num_workers=0)
 
 
-def view_direction(elevation: float, azimuth: float, front: float = 45.0, back: float = 45.0,
-                   overhead: float = 60.0) -> str:
-    """DreamFusion's view-dependent prompting (threestudio's thresholds): ``overhead`` above ``overhead`` degrees of
-    elevation, else ``front`` within ``front`` degrees of azimuth 0, ``back`` within ``back`` of 180, else ``side``."""
-    if elevation > overhead:
-        return "overhead"
-    a = (azimuth + 180) % 360 - 180
-    if abs(a) < front:
-        return "front"
-    if abs(a) > 180 - back:
-        return "back"
-    return "side"
-
-
-VIEWS = ("front", "side", "back", "overhead")
-
-
-def view_prompt(prompt: str, view: str) -> str:
-    return f"{prompt}, {view} view"
-
-
-__all__ = ["CameraConfig", "CameraDataModule", "VIEWS", "camera_rays", "look_at", "sample_cameras",
-           "turntable_cameras", "view_direction", "view_prompt"]
+__all__ = ["CameraConfig", "CameraDataModule", "camera_rays", "look_at", "sample_cameras", "turntable_cameras"]

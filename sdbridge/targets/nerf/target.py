@@ -2,9 +2,10 @@
 
 ``forward(batch)`` renders the batch's cameras at the resolution the schedule gives for the step (e.g. 64 until
 step 5000, then 512), resizes the renders to the prior's image size (512 for SD, whose VAE then encodes them; the
-pixel size of a pixel prior) and returns them with one prompt per camera: ``"<prompt>, <front|side|back|overhead>
-view"`` from the camera's azimuth and elevation (DreamFusion). The render's opacity, depth variance and normals
-feed the regularizers of the same step.
+pixel size of a pixel prior) and returns them with the cameras (:class:`~sdbridge.views.Views`); the guidance
+turns the prompt into ``"<prompt>, <front|side|back|overhead> view"`` per camera (DreamFusion; Perp-Neg with
+``perp_neg=true``) as :meth:`NeRFTargetConfig.view_prompting` says. The render's opacity, depth variance and
+normals feed the regularizers of the same step.
 
 Outputs (``export``): ``images/final/`` holds a front view per prompt, ``grid.png`` (rgb / normal / opacity rows
 of four views), ``turntable.mp4`` and ``mesh.ply`` / ``mesh.obj`` (marching cubes with vertex colors).
@@ -21,22 +22,19 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from sdbridge.guidance.perp_neg import perp_neg_views
 from sdbridge.media import make_grid, save_png, slug, write_video
 from sdbridge.priors.base import DiffusionPrior, attach_prior
 from sdbridge.targets.base import Render, Target, TargetConfig
 from sdbridge.targets.nerf.cameras import (
-    VIEWS,
     CameraConfig,
     CameraDataModule,
     camera_rays,
     turntable_cameras,
-    view_direction,
-    view_prompt,
 )
 from sdbridge.targets.nerf.export import extract_mesh, write_obj, write_ply
 from sdbridge.targets.nerf.field import FieldConfig, RadianceField
 from sdbridge.targets.nerf.regularizers import RegularizerConfig, normal_colors, regularizer_losses
+from sdbridge.views import ViewPrompting, Views
 from sdbridge.targets.nerf.renderer import (
     BackgroundKind,
     RendererConfig,
@@ -59,7 +57,7 @@ class NeRFTargetConfig(TargetConfig):
     resolution_milestones: list[int] = dfield(default_factory=list)  # steps where the next resolution starts
     eval_resolution: int = 64  # validation grids, turntable video
     view_dependent_prompts: bool = True
-    perp_neg: bool = False  # Perp-Neg view prompting (sdbridge/guidance/perp_neg.py): 2 more conditionings/sample
+    perp_neg: bool = False  # Perp-Neg view prompting (sdbridge/views.py): 2 more conditionings/sample
     front_threshold: float = 45.0  # degrees of azimuth around 0 that are "front" (threestudio: 45; ProlificDreamer 30)
     back_threshold: float = 45.0
     overhead_threshold: float = 60.0  # elevation above which a view is "overhead"
@@ -88,6 +86,10 @@ class NeRFTargetConfig(TargetConfig):
     def resolution(self, step: int) -> int:
         stage = sum(step >= m for m in self.resolution_milestones)
         return int(self.resolutions[stage])
+
+    def view_prompting(self) -> ViewPrompting:
+        return ViewPrompting(self.view_dependent_prompts, self.perp_neg, self.front_threshold, self.back_threshold,
+                             self.overhead_threshold)
 
     def protocol_fields(self) -> dict[str, Any]:
         return {"resolutions": list(self.resolutions), "resolution_milestones": list(self.resolution_milestones),
@@ -126,19 +128,8 @@ class NeRFTarget(Target):
         return CameraDataModule(self.config.cameras, self.seed)
 
     def guidance_prompts(self, prompts: list[str]) -> list[str]:
-        """Every text a step can ask the guidance for (encoded once before training)."""
-        if not self.config.view_dependent_prompts:
-            return [self.prompt]
-        return [view_prompt(self.prompt, v) for v in VIEWS]
-
-    def prompts_for(self, batch: dict[str, Any]) -> list[str]:
-        n = batch["c2w"].shape[0]
-        if not self.config.view_dependent_prompts:
-            return [self.prompt] * n
-        c = self.config
-        return [view_prompt(self.prompt, view_direction(float(e), float(a), c.front_threshold, c.back_threshold,
-                                                        c.overhead_threshold))
-                for e, a in zip(batch["elevation"], batch["azimuth"])]
+        """The scene's prompt (the guidance adds the view suffixes of :meth:`NeRFTargetConfig.view_prompting`)."""
+        return [self.prompt]
 
     def to_prior_size(self, images: torch.Tensor) -> torch.Tensor:
         size = self.prior.image_size
@@ -167,12 +158,9 @@ class NeRFTarget(Target):
                             background_color=None if background is None else background.to(device))
         self._last = out
         images = out["rgb"].permute(0, 3, 1, 2)
-        perp_neg = None
-        if self.config.perp_neg:
-            perp_neg = perp_neg_views(self.prompt, batch["elevation"].cpu(), batch["azimuth"].cpu(), view_prompt,
-                                      uncond="", overhead_threshold=self.config.overhead_threshold)
-        return Render(images=self.to_prior_size(images), prompts=self.prompts_for(batch),
-                      plain_prompts=[self.prompt] * c2w.shape[0], cameras=c2w.flatten(1), perp_neg=perp_neg)
+        views = Views(batch["elevation"].cpu().float(), batch["azimuth"].cpu().float(),
+                      batch["distance"].cpu().float(), c2w)
+        return Render(images=self.to_prior_size(images), prompts=[self.prompt] * c2w.shape[0], views=views)
 
     def regularizers(self, step: int) -> dict[str, torch.Tensor]:
         if self._last is None:
