@@ -144,7 +144,7 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     if "exact_metrics" in summary:
         from sdbridge.callbacks.exact_metrics import format_metrics
 
-        print("\nExact metrics against the true distributions (sdbridge/eval/exact.py):")
+        print("\nExact metrics against the true distributions (sdbridge/metrics/exact.py):")
         print(format_metrics(summary["exact_metrics"]))
     print(f"\nsdbridge: {summary['steps']} steps in {summary['wall_clock_s']:.1f} s, "
           f"{summary['nfe_per_step']} NFEs/step, final loss {summary['final_loss']:.4g}")

@@ -27,7 +27,6 @@ import torch
 
 from sdbridge.callbacks.summary import write_summary
 from sdbridge.config import LoggerKind, RunConfig
-from sdbridge.priors.analytic import AnalyticPrior
 from sdbridge.targets import ImageTargetConfig
 
 log = logging.getLogger("sdbridge")
@@ -145,8 +144,8 @@ def run(
             write_summary(batch_dir, part)
             parts.append(part)
         summary = merge_summaries(parts, run_dir)
-        if isinstance(prior, AnalyticPrior) and config.eval.exact:
-            from sdbridge.eval.exact import exact_metrics
+        if prior.has_true_distribution and config.eval.exact:
+            from sdbridge.metrics.exact import exact_metrics
 
             samples = torch.cat([torch.load(Path(p["model_samples"]), weights_only=True) for p in parts])
             summary["exact_metrics"] = exact_metrics(prior, samples, [r["prompt"] for r in summary["samples"]])
@@ -279,7 +278,7 @@ def _optimize(
             )
         )
     exact_cb = None
-    if config.eval.exact and isinstance(prior, AnalyticPrior):
+    if config.eval.exact and prior.has_true_distribution:
         exact_cb = ExactMetricsCallback(prior, config.eval.every)
         all_callbacks.append(exact_cb)
     if config.trainer.progress_bar:
@@ -327,7 +326,7 @@ def _optimize(
         "video": str(media.video_path) if media.video_path else None,
         "checkpoint": str(last_ckpt) if last_ckpt.exists() else None,
     }
-    if isinstance(prior, AnalyticPrior):  # model-space samples, so exact metrics can be merged across batches
+    if prior.has_true_distribution:  # model-space samples, so exact metrics can be merged across batches
         extra["model_samples"] = str(run_dir / "model_samples.pt")
         torch.save(target.model_samples().cpu(), run_dir / "model_samples.pt")
         if isinstance(config.target, ImageTargetConfig):

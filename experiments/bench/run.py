@@ -34,10 +34,9 @@ from typing import Any, Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
+import lightning as L
+import torch
 
 ALL_METHODS = ["sds", "nfsd", "csd", "bridge", "sdi", "ism", "vsd", "vsd_full_bridge"]  # VSD last: adapters stay
 PROMPTS = ["a photo of a dog", "a red car on a street", "a bowl of fruit", "a wooden chair", "a cozy cabin",

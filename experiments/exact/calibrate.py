@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import math
 import subprocess
@@ -40,7 +41,11 @@ def load_old(rev: str, folder: Path):
     for f in target.rglob("*.py"):
         f.write_text(f.read_text().replace("sdbridge.", "sdbridge_old.").replace("from sdbridge import",
                                                                                    "from sdbridge_old import"))
-    sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location("sdbridge_old", target / "__init__.py",
+                                                  submodule_search_locations=[str(target)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["sdbridge_old"] = package  # its submodules import each other by this name
+    spec.loader.exec_module(package)
     analytic = importlib.import_module("sdbridge_old.priors.analytic")
     return analytic.AnalyticPrior(analytic.AnalyticConfig(device="cpu"))
 
@@ -148,8 +153,7 @@ def main() -> None:
     parser.add_argument("--compare-old", metavar="REV", default=None, help="also measure the world of this revision")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "exact" / "calibration.json")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
-    from sdbridge.eval.classify import classifier_for
+    from sdbridge.metrics.classify import classifier_for
     from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior
 
     prior = AnalyticPrior(AnalyticConfig(device="cpu"))

@@ -18,18 +18,16 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from sdbridge.eval.protocol import ExactProtocol, markdown_table, per_prompt_table, reference_rows, run_method  # noqa: E402
-from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior  # noqa: E402
+from sdbridge.eval.protocol import ExactProtocol, markdown_table, per_prompt_table, reference_rows, run_method
+from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior
 
 
 def slug(name: str) -> str:
@@ -91,7 +89,7 @@ true distribution, and DDIM with the exact eps (what the prior itself can do).
 
 Regenerate with `{command}` ({'quick protocol' if args.quick else 'full protocol'}).
 
-**Protocol.** {protocol.describe()}. Metrics (sdbridge/eval/exact.py) are computed per prompt on the model-space
+**Protocol.** {protocol.describe()}. Metrics (sdbridge/metrics/exact.py) are computed per prompt on the model-space
 images (unclamped) and averaged over prompts: FD = Frechet distance to the prompt's exact mean and covariance in model
 space (unit variance: with 16 images in 3,072 dimensions exact samples themselves score ~900–1,800, all finite-sample
 bias), NLL in bits/dim under the exact density,

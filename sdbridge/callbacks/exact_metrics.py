@@ -6,11 +6,11 @@ from typing import Any
 
 import lightning as L
 
-from sdbridge.eval.exact import exact_metrics
+from sdbridge.metrics.exact import exact_metrics
 
 
 class ExactMetricsCallback(L.Callback):
-    """Computes :func:`sdbridge.eval.exact.exact_metrics` on the target's model-space samples (unclamped x0) every ``every`` steps (0: only at
+    """Computes :func:`sdbridge.metrics.exact.exact_metrics` on the target's model-space samples (unclamped x0) every ``every`` steps (0: only at
     the end) and logs the means as ``exact/<metric>``; the final result is kept in :attr:`final`."""
 
     def __init__(self, prior: Any, every: int = 0):

@@ -88,7 +88,7 @@ def run_method(guidance: str, protocol: ExactProtocol, extra: Sequence[str] = ()
 def reference_rows(prior: Any, protocol: ExactProtocol, scales: Sequence[float] = (1.0, 7.5)) -> dict[str, dict]:
     """Metrics of exact samples and of DDIM samples (exact eps, eta 0) at the CFG ``scales`` for the protocol's
     prompts."""
-    from sdbridge.eval.exact import exact_metrics
+    from sdbridge.metrics.exact import exact_metrics
     from sdbridge.sampling import ddim_sample
 
     prompts = [p for p in protocol.prompts for _ in range(protocol.images_per_prompt)]

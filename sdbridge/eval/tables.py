@@ -7,7 +7,7 @@ scored together (FID over the merged images against the reference statistics of 
 Runs made under different protocols (prior, steps, resolution, prompt set, seed) are never mixed silently:
 :func:`collect` raises :class:`ProtocolMismatch` naming what differs, unless asked for one table per protocol.
 FID needs the real images of the captions (COCO); on the exact prior (``prior=analytic``) the exact metrics of
-sdbridge/eval/exact.py are reported (FD per prompt needs several images per prompt, NLL does not).
+sdbridge/metrics/exact.py are reported (FD per prompt needs several images per prompt, NLL does not).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def _analytic_prior(summary: dict[str, Any], built: dict[str, Any]):
 def _merged_exact_metrics(runs: MethodRuns, built: dict[str, Any]) -> dict[str, float]:
     import torch
 
-    from sdbridge.eval.exact import exact_metrics
+    from sdbridge.metrics.exact import exact_metrics
 
     files = [p for s in runs.summaries for p in (
         [s["model_samples"]] if "model_samples" in s else
@@ -140,7 +140,7 @@ def score(group: Sequence[MethodRuns], fid_features: Optional[str] = "inception"
           device: str | None = None) -> list[dict[str, Any]]:
     """One row per method of one protocol: FID / CLIP-FID (or exact metrics), time and cost."""
     from sdbridge.callbacks.summary import cost_totals
-    from sdbridge.eval import fid as fidlib
+    from sdbridge.metrics import fid as fidlib
 
     extractors: dict[str, Any] = {}
     priors: dict[str, Any] = {}  # exact priors, built once per distinct config

@@ -124,7 +124,7 @@ def surrogate_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 class Guidance(nn.Module):
     """Base class of all guidances; see the module docstring for the formula.
 
-    ``SUMMARY`` describes the method's parts for the README's method table (``sdbridge.guidance.table``).
+    ``SUMMARY`` describes the method's parts for the README's method table (``sdbridge.eval.method_table``).
 
     Args:
         config: the method's config dataclass.

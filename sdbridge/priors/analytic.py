@@ -563,6 +563,7 @@ class AnalyticPrior(DiffusionPrior):
     """Exact prior (``prior=analytic``). ``sample_shape = (3, S, S)`` in model units ``z = (x - shift) / scale``."""
 
     is_latent = True  # its model space is an (affine) latent space: image targets optimize z, as with SD latents
+    has_true_distribution = True  # closed-form eps, exact samples and log-density: exact metrics apply
 
     def __init__(self, config: AnalyticConfig | None = None):
         super().__init__()

@@ -101,6 +101,10 @@ class DiffusionPrior(nn.Module, abc.ABC):
 
     #: True when x0 lives in a latent space (so pixel targets are VAE-encoded and latents can be optimized directly).
     is_latent: bool = False
+    #: True when the prior knows its true distributions in closed form: exact samples (``sample(prompt, n, g)``) and
+    #: exact log-densities, so a run can be scored by exact metrics against them (the exact world); a trained
+    #: network cannot be.
+    has_true_distribution: bool = False
 
     def __init__(self, alphas_cumprod: torch.Tensor | None = None):
         super().__init__()

@@ -20,7 +20,7 @@ def tiny_features(device):
     of a 4x4 grid of cells (96-d)."""
     from cleanfid.resize import make_resizer
 
-    from sdbridge.eval.fid import FeatureExtractor
+    from sdbridge.metrics.fid import FeatureExtractor
 
     class CellStats(FeatureExtractor):
         name = "cell_stats"
@@ -34,7 +34,7 @@ def tiny_features(device):
 
 
 def _independent_fid(generated: list[str], real: list[str], extractor, crop_real: bool) -> float:
-    """FID recomputed without sdbridge.eval.fid: clean-fid's feature pipeline, numpy statistics, and the trace term
+    """FID recomputed without sdbridge.metrics.fid: clean-fid's feature pipeline, numpy statistics, and the trace term
     from the eigenvalues of the (non-symmetric) product S1 S2."""
     from cleanfid.fid import get_files_features
 
@@ -82,7 +82,7 @@ def test_local_sweep_of_two_methods_over_two_shards_gives_the_table(tmp_path):
     assert len(csv_rows) == 3 and csv_rows[0].startswith("method,images,time_per_image_s")
     rows = {r["method"]: r for r in table["rows"]}
     assert set(rows) == {"sds", "csd"}
-    from sdbridge.eval.fid import build_extractor
+    from sdbridge.metrics.fid import build_extractor
 
     for method, row in rows.items():
         mine = [s for s in summaries if s["guidance"] == method]
@@ -113,7 +113,7 @@ def run_cli_table(sweep: Path, *args: str):
     import os
     import subprocess
 
-    return subprocess.run([sys.executable, str(ROOT / "experiments" / "make_table.py"), str(sweep), *args],
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / "coco_fid" / "make_table.py"), str(sweep), *args],
                           cwd=str(ROOT), capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
 

@@ -18,7 +18,7 @@ import torch
 
 from sdbridge.runner import run
 from sdbridge.config import to_objects
-from sdbridge.eval.exact import exact_metrics
+from sdbridge.metrics.exact import exact_metrics
 from sdbridge.priors import build_prior
 from sdbridge.prompts import load_prompt_set
 from sdbridge.targets.nerf.target import NeRFTarget

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from sdbridge.eval.exact import frechet_distance
+from sdbridge.metrics.exact import frechet_distance
 from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior, contrast_amplitudes, tilt_logits
 from sdbridge.priors.vocabulary import parse_prompt
 from sdbridge.priors.world import COLORS, SHAPES, WorldSpec, build_world, load_world

@@ -72,10 +72,10 @@ def test_range_checks_run_before_anything_is_built(override, message):
 def test_readme_method_table_is_generated_from_the_code():
     from pathlib import Path
 
-    from sdbridge.guidance.table import methods_markdown
+    from sdbridge.eval.method_table import methods_markdown
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert methods_markdown() in readme, "regenerate with: python -m sdbridge.guidance.table"
+    assert methods_markdown() in readme, "regenerate with: python -m sdbridge.eval.method_table"
 
 
 def test_every_guidance_yaml_composes_with_its_schedule():

@@ -10,8 +10,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from sdbridge.eval.classify import classifier_for
-from sdbridge.eval.exact import (
+from sdbridge.metrics.classify import classifier_for
+from sdbridge.metrics.exact import (
     LAPLACIAN,
     collapse_score,
     exact_metrics,

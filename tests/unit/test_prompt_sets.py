@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from sdbridge import rng
-from sdbridge.eval import fid as fidlib
+from sdbridge.metrics import fid as fidlib
 from sdbridge.prompts import CocoPromptConfig, PromptConfig, load_prompt_set, shard_indices
 
 WORDS = ["a red circle", "a blue square", "a yellow triangle", "a green ring", "a red square", "a blue circle",

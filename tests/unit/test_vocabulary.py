@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdbridge.eval.exact import LAPLACIAN, sharpness_ratio
+from sdbridge.metrics.exact import LAPLACIAN, sharpness_ratio
 from sdbridge.priors.vocabulary import MODIFIERS, UnknownWordError, parse_prompt
 
 BRIDGE_SOURCE = ", oversaturated, smooth, pixelated, cartoon, foggy, hazy, blurry, bad structure, noisy, malformed"

@@ -1,6 +1,6 @@
 """Cost of one exact-eps evaluation per image on the exact prior (a benchmark, not a test).
 
-    python experiments/bench_analytic.py            # writes the table into experiments/README.md
+    python experiments/bench/analytic.py            # writes the table into experiments/bench/README.md
 
 The exact eps of a K-component mixture of rank-r Gaussians in D dimensions costs O(K D r) per image. This measures
 ms per image for prompts selecting 1, 6 and 36 components, at image sizes 16, 32 and 64, batch 16, on the CPU.
@@ -11,17 +11,15 @@ from __future__ import annotations
 import os
 import platform
 import re
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 
-import torch  # noqa: E402
+import torch
 
-from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior  # noqa: E402
+from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior
 
 PROMPTS = {"a red circle": 1, "a circle": 6, "": 36}
 
@@ -52,10 +50,10 @@ def main() -> None:
     section = (
         "<!-- bench_analytic:start -->\n"
         f"Exact eps cost per image (rank 32, batch 16, t = 500; {platform.machine()}, {torch.get_num_threads()} "
-        f"threads, torch {torch.__version__}); `python experiments/bench_analytic.py`:\n\n{table}\n"
+        f"threads, torch {torch.__version__}); `python experiments/bench/analytic.py`:\n\n{table}\n"
         "<!-- bench_analytic:end -->"
     )
-    readme = ROOT / "experiments" / "README.md"
+    readme = ROOT / "experiments" / "bench" / "README.md"
     text = readme.read_text() if readme.exists() else "# Experiments\n"
     if "<!-- bench_analytic:start -->" in text:
         text = re.sub(r"<!-- bench_analytic:start -->.*<!-- bench_analytic:end -->", section, text, flags=re.S)

@@ -17,7 +17,7 @@ All metrics take images in model units (x0 = z, ``(n, 3, S, S)``) and a prompt's
 * **Saturation ratio**: mean squared chroma (each pixel's RGB minus its gray level, pixel units) divided by its exact
   expectation under p. 1 matches the truth; > 1 is over-saturated.
 * **Adherence** / **recognizable**: the share of images that the nearest-template classifier
-  (``sdbridge/eval/classify.py``) reads as one of the prompt's concepts, recognizably / that are recognizable at all.
+  (``sdbridge/metrics/classify.py``) reads as one of the prompt's concepts, recognizably / that are recognizable at all.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from sdbridge.eval.classify import classifier_for
+from sdbridge.metrics.classify import classifier_for
 from sdbridge.priors.analytic import AnalyticPrior, Mixture
 
 LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)

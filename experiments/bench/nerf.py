@@ -1,8 +1,8 @@
 """NeRF renderer throughput: rays/s of evaluation renders and ms per training step, at several resolutions.
 
-    python experiments/bench_nerf.py                       # CPU (or the GPU if there is one), 64 and 512
-    python experiments/bench_nerf.py --device cuda --samples 512 --resolutions 64 512
-    python experiments/bench_nerf.py --readme     # also put the table into experiments/README.md
+    python experiments/bench/nerf.py                       # CPU (or the GPU if there is one), 64 and 512
+    python experiments/bench/nerf.py --device cuda --samples 512 --resolutions 64 512
+    python experiments/bench/nerf.py --readme     # also put the table into experiments/bench/README.md
 
 The field is the official 3D one (16 levels x 2 features, 2^19 table, max res 4096, 64-wide MLPs, all levels
 unmasked). A **training step** renders one camera at the resolution with the configured samples per ray (stratified,
@@ -24,13 +24,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 
-from sdbridge.targets.nerf.cameras import CameraConfig, camera_rays, turntable_cameras  # noqa: E402
-from sdbridge.targets.nerf.encoding import HashGridConfig, tinycudann_available  # noqa: E402
-from sdbridge.targets.nerf.field import FieldConfig, RadianceField  # noqa: E402
-from sdbridge.targets.nerf.renderer import RendererConfig, Shading, VolumeRenderer  # noqa: E402
+from sdbridge.targets.nerf.cameras import CameraConfig, camera_rays, turntable_cameras
+from sdbridge.targets.nerf.encoding import HashGridConfig, tinycudann_available
+from sdbridge.targets.nerf.field import FieldConfig, RadianceField
+from sdbridge.targets.nerf.renderer import RendererConfig, Shading, VolumeRenderer
 
 
 def sync(device: torch.device) -> None:
@@ -65,7 +64,7 @@ def main() -> None:
                         help="skip training steps above this side (CPU memory)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--readme", action="store_true", help="write the table into experiments/README.md")
+    parser.add_argument("--readme", action="store_true", help="write the table into experiments/bench/README.md")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.threads:
@@ -113,10 +112,10 @@ def main() -> None:
     text = "\n".join(table)
     print("\n" + text)
     if args.readme:
-        readme = ROOT / "experiments" / "README.md"
+        readme = ROOT / "experiments" / "bench" / "README.md"
         start, end = f"<!-- bench_nerf:{device.type}:start -->", f"<!-- bench_nerf:{device.type}:end -->"
         old = readme.read_text()
-        command = "python experiments/bench_nerf.py " + " ".join(sys.argv[1:])
+        command = "python experiments/bench/nerf.py " + " ".join(sys.argv[1:])
         block = f"{start}\n`{command.strip()}`\n\n{text}\n{end}"
         if start in old:
             new = old[: old.index(start)] + block + old[old.index(end) + len(end):]

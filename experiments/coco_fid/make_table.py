@@ -1,4 +1,4 @@
-"""The paper-style comparison table of a sweep: ``python experiments/make_table.py <sweep dir>``.
+"""The paper-style comparison table of a sweep: ``python experiments/coco_fid/make_table.py <sweep dir>``.
 
 Reads every run's ``summary.json`` under the directory (one per method and shard), merges each method's shards,
 computes FID and CLIP-FID over the merged images against the real images of the same captions (clean-fid; reference
@@ -9,8 +9,8 @@ statistics cached), and writes ``table.md`` and ``table.csv`` into the sweep dir
 Runs under different protocols (prior, steps, resolution, prompt set, seed) are refused with the differences
 listed; ``--by-protocol`` writes one table per protocol instead. On the exact prior the exact metrics replace FID.
 
-    python experiments/make_table.py multirun/2026-11-22/10-00-00
-    python experiments/make_table.py sweep/ --fid random_cnn --clip-fid none   # offline smoke test
+    python experiments/coco_fid/make_table.py multirun/2026-11-22/10-00-00
+    python experiments/coco_fid/make_table.py sweep/ --fid random_cnn --clip-fid none   # offline smoke test
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 
-from sdbridge.eval.tables import ProtocolMismatch, collect, csv_text, find_summaries, markdown, score  # noqa: E402
+from sdbridge.eval.tables import ProtocolMismatch, collect, csv_text, find_summaries, markdown, score
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""The README's method table, generated from the code and the shipped configs (``python -m sdbridge.guidance.table``).
+"""The README's method table, generated from the code and the shipped configs (``python -m sdbridge.eval.method_table``).
 
 A test checks that the README holds exactly this table, so it cannot drift from what the code does.
 """
