@@ -1,7 +1,9 @@
 """Typed run configuration, registered in Hydra's ConfigStore.
 
-Every config group option in ``conf/<group>/<name>.yaml`` starts from a dataclass schema stored here under
-``schema/<group>/<name>``; the YAML holds the values a user reads and edits. A misspelt key fails at start
+Every config group option in ``conf/<group>/<name>.yaml`` starts from a dataclass schema, registered where its class
+is defined (:mod:`sdbridge.registry`) and stored here under ``schema/<group>/<name>``; the dataclass holds the
+defaults and the YAML only what differs from them (a variant extends its parent; ``python run.py --cfg job`` prints
+every composed value). A misspelt key fails at start
 ("Key 'scal' not in 'SDSConfig'"), an unknown option lists the available ones, an enum lists its allowed values, and
 range checks run in each dataclass's ``__post_init__`` when the composed config is turned into objects
 (:func:`to_objects`), before anything is built or written.
@@ -16,18 +18,12 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from sdbridge.guidance import GUIDANCES
-from sdbridge.priors import AnalyticConfig, RandomSDConfig, StableDiffusionConfig, TinySDConfig
-from sdbridge.prompts import CocoPromptConfig, PromptConfig
-from sdbridge.schedules import (
-    AnnealConfig,
-    DDIMGridConfig,
-    DreamTimeConfig,
-    ShrinkingMaxConfig,
-    StagedConfig,
-    UniformConfig,
-)
-from sdbridge.targets import ImageTargetConfig, NeRFTargetConfig
+import sdbridge.guidance  # noqa: F401  (each module registers its options: sdbridge.registry)
+import sdbridge.priors  # noqa: F401
+import sdbridge.schedules  # noqa: F401
+import sdbridge.targets  # noqa: F401
+from sdbridge import registry
+from sdbridge.prompts import PromptConfig
 
 
 class LoggerKind(Enum):
@@ -36,6 +32,7 @@ class LoggerKind(Enum):
     none = "no metric logger"
 
 
+@registry.option("logger", "logger")
 @dataclass
 class LoggerConfig:
     kind: LoggerKind = LoggerKind.csv
@@ -46,6 +43,7 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
 
 
+@registry.option("trainer", "trainer")
 @dataclass
 class TrainerConfig:
     max_steps: int = 1000
@@ -67,6 +65,7 @@ class TrainerConfig:
             raise ValueError(f"trainer.log_every={self.log_every} must be >= 1")
 
 
+@registry.option("eval", "eval")
 @dataclass
 class EvalConfig:
     exact: bool = True  # exact metrics (FD, NLL, collapse, sharpness) when the prior is analytic
@@ -93,25 +92,8 @@ class RunConfig:
     resume: Optional[str] = None  # a run directory to continue from its last checkpoint
 
 
-#: group -> {option name: schema}
-SCHEMAS: dict[str, dict[str, type]] = {
-    "prior": {"stable_diffusion": StableDiffusionConfig, "tiny_sd": TinySDConfig, "analytic": AnalyticConfig,
-              "sd21_base_random": RandomSDConfig},
-    "guidance": {name: cfg for name, (cfg, _) in GUIDANCES.items()},
-    "scheduler": {
-        "uniform": UniformConfig,
-        "ddim_grid": DDIMGridConfig,
-        "anneal": AnnealConfig,
-        "staged": StagedConfig,
-        "dreamtime": DreamTimeConfig,
-        "shrinking_max": ShrinkingMaxConfig,
-    },
-    "prompt": {"prompt": PromptConfig, "coco": CocoPromptConfig},
-    "target": {"image": ImageTargetConfig, "nerf": NeRFTargetConfig},
-    "trainer": {"trainer": TrainerConfig},
-    "logger": {"logger": LoggerConfig},
-    "eval": {"eval": EvalConfig},
-}
+#: group -> {option name: schema}: the one registry (each option registers where its class is defined)
+SCHEMAS: dict[str, dict[str, type]] = registry.groups()
 
 
 def register_configs() -> None:

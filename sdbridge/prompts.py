@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from sdbridge.registry import option
 
+
+@option("prompt", "prompt")
 @dataclass
 class PromptConfig:
     """One prompt per optimized sample.
@@ -59,6 +62,7 @@ COCO_ANNOTATIONS = (
 )
 
 
+@option("prompt", "coco")
 @dataclass
 class CocoPromptConfig(PromptConfig):
     """COCO captions (``prompt=coco``): ``num`` captions, one per image id, picked from ``select_seed``.

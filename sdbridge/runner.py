@@ -232,7 +232,7 @@ def _optimize(
     from sdbridge.rng import SampleGenerators
     from sdbridge.schedules import build_schedule
     from sdbridge.system import DistillationSystem
-    from sdbridge.targets import TARGETS
+    from sdbridge.registry import build
 
     run_dir.mkdir(parents=True, exist_ok=True)
     choices = resolved.get("_choices", {})
@@ -244,7 +244,7 @@ def _optimize(
     schedule = build_schedule(config.scheduler, prior.num_train_timesteps)
     guidance = build_guidance(config.guidance, prior, schedule, generator,
                               config.target.view_prompting()).to(prior.device)
-    target = TARGETS[type(config.target)](config.target, prior, len(prompts), generator, prompts)
+    target = build(config.target, prior, len(prompts), generator, prompts)
     guidance.prepare(target.guidance_prompts(prompts))
     system = DistillationSystem(prior, guidance, target, prompts, generator)
 

@@ -13,6 +13,7 @@ import torch
 
 from sdbridge import rng
 from sdbridge.priors.base import NUM_TRAIN_TIMESTEPS
+from sdbridge.registry import build, builds
 
 
 @dataclass
@@ -176,10 +177,12 @@ class TimestepSchedule:
         return cand[idx]
 
 
+@builds("scheduler", "uniform", UniformConfig)
 class UniformSchedule(TimestepSchedule):
     pass
 
 
+@builds("scheduler", "ddim_grid", DDIMGridConfig)
 class DDIMGridSchedule(TimestepSchedule):
     def candidates(self, step: int) -> torch.Tensor:
         ratio = self.num_train_timesteps // self.config.num_inference_steps
@@ -190,6 +193,7 @@ class DDIMGridSchedule(TimestepSchedule):
         return grid[keep]
 
 
+@builds("scheduler", "anneal", AnnealConfig)
 class AnnealSchedule(TimestepSchedule):
     def candidates(self, step: int) -> torch.Tensor:
         c = self.config
@@ -199,6 +203,7 @@ class AnnealSchedule(TimestepSchedule):
         return torch.tensor([min(t, self.num_train_timesteps - 1)])
 
 
+@builds("scheduler", "staged", StagedConfig)
 class StagedSchedule(TimestepSchedule):
     def candidates(self, step: int) -> torch.Tensor:
         c = self.config
@@ -210,6 +215,7 @@ class StagedSchedule(TimestepSchedule):
         return torch.arange(int(n * lo), min(int(n * hi), n - 1) + 1)
 
 
+@builds("scheduler", "dreamtime", DreamTimeConfig)
 class DreamTimeSchedule(TimestepSchedule):
     def candidates(self, step: int) -> torch.Tensor:
         c = self.config
@@ -222,6 +228,7 @@ class DreamTimeSchedule(TimestepSchedule):
         return ts[idx : idx + 1].long()
 
 
+@builds("scheduler", "shrinking_max", ShrinkingMaxConfig)
 class ShrinkingMaxSchedule(TimestepSchedule):
     def candidates(self, step: int) -> torch.Tensor:
         c = self.config
@@ -233,15 +240,7 @@ class ShrinkingMaxSchedule(TimestepSchedule):
         return t[t <= n - 1]
 
 
-SCHEDULES: dict[type, type[TimestepSchedule]] = {
-    UniformConfig: UniformSchedule,
-    DDIMGridConfig: DDIMGridSchedule,
-    AnnealConfig: AnnealSchedule,
-    StagedConfig: StagedSchedule,
-    DreamTimeConfig: DreamTimeSchedule,
-    ShrinkingMaxConfig: ShrinkingMaxSchedule,
-}
 
 
 def build_schedule(config: ScheduleConfig, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> TimestepSchedule:
-    return SCHEDULES[type(config)](config, num_train_timesteps)
+    return build(config, num_train_timesteps)

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
+from sdbridge.guidance.bridge import SOURCE_MODIFIER, TARGET_MODIFIER
+
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red circle", "a blue square", "a circle"]
-SOURCE = ", oversaturated, smooth, pixelated, cartoon, foggy, hazy, blurry, bad structure, noisy, malformed"
-TARGET = ", detailed high resolution, high quality, sharp"
+SOURCE, TARGET = SOURCE_MODIFIER, TARGET_MODIFIER  # the Bridge's 2D modifier words
 TIMESTEPS = [0, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999]
 
 

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sdbridge.guidance import GUIDANCES
+from sdbridge.config import SCHEMAS
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def schedule_label(sched) -> str:
-    from sdbridge.config import SCHEMAS
-
     name = next(n for n, c in SCHEMAS["scheduler"].items() if type(sched) is c)
     lo, hi = sched.min_step_ratio, sched.max_step_ratio
     if name == "anneal":
@@ -31,7 +29,7 @@ def method_rows() -> list[dict[str, str]]:
     for yaml in sorted((CONF / "guidance").glob("*.yaml")):
         name = yaml.stem
         config, cfg = compose_run_config([f"guidance={name}"])
-        cls = next(c for cfg_cls, c in GUIDANCES.values() if type(config.guidance) is cfg_cls)
+        cls = type(config.guidance).builds
         g = config.guidance
         summary = dict(cls.SUMMARY)
         if g.full_bridge:

@@ -1,6 +1,7 @@
 """Guidances: one file per method over :mod:`sdbridge.guidance.base`.
 
-``GUIDANCES`` maps each method's config dataclass to its class; ``build_guidance`` instantiates from a config.
+Each method registers its config dataclass as option ``guidance/<name>`` (``sdbridge.registry``);
+``build_guidance`` instantiates from a config.
 A new method is a file here, an entry below, and a YAML in ``conf/guidance/``.
 """
 
@@ -25,30 +26,15 @@ from sdbridge.guidance.sdi import SDI, SDICached, SDICachedConfig, SDIConfig
 from sdbridge.guidance.sds import SDS, SDSConfig
 from sdbridge.guidance.vsd import VSD, VSDConfig
 from sdbridge.priors.base import DiffusionPrior
+from sdbridge.registry import build
 from sdbridge.schedules import TimestepSchedule
 from sdbridge.views import ViewPrompting
-
-#: name (the YAML in conf/guidance/) -> (config class, guidance class)
-GUIDANCES: dict[str, tuple[type[GuidanceConfig], type[Guidance]]] = {
-    "sds": (SDSConfig, SDS),
-    "nfsd": (NFSDConfig, NFSD),
-    "csd": (CSDConfig, CSD),
-    "bridge": (BridgeConfig, Bridge),
-    "sdi": (SDIConfig, SDI),
-    "sdi_cached": (SDICachedConfig, SDICached),
-    "ism": (ISMConfig, ISM),
-    "vsd": (VSDConfig, VSD),
-}
-
 
 def build_guidance(
     config: GuidanceConfig, prior: DiffusionPrior, schedule: TimestepSchedule, generator: torch.Generator | None,
     view_prompting: ViewPrompting | None = None,
 ) -> Guidance:
-    for cfg_cls, cls in GUIDANCES.values():
-        if type(config) is cfg_cls:
-            return cls(config, prior, schedule, generator, view_prompting)
-    raise ValueError(f"no guidance is registered for config type {type(config).__name__}")
+    return build(config, prior, schedule, generator, view_prompting)
 
 
 __all__ = [
@@ -66,7 +52,6 @@ __all__ = [
     "SDIConfig",
     "VSD",
     "VSDConfig",
-    "GUIDANCES",
     "Guidance",
     "GuidanceConfig",
     "GuidanceOutput",

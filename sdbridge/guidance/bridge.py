@@ -20,6 +20,7 @@ from typing import Optional
 
 from sdbridge.guidance.base import Guidance, GuidanceConfig, Weighting, as_enum, classifier_free_guidance
 from sdbridge.views import edited
+from sdbridge.registry import builds
 
 SOURCE_MODIFIER = ", oversaturated, smooth, pixelated, cartoon, foggy, hazy, blurry, bad structure, noisy, malformed"
 TARGET_MODIFIER = ", detailed high resolution, high quality, sharp"
@@ -45,6 +46,7 @@ class BridgeConfig(GuidanceConfig):
             self.stage_two_weighting = as_enum(Weighting, self.stage_two_weighting, "guidance.stage_two_weighting")
 
 
+@builds("guidance", "bridge", BridgeConfig)
 class Bridge(Guidance):
     SUMMARY = {"eps_tgt": "stage 1: CFG_s(x_t; y); stage 2: CFG_s with uncond y + src_mod, cond y + tgt_mod", "eps_src": "stage 1: kappa; stage 2: eps(x_t; y + src_mod)", "noise": "fresh N(0, I)", "nfe": "2"}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sdbridge.guidance.base import Guidance, GuidanceConfig
+from sdbridge.registry import builds
 
 
 @dataclass
@@ -24,6 +25,7 @@ class CSDConfig(GuidanceConfig):
     negative_weight_end: float = 0.5
 
 
+@builds("guidance", "csd", CSDConfig)
 class CSD(Guidance):
     SUMMARY = {"eps_tgt": "CFG_s(x_t; y)", "eps_src": "eps_0 + lambda(step) (eps_neg - eps_0)", "noise": "fresh N(0, I)", "nfe": "2 (3 with csd_negative)"}
 

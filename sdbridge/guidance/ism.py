@@ -42,6 +42,7 @@ from sdbridge.guidance.base import Guidance, GuidanceConfig, Weighting
 from sdbridge.guidance.inversion import invert
 from sdbridge.priors.base import per_sample
 from sdbridge.schedules import warmup_rate
+from sdbridge.registry import builds
 
 
 @dataclass
@@ -71,6 +72,7 @@ class ISMConfig(GuidanceConfig):
             raise ValueError(f"guidance.offset_noise={self.offset_noise} must be >= 0")
 
 
+@builds("guidance", "ism", ISMConfig)
 class ISM(Guidance):
     SUMMARY = {"eps_tgt": "CFG_s(x_t; y), grad x lambda_guidance",
                "eps_src": "kappa = eps_0(x_s, s), s = t - delta_t (delta_t warmed up)",

@@ -16,6 +16,7 @@ import torch
 
 from sdbridge.guidance.base import Guidance, GuidanceConfig
 from sdbridge.priors.base import per_sample
+from sdbridge.registry import builds
 
 NFSD_NEGATIVE = (
     "unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, gloomy"
@@ -29,6 +30,7 @@ class NFSDConfig(GuidanceConfig):
     switch_t: int = 200  # below it delta_D = eps_0 (no negative term)
 
 
+@builds("guidance", "nfsd", NFSDConfig)
 class NFSD(Guidance):
     SUMMARY = {"eps_tgt": "CFG_s(x_t; y)", "eps_src": "0 if t < 200, else eps(x_t; negative)", "noise": "fresh N(0, I)", "nfe": "3"}
 

@@ -42,6 +42,7 @@ import torch
 from sdbridge import rng
 from sdbridge.guidance.base import Guidance, GuidanceConfig, Weighting
 from sdbridge.guidance.inversion import inversion_path, invert
+from sdbridge.registry import builds
 
 
 @dataclass
@@ -109,6 +110,7 @@ class RefreshedTarget(Guidance):
         self.cached_t = state.get("cached_t")
 
 
+@builds("guidance", "sdi", SDIConfig)
 class SDI(RefreshedTarget):
     SUMMARY = {"eps_tgt": "CFG_s(x_{t+delta}; y) at t", "eps_src": "kappa (the inverted noise, read at t)",
                "noise": "conditional DDIM inversion (CFG -6.5, eta 0.3, jitter)",
@@ -143,6 +145,7 @@ class SDICachedConfig(GuidanceConfig):
         check_refresh(self.refresh_every)
 
 
+@builds("guidance", "sdi_cached", SDICachedConfig)
 class SDICached(RefreshedTarget):
     SUMMARY = {"eps_tgt": "CFG_s(x_t; y)", "eps_src": "kappa",
                "noise": "previous refresh's eps prediction (first: the denoised init's)",

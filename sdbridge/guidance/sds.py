@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sdbridge.guidance.base import Guidance, GuidanceConfig
+from sdbridge.registry import builds
 
 
 @dataclass
@@ -19,6 +20,7 @@ class SDSConfig(GuidanceConfig):
     scale: float = 40.0
 
 
+@builds("guidance", "sds", SDSConfig)
 class SDS(Guidance):
     """The base formula with its defaults: fresh noise, CFG target, the noise as source."""
     SUMMARY = {"eps_tgt": "CFG_s(x_t; y)", "eps_src": "kappa", "noise": "fresh N(0, I)", "nfe": "2"}

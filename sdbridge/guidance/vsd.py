@@ -56,6 +56,7 @@ from sdbridge.guidance.base import Guidance, GuidanceConfig, as_enum
 from sdbridge.priors.base import attach_prior
 from sdbridge.priors.stable_diffusion import StableDiffusionPrior
 from sdbridge.views import StepPrompts
+from sdbridge.registry import builds
 
 CAMERA_DIM = 16  # a flattened 4x4 camera-to-world matrix (threestudio's "extrinsics"); zeros for 2D targets
 LORA_ON_PRIOR = "prior"  # guidance.lora_base value: adapters on the prior's own UNet
@@ -276,6 +277,7 @@ class ResidualEpsSource(nn.Module):
         pass
 
 
+@builds("guidance", "vsd", VSDConfig)
 class VSD(Guidance):
     SUMMARY = {"eps_tgt": "CFG_s(x_t; y)", "eps_src": "eps_phi(x_t; y, c): LoRA / residual net trained online", "noise": "fresh N(0, I)", "nfe": "3 (+1 training pass)"}
 

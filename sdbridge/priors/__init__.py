@@ -1,4 +1,4 @@
-"""Diffusion priors. ``PRIORS`` maps each prior's config dataclass to its class."""
+"""Diffusion priors; each registers its config dataclass as option ``prior/<name>`` (``sdbridge.registry``)."""
 
 from __future__ import annotations
 
@@ -7,27 +7,15 @@ from sdbridge.priors.base import DiffusionPrior, PriorConfig, TextEmbedding, sca
 from sdbridge.priors.stable_diffusion import PriorUnavailableError, StableDiffusionConfig, StableDiffusionPrior
 from sdbridge.priors.random_sd import RandomSDConfig, RandomSDPrior
 from sdbridge.priors.tiny import TinySDConfig, TinySDPrior
-
-#: config class -> prior class (the most specific config type wins)
-PRIORS: dict[type[PriorConfig], type[DiffusionPrior]] = {
-    StableDiffusionConfig: StableDiffusionPrior,
-    TinySDConfig: TinySDPrior,
-    RandomSDConfig: RandomSDPrior,
-    AnalyticConfig: AnalyticPrior,
-}
-
+from sdbridge.registry import build
 
 def build_prior(config: PriorConfig) -> DiffusionPrior:
-    cls = PRIORS.get(type(config))
-    if cls is None:
-        raise ValueError(f"no prior is registered for config type {type(config).__name__}")
-    return cls(config)
+    return build(config)
 
 
 __all__ = [
     "AnalyticConfig",
     "AnalyticPrior",
-    "PRIORS",
     "DiffusionPrior",
     "PriorConfig",
     "PriorUnavailableError",

@@ -48,6 +48,7 @@ from sdbridge.priors.base import DiffusionPrior, PriorConfig, TextEmbedding, res
 from sdbridge.priors.vocabulary import MODIFIERS, Modifier, ParsedPrompt, parse_prompt
 from sdbridge.priors.world import COLORS, SHAPES, GeometryModel, World, WorldSpec, color_vectors, load_world
 from sdbridge.rng import SampleGenerators
+from sdbridge.registry import builds
 
 
 #: Posterior mass below which a component's low-rank term is left out of the score (it would change eps by less than
@@ -559,6 +560,7 @@ def contrast_amplitudes(parsed: ParsedPrompt, contrast: float) -> torch.Tensor:
     return 1 - contrast * (1 - hits / named)
 
 
+@builds("prior", "analytic", AnalyticConfig)
 class AnalyticPrior(DiffusionPrior):
     """Exact prior (``prior=analytic``). ``sample_shape = (3, S, S)`` in model units ``z = (x - shift) / scale``."""
 

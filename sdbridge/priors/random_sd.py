@@ -17,6 +17,7 @@ import torch
 
 from sdbridge.priors.base import resolve_device, resolve_dtype
 from sdbridge.priors.stable_diffusion import StableDiffusionConfig, StableDiffusionPrior
+from sdbridge.registry import builds
 
 #: stabilityai/stable-diffusion-2-1-base, unet/config.json (diffusers layout)
 SD21_BASE_UNET: dict[str, Any] = {
@@ -117,6 +118,7 @@ def build_random_sd21_base(device: torch.device | str = "cpu", dtype: torch.dtyp
             "scheduler_config": dict(SD21_BASE_SCHEDULER)}
 
 
+@builds("prior", "sd21_base_random", RandomSDConfig)
 class RandomSDPrior(StableDiffusionPrior):
     """SD 2.1 base's architecture with random weights, built in memory (nothing is downloaded or cached)."""
 

@@ -27,6 +27,7 @@ from sdbridge.priors.base import (
     resolve_dtype,
     scaled_linear_alphas_cumprod,
 )
+from sdbridge.registry import builds
 
 #: Files fetched for a hub model id: configs, tokenizer files and the default (non-variant) safetensors weights of
 #: the five components we use. SD repos also hold multi-GB single-file checkpoints at their root; those are skipped.
@@ -140,6 +141,7 @@ class StableDiffusionConfig(PriorConfig):
 ATTENTION = {"sdpa": "AttnProcessor2_0", "classic": "AttnProcessor"}
 
 
+@builds("prior", "stable_diffusion", StableDiffusionConfig)
 class StableDiffusionPrior(DiffusionPrior):
     """Stable Diffusion latent prior. ``sample_shape`` is ``(4, H/8, W/8)`` (4x64x64 for SD 2.1 base)."""
 

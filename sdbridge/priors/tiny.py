@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from sdbridge.priors.stable_diffusion import StableDiffusionConfig, StableDiffusionPrior
+from sdbridge.registry import builds
 
 #: Bumped whenever the architecture below changes, so stale caches are rebuilt.
 TINY_SD_VERSION = 1
@@ -192,6 +193,7 @@ TINY_STAND_INS = {
 }
 
 
+@builds("prior", "tiny_sd", TinySDConfig)
 class TinySDPrior(StableDiffusionPrior):
     """``prior=tiny_sd``: builds (once) and loads the tiny random SD through the real SD loading path."""
 

@@ -1,4 +1,4 @@
-"""Optimized targets. ``TARGETS`` maps each target's config dataclass to its class."""
+"""Optimized targets; each registers its config dataclass as option ``target/<name>`` (``sdbridge.registry``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,5 @@ from sdbridge.targets.base import OptimizerConfig, Render, Target, TargetConfig
 from sdbridge.targets.image import ImageTarget, ImageTargetConfig
 from sdbridge.targets.nerf.target import NeRFTarget, NeRFTargetConfig
 
-TARGETS: dict[type[TargetConfig], type[Target]] = {ImageTargetConfig: ImageTarget, NeRFTargetConfig: NeRFTarget}
-
-__all__ = ["TARGETS", "ImageTarget", "ImageTargetConfig", "NeRFTarget", "NeRFTargetConfig", "OptimizerConfig",
+__all__ = ["ImageTarget", "ImageTargetConfig", "NeRFTarget", "NeRFTargetConfig", "OptimizerConfig",
            "Render", "Target", "TargetConfig"]

@@ -29,6 +29,7 @@ from sdbridge import rng
 from sdbridge.media import load_image, make_grid, save_png, slug
 from sdbridge.priors.base import DiffusionPrior, attach_prior, per_sample
 from sdbridge.targets.base import Render, Target, TargetConfig
+from sdbridge.registry import builds
 
 
 class Parameterization(Enum):
@@ -63,6 +64,7 @@ class ImageTargetConfig(TargetConfig):
         return {"resolution": self.resolution}
 
 
+@builds("target", "image", ImageTargetConfig)
 class ImageTarget(Target):
     def __init__(
         self,

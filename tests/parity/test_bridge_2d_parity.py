@@ -37,7 +37,8 @@ import pytest
 import torch
 
 from sdbridge.config import TrainerConfig, to_objects
-from sdbridge.guidance import GUIDANCES, Guidance, build_guidance
+from sdbridge import registry
+from sdbridge.guidance import Guidance, build_guidance
 from sdbridge.priors.tiny import TinySDConfig, ensure_tiny_sd
 from sdbridge.schedules import DDIMGridConfig, build_schedule
 from tests.conftest import compose
@@ -187,7 +188,7 @@ def composed(method: str, cache: str):
 
 def default_guidance(method: str, source: str, prior, tiny_cache) -> Guidance:
     """sdbridge's guidance with its default config: the composed YAML, or the config dataclass built without args."""
-    cfg_cls, _ = GUIDANCES[method]
+    cfg_cls = registry.options("guidance")[method]
     if source == "yaml":
         run = composed(method, str(tiny_cache))
         config, schedule_config, max_steps = run.guidance, run.scheduler, run.trainer.max_steps

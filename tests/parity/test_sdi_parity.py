@@ -75,7 +75,8 @@ from torch import nn
 
 from sdbridge import rng
 from sdbridge.config import TrainerConfig, to_objects
-from sdbridge.guidance import GUIDANCES, Guidance, build_guidance
+from sdbridge import registry
+from sdbridge.guidance import Guidance, build_guidance
 from sdbridge.priors.tiny import TinySDConfig, ensure_tiny_sd
 from sdbridge.schedules import AnnealConfig, build_schedule
 from sdbridge.targets import ImageTarget
@@ -361,7 +362,7 @@ def composed(overrides: tuple[str, ...], cache: str):
 def default_guidance(method: str, source: str, prior, tiny_cache, seed: int = 0) -> Guidance:
     """sdbridge's guidance with its default config: the composed YAML (``guidance=<method>``, its scheduler and
     trainer.max_steps), or the config dataclass built without arguments (with AnnealConfig() and TrainerConfig())."""
-    cfg_cls, _ = GUIDANCES[method]
+    cfg_cls = registry.options("guidance")[method]
     if source == "yaml":
         run = composed((f"guidance={method}",), str(tiny_cache))
         config, schedule_config, max_steps = run.guidance, run.scheduler, run.trainer.max_steps
@@ -785,7 +786,7 @@ def test_nerf_sdi_preset_matches_threestudio_config(tiny_cache):
     convention too)."""
     run = composed(("experiment=nerf_sdi",), str(tiny_cache))
     g, s, tgt = run.guidance, run.scheduler, run.target
-    assert type(g) is GUIDANCES["sdi"][0]
+    assert type(g) is registry.options("guidance")["sdi"]
     assert g.scale == SDI3D_GUIDANCE_SCALE and g.inversion_scale == SDI3D_INVERSION_GUIDANCE_SCALE
     assert g.inversion_steps == SDI3D_INVERSION_N_STEPS and g.inversion_eta == SDI3D_INVERSION_ETA
     assert g.jitter == OFFICIAL_NUM_TRAIN_TIMESTEPS // SDI3D_INVERSION_N_STEPS

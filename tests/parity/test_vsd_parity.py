@@ -55,7 +55,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdbridge.config import to_objects
-from sdbridge.guidance import GUIDANCES, build_guidance
+from sdbridge import registry
+from sdbridge.guidance import build_guidance
 from sdbridge.priors.tiny import TinySDConfig, ensure_tiny_sd
 from sdbridge.schedules import build_schedule
 from sdbridge.system import distillation_step
@@ -237,8 +238,8 @@ def composed(overrides: tuple[str, ...], cache: str):
 def build(overrides: tuple[str, ...], prior, tiny_cache, source: str = "yaml", seed: int = 0):
     """sdbridge's VSD from the composed YAML or the config dataclass built without arguments."""
     run = composed(overrides, str(tiny_cache))
-    config = run.guidance if source == "yaml" else GUIDANCES["vsd"][0]()
-    assert type(config) is GUIDANCES["vsd"][0]
+    config = run.guidance if source == "yaml" else registry.options("guidance")["vsd"]()
+    assert type(config) is registry.options("guidance")["vsd"]
     g = build_guidance(config, prior, build_schedule(run.scheduler, prior.num_train_timesteps),
                        torch.Generator().manual_seed(seed), run.target.view_prompting())
     g.setup(run.trainer.max_steps)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import ConfigKeyError, ValidationError
@@ -169,3 +171,59 @@ def test_a_run_directory_is_continued_only_by_the_same_run(tmp_path):
     changed.guidance.scale = 7.0  # e.g. the YAML defaults changed since the run started
     with pytest.raises(ValueError, match=r"another config \(differs in \['guidance.scale'\]"):
         continues_in_place(tmp_path, overrides, changed)
+
+
+# ------------------------------------------------------------------ one registry, YAMLs hold only differences
+def test_one_registry_names_every_option_and_the_class_it_builds():
+    """Every conf/<group>/<name>.yaml is a registered option; each registered config names the class it builds."""
+    from sdbridge import registry
+    from sdbridge.config import SCHEMAS
+
+    assert SCHEMAS == registry.groups()
+    for group in ("guidance", "prior", "scheduler", "target"):
+        for name, config_cls in SCHEMAS[group].items():
+            assert "builds" in vars(config_cls), f"{group}/{name}: {config_cls.__name__} names no class"
+    for yaml in CONF.glob("*/*.yaml"):
+        group = yaml.parent.name
+        refs = re.findall(r"/schema/(\w+)/(\w+)@", yaml.read_text())
+        for ref_group, option in refs:
+            assert option in SCHEMAS[ref_group], f"{yaml}: schema/{ref_group}/{option} is not registered"
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.option("guidance", "sds")(type("Other", (), {}))
+    with pytest.raises(ValueError, match="no class is registered for config type TrainerConfig"):
+        registry.build(SCHEMAS["trainer"]["trainer"]())
+
+
+def _leaves(d, prefix=()):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, (*prefix, k))
+        else:
+            yield (*prefix, k), v
+
+
+def test_group_yamls_hold_only_what_differs_from_the_dataclass():
+    """A value written in conf/<group>/<name>.yaml under its schema differs from the dataclass default (the default is
+    written once, in the dataclass)."""
+    from omegaconf import OmegaConf
+
+    from sdbridge.config import SCHEMAS
+
+    repeated = []
+    for group in ("guidance", "prior", "scheduler", "target", "prompt", "trainer", "logger", "eval"):
+        for yaml in sorted((CONF / group).glob("*.yaml")):
+            found = re.search(rf"/schema/{group}/(\w+)@(\S+)", yaml.read_text())
+            if not found:
+                continue
+            defaults = OmegaConf.to_container(OmegaConf.structured(SCHEMAS[group][found.group(1)]), enum_to_str=True)
+            data = OmegaConf.to_container(OmegaConf.load(yaml))
+            data = data if found.group(2) == "_here_" else data.get(found.group(2).split(".")[-1], {})
+            for path, value in _leaves({k: v for k, v in data.items() if k != "defaults"}):
+                default = defaults
+                for key in path:
+                    default = default.get(key, KeyError) if isinstance(default, dict) else KeyError
+                if default is not KeyError and (value == default or (isinstance(value, (int, float))
+                                                                     and isinstance(default, (int, float))
+                                                                     and float(value) == float(default))):
+                    repeated.append(f"{yaml.relative_to(CONF)}: {'.'.join(path)}: {value!r}")
+    assert not repeated, "defaults written twice (delete them from the YAML):\n" + "\n".join(repeated)

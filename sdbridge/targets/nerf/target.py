@@ -43,6 +43,7 @@ from sdbridge.targets.nerf.renderer import (
     pick_shading,
     with_lights,
 )
+from sdbridge.registry import builds
 
 log = logging.getLogger("sdbridge")
 
@@ -96,6 +97,7 @@ class NeRFTargetConfig(TargetConfig):
                 "eval_resolution": self.eval_resolution, "eval_views": self.cameras.eval_views}
 
 
+@builds("target", "nerf", NeRFTargetConfig)
 class NeRFTarget(Target):
     def __init__(
         self,
