@@ -134,69 +134,66 @@ class VSDConfig(GuidanceConfig):
             raise ValueError("guidance.train_min_step / train_max_step must satisfy 0 <= min < max <= 1000")
 
 
-class LoRASource(nn.Module):
-    """LoRA adapters and a camera embedding on a UNet: the prior's own (adapters switched on only inside
-    :meth:`active`) or a separate base model loaded by :meth:`StableDiffusionPrior.companion`."""
+class Source(nn.Module):
+    """VSD's eps_phi: a network trained online on the current samples. Both kinds share this interface:
+    ``forward(x_t, t, prompts, camera, drop=None) -> (eps, native output)`` is one evaluation, counted by the prior
+    it runs on (``drop``: per-sample mask of dropped conditions, the text blanked and the class unset);
+    ``add_noise`` / ``training_target`` are its model's forward process and training target; ``train_context``
+    is where its backward passes run; ``state`` / ``load`` carry what the guidance's state_dict does not."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.parameters())
+
+    def train_context(self):
+        return contextlib.nullcontext()
+
+    def state(self) -> dict[str, Any]:
+        return {}  # a registered submodule: its weights are in the checkpoint's state_dict
+
+    def load(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def kept_texts(prompts: Sequence[str], drop: torch.Tensor | None) -> list[str]:
+    """The prompts with dropped conditions blanked (the empty text: classifier-free dropout)."""
+    return list(prompts) if drop is None else [("" if bool(d) else p) for d, p in zip(drop, prompts)]
+
+
+class LoRASource(Source):
+    """LoRA adapters and a camera embedding on a UNet: the prior's own (adapters on only inside
+    :meth:`StableDiffusionPrior.adapter`) or a separate base model loaded by :meth:`StableDiffusionPrior.companion`
+    (its evaluations count as the run's NFEs)."""
 
     ADAPTER = "sdbridge_vsd"
 
     def __init__(self, prior: StableDiffusionPrior, config: VSDConfig):
         super().__init__()
         from diffusers.models.embeddings import TimestepEmbedding
-        from peft import LoraConfig
 
         model = prior if config.lora_base == LORA_ON_PRIOR else prior.companion(config.lora_base)
         attach_prior(self, prior)
         object.__setattr__(self, "model", model)  # not a submodule: its weights stay out of checkpoints
-        unet = model.unet
-        if self.ADAPTER in getattr(unet, "peft_config", {}):  # a prior reused across runs: start fresh
-            unet.delete_adapters(self.ADAPTER)
-        init = "gaussian" if config.lora_init is LoRAInit.gaussian else True
-        unet.add_adapter(
-            LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, init_lora_weights=init,
-                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
-            adapter_name=self.ADAPTER,
-        )
-        unet.disable_adapters()
-        for p in self.lora_parameters():  # train in fp32 on an fp16 UNet: AdamW's eps underflows in fp16
-            p.data = p.data.float()
-        time_dim = unet.config.block_out_channels[0] * 4
+        model.add_lora(self.ADAPTER, config.lora_rank, gaussian_init=config.lora_init is LoRAInit.gaussian)
+        time_dim = model.unet.config.block_out_channels[0] * 4
         self.camera_embedding = TimestepEmbedding(CAMERA_DIM, time_dim).to(prior.device)
         if config.camera_init is CameraInit.zero:
             nn.init.zeros_(self.camera_embedding.linear_2.weight)
             nn.init.zeros_(self.camera_embedding.linear_2.bias)
-        for p in self.lora_parameters():
-            p.requires_grad_(True)
 
     def lora_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.model.unet.named_parameters() if self.ADAPTER in n]
+        return self.model.lora_parameters(self.ADAPTER)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [*self.lora_parameters(), *self.camera_embedding.parameters()]
 
-    @contextlib.contextmanager
     def active(self):
-        """Adapters on and the camera embedding in place (re-entrant). Backward passes through the LoRA must run
-        inside it too: peft turns ``requires_grad`` off when adapters are disabled, and autograd then skips them."""
-        unet = self.model.unet
-        self._depth = getattr(self, "_depth", 0) + 1
-        if self._depth == 1:
-            unet.enable_adapters()
-            unet.set_adapter(self.ADAPTER)
-            unet.class_embedding = self.camera_embedding
-        try:
-            yield
-        finally:
-            self._depth -= 1
-            if self._depth == 0:
-                unet.class_embedding = None
-                unet.disable_adapters()
+        """Adapters on and the camera embedding in place (re-entrant)."""
+        return self.model.adapter(self.ADAPTER, self.camera_embedding)
 
-    def forward(self, x_t, t, prompts, camera) -> torch.Tensor:
-        """(eps prediction, native output: eps or v) of the adapted UNet."""
-        emb = self.prior.encode_text(list(prompts)).value
+    def forward(self, x_t, t, prompts, camera, drop: torch.Tensor | None = None):
+        emb = self.prior.encode_text(kept_texts(prompts, drop)).value
         with self.active():
-            raw = self.model.unet_raw(x_t, t, emb, class_labels=camera)
+            raw = self.model.predict_raw(x_t, t, emb, class_labels=camera)
         return self.model.raw_to_eps(raw, x_t, t), raw
 
     def add_noise(self, x0, noise, t):
@@ -210,22 +207,16 @@ class LoRASource(nn.Module):
         return self.active()
 
     def state(self) -> dict[str, Any]:
-        from peft.utils import get_peft_model_state_dict
-
-        return {
-            "lora": get_peft_model_state_dict(self.model.unet, adapter_name=self.ADAPTER),
-            "camera_embedding": self.camera_embedding.state_dict(),
-        }
+        return {"lora": self.model.lora_state(self.ADAPTER), "camera_embedding": self.camera_embedding.state_dict()}
 
     def load(self, state: dict[str, Any]) -> None:
-        from peft.utils import set_peft_model_state_dict
-
-        set_peft_model_state_dict(self.model.unet, state["lora"], adapter_name=self.ADAPTER)
+        self.model.load_lora_state(self.ADAPTER, state["lora"])
         self.camera_embedding.load_state_dict(state["camera_embedding"])
 
 
-class ResidualEpsSource(nn.Module):
-    """eps_prior(x_t; y) + r(x_t, t, prompt class) with r a small UNet2DModel whose output starts at 0.
+class ResidualEpsSource(Source):
+    """eps_prior(x_t; y) + r(x_t, t, prompt class) with r a small UNet2DModel whose output starts at 0 (pixel and
+    exact priors, which have no adapters). One evaluation = the prior's prediction (one NFE) plus the small net.
 
     The prompt enters as a class label (0 = dropped condition). Camera conditioning is the LoRA source's only.
     """
@@ -247,17 +238,12 @@ class ResidualEpsSource(nn.Module):
         nn.init.zeros_(self.net.conv_out.bias)
         self.to(prior.device)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.parameters())
-
-    def forward(self, x_t, t, prompts, camera, drop: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_t, t, prompts, camera, drop: torch.Tensor | None = None):
         labels = torch.tensor([self.classes.get(p, 0) for p in prompts], device=x_t.device)
         if drop is not None:
             labels = torch.where(drop, torch.zeros_like(labels), labels)
-        base_prompts = [("" if (drop is not None and bool(drop[i])) else p) for i, p in enumerate(prompts)]
         with torch.no_grad():
-            base = self.prior.predict_eps(x_t, t, [self.prior.encode_text(base_prompts)])[0]
-        self.prior.nfe -= 1  # the source counts as one evaluation, made by the caller
+            base = self.prior.predict_eps(x_t, t, [self.prior.encode_text(kept_texts(prompts, drop))])[0]
         out = base + self.net(x_t, t, class_labels=labels).sample
         return out, out
 
@@ -267,15 +253,6 @@ class ResidualEpsSource(nn.Module):
     def training_target(self, x0, noise, t):
         return noise
 
-    def train_context(self):
-        return contextlib.nullcontext()
-
-    def state(self) -> dict[str, Any]:
-        return {}  # a registered submodule: its weights are in the checkpoint's state_dict
-
-    def load(self, state: dict[str, Any]) -> None:
-        pass
-
 
 @builds("guidance", "vsd", VSDConfig)
 class VSD(Guidance):
@@ -283,7 +260,7 @@ class VSD(Guidance):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.source: nn.Module | None = None
+        self.source: Source | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending_state: dict[str, Any] | None = None
         #: the draws of the last :meth:`train_step` (``t``, ``noise``, ``camera_drop``, ``text_drop``), for logs and tests
@@ -302,7 +279,7 @@ class VSD(Guidance):
             seed = (self.generator.initial_seed() * 1_000_003 + 17) % (2**31 - 1)
             with torch.random.fork_rng():  # CPU and CUDA generators (LoRA weights are created on the UNet's device)
                 torch.manual_seed(seed)
-                if isinstance(self.prior, StableDiffusionPrior):
+                if self.prior.supports_adapters:
                     self.source = LoRASource(self.prior, self.config)
                 else:
                     self.source = ResidualEpsSource(self.prior, prompts, self.config.residual_channels)
@@ -336,7 +313,6 @@ class VSD(Guidance):
     def source_from(self, eps, x_t, t, kappa, prompts, step):
         self._ensure_source(prompts)
         pred, _ = self.source(x_t, t, self.source_prompts(prompts), self.camera(prompts, x_t.device))
-        self.prior.nfe += 1
         return pred.float()
 
     def draw_training(self, batch_size: int) -> dict[str, torch.Tensor | None]:
@@ -372,12 +348,8 @@ class VSD(Guidance):
             camera = self.camera(prompts, dev).repeat(k, 1) * (~d["camera_drop"].to(dev)).float().unsqueeze(1)
             text_drop = d["text_drop"]
             x_t = self.source.add_noise(x0, noise, t)
-            with self.source.train_context():
-                if isinstance(self.source, ResidualEpsSource):
-                    _, raw = self.source(x_t, t, texts, camera, drop=None if text_drop is None else text_drop.to(dev))
-                else:
-                    kept = texts if text_drop is None else [("" if bool(d) else p) for d, p in zip(text_drop, texts)]
-                    _, raw = self.source(x_t, t, kept, camera)
+            with self.source.train_context(), self.prior.uncounted():  # a training pass, not an NFE of the method
+                _, raw = self.source(x_t, t, texts, camera, drop=None if text_drop is None else text_drop.to(dev))
                 loss = F.mse_loss(raw.float(), self.source.training_target(x0, noise, t).float())
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()

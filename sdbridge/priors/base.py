@@ -17,6 +17,7 @@ Conventions (the README's section on the one formula uses them):
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -105,14 +106,41 @@ class DiffusionPrior(nn.Module, abc.ABC):
     #: exact log-densities, so a run can be scored by exact metrics against them (the exact world); a trained
     #: network cannot be.
     has_true_distribution: bool = False
+    #: True when LoRA adapters can be put on the denoiser (``add_lora``, ``adapter``, ``predict_raw``: Stable
+    #: Diffusion); VSD's source is then a LoRA, else a residual network over the prior's prediction.
+    supports_adapters: bool = False
 
     def __init__(self, alphas_cumprod: torch.Tensor | None = None):
         super().__init__()
         ac = scaled_linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod.to(torch.float64)
         # float64 master copy; guidances index it and cast to the sample dtype.
         self.register_buffer("alphas_cumprod", ac, persistent=False)
-        self.nfe = 0
+        self._nfe = [0]  # one cell, shared with companion models (:meth:`share_nfe_counter`)
         self._text_cache: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ NFE accounting (the one place it happens)
+    @property
+    def nfe(self) -> int:
+        """Denoiser evaluations so far, one per batch and conditioning (a companion model's count here too)."""
+        return self._nfe[0]
+
+    @nfe.setter
+    def nfe(self, value: int) -> None:
+        self._nfe[0] = int(value)
+
+    def share_nfe_counter(self, other: "DiffusionPrior") -> None:
+        """``other``'s evaluations count as this prior's (a second model serving the same run, e.g. VSD's LoRA)."""
+        other._nfe = self._nfe
+
+    @contextlib.contextmanager
+    def uncounted(self):
+        """Evaluations inside are not NFEs of the guidance: the training passes of its own network (VSD), whose
+        cost is in the step time and is reported beside the NFEs (the method table's "+1 training pass")."""
+        before = self.nfe
+        try:
+            yield
+        finally:
+            self.nfe = before
 
     # ------------------------------------------------------------------ properties
     @property

@@ -11,6 +11,7 @@ Weights are fp16 on GPU and fp32 on CPU unless ``dtype`` says otherwise; predict
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,7 @@ class StableDiffusionPrior(DiffusionPrior):
     """Stable Diffusion latent prior. ``sample_shape`` is ``(4, H/8, W/8)`` (4x64x64 for SD 2.1 base)."""
 
     is_latent = True
+    supports_adapters = True
 
     def __init__(self, config: StableDiffusionConfig, path: Path | None = None,
                  components: dict[str, Any] | None = None):
@@ -240,6 +242,7 @@ class StableDiffusionPrior(DiffusionPrior):
                       "scheduler_config": dict(scheduler_config)}
         other = StableDiffusionPrior(self.config, components=components)
         other.model_path = path
+        self.share_nfe_counter(other)  # its evaluations are the run's NFEs
         return other
 
     @property
@@ -268,13 +271,21 @@ class StableDiffusionPrior(DiffusionPrior):
         k, B = len(conds), x_t.shape[0]
         x_in = x_t.repeat(k, *([1] * (x_t.dim() - 1)))
         emb = torch.cat([c.value for c in conds])
-        out = self.unet_raw(x_in, t.repeat(k), emb)
+        out = self._unet_raw(x_in, t.repeat(k), emb)
         return self.raw_to_eps(out, x_in, t.repeat(k)).view(k, B, *x_t.shape[1:])
 
-    def unet_raw(
+    def predict_raw(
         self, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, class_labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The UNet's native output (eps or v) in float32, without NFE counting (callers count)."""
+        """One evaluation of the UNet as it stands (adapters and class embedding included): its native output (eps or
+        v) in float32. Counts one NFE, like :meth:`predict_eps` with one conditioning."""
+        out = self._unet_raw(x_t, t, emb, class_labels)
+        self.nfe += 1
+        return out
+
+    def _unet_raw(
+        self, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x_in = x_t.to(self.dtype)
         if self.config.channels_last:
             x_in = x_in.contiguous(memory_format=torch.channels_last)
@@ -284,6 +295,57 @@ class StableDiffusionPrior(DiffusionPrior):
             dtype = next(emb_module.parameters()).dtype if emb_module is not None else self.dtype
             labels = class_labels.to(dtype)
         return self.unet(x_in, t, encoder_hidden_states=emb.to(self.dtype), class_labels=labels).sample.float()
+
+    # ------------------------------------------------------------------ LoRA adapters (VSD's source)
+    def add_lora(self, name: str, rank: int, gaussian_init: bool) -> list[torch.nn.Parameter]:
+        """LoRA adapters ``name`` of rank ``rank`` on the UNet's attention projections (peft), switched off until
+        :meth:`adapter`; ``gaussian_init``: diffusers' LoRAAttnProcessor init, else peft's kaiming default. A prior
+        reused across runs starts fresh. Returns the adapter's parameters, in fp32 (AdamW's eps underflows in fp16)."""
+        from peft import LoraConfig
+
+        if name in getattr(self.unet, "peft_config", {}):
+            self.unet.delete_adapters(name)
+        self.unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian" if gaussian_init else True,
+                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+            adapter_name=name,
+        )
+        self.unet.disable_adapters()
+        params = self.lora_parameters(name)
+        for p in params:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        return params
+
+    def lora_parameters(self, name: str) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.unet.named_parameters() if name in n]
+
+    @contextlib.contextmanager
+    def adapter(self, name: str, class_embedding: torch.nn.Module | None = None):
+        """The UNet with adapters ``name`` on and ``class_embedding`` in place (re-entrant); off again after. Backward
+        passes through the LoRA must run inside it too: peft turns ``requires_grad`` off with the adapters."""
+        self._adapter_depth = getattr(self, "_adapter_depth", 0) + 1
+        if self._adapter_depth == 1:
+            self.unet.enable_adapters()
+            self.unet.set_adapter(name)
+            self.unet.class_embedding = class_embedding
+        try:
+            yield
+        finally:
+            self._adapter_depth -= 1
+            if self._adapter_depth == 0:
+                self.unet.class_embedding = None
+                self.unet.disable_adapters()
+
+    def lora_state(self, name: str) -> dict[str, Any]:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.unet, adapter_name=name)
+
+    def load_lora_state(self, name: str, state: dict[str, Any]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.unet, state, adapter_name=name)
 
     def raw_to_eps(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.prediction_type == "v_prediction":
