@@ -16,12 +16,16 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from sdbridge.config import SCHEMAS, to_objects
-from sdbridge.runner import run
+from sdbridge.runner import checkpoints_of, finished_summary, read_checkpoint, run
 
 log = logging.getLogger("sdbridge")
 
 #: Errors that mean "the user asked for something impossible": printed as one message, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+
+#: what a resume may change: how long the run goes on and how it logs, where the prior runs; never what is optimized
+#: (prompts, prior, guidance, target, schedule, seed), which the checkpoint was made for
+RESUMABLE_KEYS = ("trainer.", "logger.", "eval.", "hydra.", "prior.device", "prior.cache_dir")
 
 
 # ---------------------------------------------------------------------------------------------------------- resume
@@ -32,7 +36,9 @@ def _override_key(override: str) -> str:
 def resume_overrides(run_dir: Path, new_overrides: Sequence[str]) -> list[str]:
     """The overrides that recreate the run in ``run_dir``, updated by ``new_overrides`` (e.g. a longer max_steps).
 
-    Changing a config group (``guidance=...``) or the seed would make the checkpoint meaningless and is refused.
+    Changing a config group (``guidance=...``), the seed or any value of what is optimized (``prompt.texts``,
+    ``prior.size``, ...) would make the checkpoint meaningless and is refused before any file is written; only
+    :data:`RESUMABLE_KEYS` may change.
     """
     saved_file = run_dir / "overrides.yaml"
     if not has_checkpoint(run_dir):
@@ -46,6 +52,10 @@ def resume_overrides(run_dir: Path, new_overrides: Sequence[str]) -> list[str]:
             continue
         if key in SCHEMAS or key == "seed":
             raise ValueError(f"cannot change {key!r} when resuming {run_dir}: start a new run instead")
+        if merged.get(key) != o and not key.startswith(RESUMABLE_KEYS) and key not in RESUMABLE_KEYS:
+            raise ValueError(f"cannot change {key!r} when resuming {run_dir}: the checkpoint was made for its saved "
+                             f"value (a resume may change {', '.join(k.rstrip('.') for k in RESUMABLE_KEYS)}); start a "
+                             "new run instead")
         merged[key] = o
     return list(merged.values())
 
@@ -118,6 +128,15 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         if cfg.resume:
             cfg, overrides = compose_for_resume(cfg, overrides)
         config = to_objects(cfg)
+        if not fresh:
+            resumed = Path(cfg.resume).expanduser()
+            for ckpt in checkpoints_of(resumed):
+                read_checkpoint(ckpt)  # refuses a damaged file or one that would run code, before anything is written
+            done = finished_summary(resumed, config.trainer.max_steps)
+            if done is not None:
+                print(f"sdbridge: {resumed} already finished at step {done['steps']}; nothing to do (raise "
+                      "trainer.max_steps to continue it)", file=sys.stderr)
+                return done
     except USER_ERRORS as err:
         return _fail(err, run_dir if fresh else None)
     resolved = OmegaConf.to_container(cfg, resolve=True)

@@ -211,6 +211,42 @@ def merge_summaries(parts: Sequence[dict[str, Any]], run_dir: Path) -> dict[str,
     return merged
 
 
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents, read without running code (``weights_only=True``: tensors and plain values only).
+    Every checkpoint is read this way before Lightning (which unpickles it fully) is handed it, so a file holding
+    anything else is refused, never executed; a truncated or damaged file is named."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0][:200]
+        raise ValueError(f"{path} holds objects other than tensors and plain values; refusing to load it (unpickling "
+                         f"it could run code): {reason}") from None
+    except (EOFError, RuntimeError, OSError) as err:
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {str(err)[:120]}): the checkpoint is damaged "
+                         "or truncated; start a new run (or restore the file)") from None
+    if not isinstance(state, dict) or "global_step" not in state or "sdbridge" not in state:
+        raise ValueError(f"{path} is not an sdbridge checkpoint (no global_step / sdbridge state)")
+    return state
+
+
+def checkpoints_of(run_dir: Path) -> list[Path]:
+    """The checkpoints a resume of ``run_dir`` would load (its own, or its batches')."""
+    return [p for p in [run_dir / "checkpoints" / "last.ckpt", *sorted((run_dir / "batches").glob(
+        "*/checkpoints/last.ckpt"))] if p.is_file()]
+
+
+def finished_summary(run_dir: Path, max_steps: int) -> dict[str, Any] | None:
+    """The summary of the run in ``run_dir`` if it already reached ``max_steps`` (a re-launch is then a no-op)."""
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and int(summary.get("steps") or 0) >= max_steps else None
+
+
 def _optimize(
     config: RunConfig,
     prior: Any,
@@ -304,7 +340,7 @@ def _optimize(
         plugins=_cluster_plugins(),
     )
     if resume_from is not None:
-        info["resumed_from_step"] = int(torch.load(resume_from, map_location="cpu", weights_only=False)["global_step"])
+        info["resumed_from_step"] = int(read_checkpoint(resume_from)["global_step"])
         summary_cb.info["resumed_from_step"] = info["resumed_from_step"]
     try:
         trainer.fit(system, datamodule=target.datamodule(), ckpt_path=str(resume_from) if resume_from else None)

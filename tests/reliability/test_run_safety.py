@@ -1,0 +1,95 @@
+"""A run directory is never damaged by a command that does nothing useful: re-launching a finished run, a refused
+resume and a crafted checkpoint leave every file's bytes as they were (issue #15). Hydra's own job log (``run.log``)
+is the one file such a command appends a line to."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+def _args(run_dir: Path, world_cache: Path, *extra: str) -> list[str]:
+    return [f"hydra.run.dir={run_dir}", "prior=analytic", f"prior.cache_dir={world_cache}", "prior.size=16",
+            "trainer.progress_bar=false", "trainer.max_steps=4", "trainer.checkpoint_every=2",
+            "prompt.texts=[a red circle,a blue square]", "prompt.repeat=1", *extra]
+
+
+def _snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != "run.log"}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, world_cache) -> Path:
+    run_dir = tmp_path_factory.mktemp("safety") / "run"
+    res = run_cli(_args(run_dir, world_cache))
+    assert res.returncode == 0, res.stdout
+    return run_dir
+
+
+def _copy(run_dir: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    target = tmp_path / "run"
+    shutil.copytree(run_dir, target)
+    for f in target.rglob("*.yaml"):  # the saved config names the original directory only through hydra.run.dir
+        f.write_text(f.read_text().replace(str(run_dir), str(target)))
+    return target
+
+
+def test_relaunching_or_resuming_a_finished_run_changes_no_file(finished_run, tmp_path, world_cache):
+    run_dir = _copy(finished_run, tmp_path)
+    before = _snapshot(run_dir)
+    for args in (_args(run_dir, world_cache), [f"resume={run_dir}", f"hydra.run.dir={run_dir}"]):
+        res = run_cli(args)
+        assert res.returncode == 0, res.stdout
+        assert "already finished at step 4; nothing to do" in res.stdout, res.stdout
+        assert _snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("change", ["prompt.texts=[a red circle]", "prior.size=32", "guidance.scale=3"])
+def test_a_refused_resume_changes_no_file(finished_run, tmp_path, world_cache, change):
+    run_dir = _copy(finished_run, tmp_path)
+    before = _snapshot(run_dir)
+    res = run_cli([f"resume={run_dir}", f"hydra.run.dir={run_dir}", "trainer.max_steps=6", change])
+    assert res.returncode == 2 and "cannot change" in res.stdout and change.split("=")[0] in res.stdout, res.stdout
+    assert _snapshot(run_dir) == before
+    res = run_cli([f"resume={run_dir}", f"hydra.run.dir={run_dir}", "trainer.max_steps=6"])  # still resumable
+    assert res.returncode == 0, res.stdout
+
+
+class _Payload:
+    """Unpickling this runs ``open(marker, "w")``: what a crafted checkpoint could do with a shell command."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("damage", ["crafted", "truncated"])
+def test_a_crafted_or_truncated_checkpoint_is_refused_without_running_it(finished_run, tmp_path, world_cache, damage):
+    import torch
+
+    run_dir = _copy(finished_run, tmp_path)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    marker = tmp_path / "code-ran"
+    if damage == "crafted":
+        state = torch.load(ckpt, weights_only=True)
+        state["sdbridge"]["payload"] = _Payload(str(marker))
+        torch.save(state, ckpt, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    else:
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    before = _snapshot(run_dir)
+    res = run_cli([f"resume={run_dir}", f"hydra.run.dir={run_dir}", "trainer.max_steps=6"])
+    assert res.returncode == 2, res.stdout
+    needle = "refusing to load it" if damage == "crafted" else "damaged or truncated"
+    assert needle in res.stdout and str(ckpt) in res.stdout, res.stdout
+    assert "Traceback" not in res.stdout
+    assert not marker.exists()
+    assert _snapshot(run_dir) == before
