@@ -244,7 +244,13 @@ def finished_summary(run_dir: Path, max_steps: int) -> dict[str, Any] | None:
         summary = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return summary if isinstance(summary, dict) and int(summary.get("steps") or 0) >= max_steps else None
+    if not isinstance(summary, dict) or int(summary.get("steps") or 0) < max_steps:
+        return None
+    if summary.get("batches"):  # a run in batches is finished when every batch is (a requeued job may lack one)
+        done = [finished_summary(d, max_steps) for d in sorted((run_dir / "batches").glob("*")) if d.is_dir()]
+        if len(done) < int(summary["batches"]) or any(d is None for d in done):
+            return None
+    return summary
 
 
 def _optimize(

@@ -41,10 +41,21 @@ def _copy(run_dir: Path, tmp_path: Path) -> Path:
     return target
 
 
-def test_relaunching_or_resuming_a_finished_run_changes_no_file(finished_run, tmp_path, world_cache):
-    run_dir = _copy(finished_run, tmp_path)
+@pytest.fixture(scope="module")
+def finished_batched_run(tmp_path_factory, world_cache) -> Path:
+    run_dir = tmp_path_factory.mktemp("safety_batched") / "run"
+    res = run_cli(_args(run_dir, world_cache, "prompt.batch_size=1"))
+    assert res.returncode == 0, res.stdout
+    return run_dir
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_relaunching_or_resuming_a_finished_run_changes_no_file(batched, request, tmp_path, world_cache):
+    finished = request.getfixturevalue("finished_batched_run" if batched else "finished_run")
+    run_dir = _copy(finished, tmp_path)
     before = _snapshot(run_dir)
-    for args in (_args(run_dir, world_cache), [f"resume={run_dir}", f"hydra.run.dir={run_dir}"]):
+    extra = ("prompt.batch_size=1",) if batched else ()
+    for args in (_args(run_dir, world_cache, *extra), [f"resume={run_dir}", f"hydra.run.dir={run_dir}"]):
         res = run_cli(args)
         assert res.returncode == 0, res.stdout
         assert "already finished at step 4; nothing to do" in res.stdout, res.stdout
