@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from sdbridge.config import SCHEMAS, to_objects
-from sdbridge.runner import checkpoints_of, finished_summary, read_checkpoint, run
+from sdbridge.runner import RunDirectoryInUse, checkpoints_of, finished_summary, read_checkpoint, run, run_lock
 
 log = logging.getLogger("sdbridge")
 
@@ -107,7 +107,7 @@ def compose_for_resume(cfg: DictConfig, task_overrides: Sequence[str]) -> tuple[
 
 
 def _only_hydra_files(run_dir: Path) -> bool:
-    return all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir())
+    return all(p.name in (".hydra", "run.lock") or p.suffix == ".log" for p in run_dir.iterdir())
 
 
 def main(cfg: DictConfig) -> dict[str, Any] | None:
@@ -139,6 +139,28 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
                 return done
     except USER_ERRORS as err:
         return _fail(err, run_dir if fresh else None)
+    try:
+        with run_lock(run_dir):
+            summary = _write_config_and_run(cfg, hc, config, run_dir, overrides, fresh)
+    except RunDirectoryInUse as err:
+        return _fail(err, None)  # the directory is someone else's: leave it as it is
+    if "exact_metrics" in summary:
+        from sdbridge.callbacks.exact_metrics import format_metrics
+
+        print("\nExact metrics against the true distributions (sdbridge/metrics/exact.py):")
+        print(format_metrics(summary["exact_metrics"]))
+    print(f"\nsdbridge: {summary['steps']} steps in {summary['wall_clock_s']:.1f} s, "
+          f"{summary['nfe_per_step']} NFEs/step, final loss {summary['final_loss']:.4g}")
+    images = run_dir / ("batches/*/images/final" if summary.get("batches") else "images/final")
+    print(f"sdbridge: images in {images}, summary in {run_dir / 'summary.json'}")
+    if summary.get("compare"):
+        print(f"sdbridge: {summary['compare']}: each prompt's images, and below them exact samples of the prompt")
+    return summary
+
+
+def _write_config_and_run(cfg: DictConfig, hc: Any, config: Any, run_dir: Path, overrides: list[str],
+                          fresh: bool) -> dict[str, Any]:
+    """Save config.yaml / overrides.yaml and run (under the run directory's lock)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["_choices"] = {k: v for k, v in hc.runtime.choices.items() if not k.startswith(("hydra", "schema"))}
     if str(hc.mode) == "RunMode.MULTIRUN":
@@ -151,26 +173,15 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         if fresh and not (run_dir / "checkpoints").exists():
             for name in ("config.yaml", "overrides.yaml"):
                 (run_dir / name).unlink(missing_ok=True)
-        return _fail(err, run_dir if fresh else None)
+        _fail(err, run_dir if fresh else None)
     except Exception as err:
         from sdbridge.priors.stable_diffusion import PriorUnavailableError
 
         if isinstance(err, PriorUnavailableError):
             for name in ("config.yaml", "overrides.yaml"):
                 (run_dir / name).unlink(missing_ok=True)
-            return _fail(err, run_dir if fresh else None)
+            _fail(err, run_dir if fresh else None)
         raise
-    if "exact_metrics" in summary:
-        from sdbridge.callbacks.exact_metrics import format_metrics
-
-        print("\nExact metrics against the true distributions (sdbridge/metrics/exact.py):")
-        print(format_metrics(summary["exact_metrics"]))
-    print(f"\nsdbridge: {summary['steps']} steps in {summary['wall_clock_s']:.1f} s, "
-          f"{summary['nfe_per_step']} NFEs/step, final loss {summary['final_loss']:.4g}")
-    images = run_dir / ("batches/*/images/final" if summary.get("batches") else "images/final")
-    print(f"sdbridge: images in {images}, summary in {run_dir / 'summary.json'}")
-    if summary.get("compare"):
-        print(f"sdbridge: {summary['compare']}: each prompt's images, and below them exact samples of the prompt")
     return summary
 
 

@@ -15,6 +15,7 @@ A run directory holds::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -229,6 +230,52 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "global_step" not in state or "sdbridge" not in state:
         raise ValueError(f"{path} is not an sdbridge checkpoint (no global_step / sdbridge state)")
     return state
+
+
+class RunDirectoryInUse(ValueError):
+    """Another live process holds the run directory's lock."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold ``run_dir/run.lock`` (the holder's pid and host) while writing into ``run_dir``: a second run, resume or
+    requeued job into the same directory is refused instead of mixing its files with the first's. A lock left by a
+    process that is gone (same host) is taken over; the lock is removed when the block ends."""
+    import socket
+
+    path = run_dir / "run.lock"
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+                path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            raise RunDirectoryInUse(
+                f"{run_dir} is in use by another run (pid {holder.get('pid', '?')} on {holder.get('host', '?')}): "
+                f"wait for it to end or choose another hydra.run.dir (delete {path} if that process is gone)") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def checkpoints_of(run_dir: Path) -> list[Path]:

@@ -104,3 +104,25 @@ def test_a_crafted_or_truncated_checkpoint_is_refused_without_running_it(finishe
     assert "Traceback" not in res.stdout
     assert not marker.exists()
     assert _snapshot(run_dir) == before
+
+
+def test_a_second_run_into_a_directory_in_use_is_refused(finished_run, tmp_path, world_cache):
+    """The lock names its holder; a lock whose process is gone is taken over and removed at the end."""
+    import json
+    import os
+    import socket
+    import subprocess
+
+    run_dir = _copy(finished_run, tmp_path)
+    lock = run_dir / "run.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # this test process: alive
+    before = _snapshot(run_dir)
+    res = run_cli([f"resume={run_dir}", f"hydra.run.dir={run_dir}", "trainer.max_steps=6"])
+    assert res.returncode == 2 and f"in use by another run (pid {os.getpid()}" in res.stdout, res.stdout
+    assert _snapshot(run_dir) == before
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock.write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname()}))
+    res = run_cli([f"resume={run_dir}", f"hydra.run.dir={run_dir}", "trainer.max_steps=6"])
+    assert res.returncode == 0, res.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6 and not lock.exists()
