@@ -8,6 +8,7 @@ The other files of a run directory are described in :mod:`sdbridge.runner`.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from sdbridge.config import SCHEMAS, to_objects
+from sdbridge.guidance.base import NonFiniteGradientError
 from sdbridge.runner import RunDirectoryInUse, checkpoints_of, finished_summary, read_checkpoint, run, run_lock
 
 log = logging.getLogger("sdbridge")
@@ -144,6 +146,12 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
             summary = _write_config_and_run(cfg, hc, config, run_dir, overrides, fresh)
     except RunDirectoryInUse as err:
         return _fail(err, None)  # the directory is someone else's: leave it as it is
+    except NonFiniteGradientError as err:  # the run's files (checkpoints, images) stay for inspection
+        return _fail(err, None)
+    if not math.isfinite(summary.get("final_loss", 0.0)):
+        return _fail(ValueError(f"the run ended with a non-finite loss ({summary['final_loss']}) at step "
+                                f"{summary['steps']}: lower guidance.scale or target.optimizer.lr; its files are kept "
+                                f"in {run_dir}"), None)
     if "exact_metrics" in summary:
         from sdbridge.callbacks.exact_metrics import format_metrics
 

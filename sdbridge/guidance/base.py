@@ -27,6 +27,7 @@ diffusers convention. threestudio's SDS writes ``eps_cond + s' * (eps_cond - eps
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Sequence, TypeVar
@@ -75,6 +76,8 @@ class GuidanceConfig:
     def __post_init__(self) -> None:
         if self.bridge_steps < 1:
             raise ValueError(f"guidance.bridge_steps={self.bridge_steps} must be >= 1")
+        if not math.isfinite(self.scale):
+            raise ValueError(f"guidance.scale={self.scale} must be a finite number")
         if self.loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"guidance.loss_reduction={self.loss_reduction!r} is not one of {list(LOSS_REDUCTIONS)}")
         self.weighting = as_enum(Weighting, self.weighting, "guidance.weighting")
@@ -384,7 +387,8 @@ class Guidance(nn.Module):
             raise NonFiniteGradientError(
                 f"{type(self).__name__} produced a non-finite gradient at step {step} for samples {bad} "
                 f"(t={t[bad].tolist()}, prompts={[prompts[i] for i in bad]}); the target was not updated. "
-                "Check the prior's dtype (fp16 overflow) and the CFG scale."
+                "Check the prior's dtype (fp16 overflow), the CFG scale (guidance.scale) and the learning rate "
+                "(target.optimizer.lr)."
             )
         grad = grad.to(x0.dtype)
         loss = surrogate_loss(x0, grad)

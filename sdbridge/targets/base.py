@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -24,13 +25,13 @@ class OptimizerConfig:
     weight_decay: float = 0.01
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"target.optimizer.lr={self.lr} must be > 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"target.optimizer.lr={self.lr} must be > 0 and finite")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"target.optimizer.betas={list(self.betas)} must be two numbers in [0, 1)")
-        if not self.eps > 0:
-            raise ValueError(f"target.optimizer.eps={self.eps} must be > 0")
-        if self.weight_decay < 0:
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ValueError(f"target.optimizer.eps={self.eps} must be > 0 and finite")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ValueError(f"target.optimizer.weight_decay={self.weight_decay} must be >= 0")
 
     def build(self, params: Any) -> torch.optim.Optimizer:

@@ -126,3 +126,17 @@ def test_a_second_run_into_a_directory_in_use_is_refused(finished_run, tmp_path,
     res = run_cli([f"resume={run_dir}", f"hydra.run.dir={run_dir}", "trainer.max_steps=6"])
     assert res.returncode == 0, res.stdout
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6 and not lock.exists()
+
+
+def test_a_non_finite_result_is_an_error_not_a_result(tmp_path, world_cache):
+    """An infinite learning rate is refused at start; a loss that ends non-finite (guidance.scale=1e30) is a one-line
+    error with the files kept, not an exit 0 that reports "final loss inf"."""
+    run_dir = tmp_path / "run"
+    res = run_cli(_args(run_dir, world_cache, "target.optimizer.lr=inf"))
+    assert res.returncode == 2 and "target.optimizer.lr=inf must be > 0 and finite" in res.stdout, res.stdout
+    assert not run_dir.exists()
+    res = run_cli(_args(run_dir, world_cache, "guidance.scale=1e30", "trainer.max_steps=2"))
+    assert res.returncode == 2, res.stdout
+    assert "sdbridge: error:" in res.stdout and ("non-finite loss" in res.stdout or "non-finite gradient" in res.stdout)
+    assert "Traceback" not in res.stdout
+    assert (run_dir / "config.yaml").is_file()  # the run's files stay for inspection
