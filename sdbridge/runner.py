@@ -66,9 +66,9 @@ def build_logger(config: RunConfig, run_dir: Path, resolved: dict[str, Any], run
     if kind == LoggerKind.none:
         return False
     if kind == LoggerKind.csv:
-        from lightning.pytorch.loggers import CSVLogger
+        from sdbridge.callbacks.csv_log import RunCSVLogger
 
-        return CSVLogger(save_dir=str(run_dir), name="logs", version="")
+        return RunCSVLogger(save_dir=str(run_dir), name="logs", version="")
     from lightning.pytorch.loggers import WandbLogger
 
     os.environ.setdefault("WANDB_SILENT", "true")

@@ -62,7 +62,7 @@ def test_stop_and_resume_is_bit_identical(tmp_path, tiny_cache, kill):
 
 def test_cli_resume_extends_a_finished_run(tmp_path, tiny_cache):
     common = ["prior=tiny_sd", f"prior.cache_dir={tiny_cache}", "trainer.progress_bar=false", "prior.device=cpu",
-              "trainer.checkpoint_every=3"]
+              "trainer.checkpoint_every=3", "trainer.log_every=1"]
     short = tmp_path / "short"
     assert run_cli([*common, f"hydra.run.dir={short}", "trainer.max_steps=6"]).returncode == 0
     res = run_cli([f"resume={short}", "trainer.max_steps=10", "trainer.progress_bar=false"])
@@ -72,6 +72,16 @@ def test_cli_resume_extends_a_finished_run(tmp_path, tiny_cache):
     assert torch.equal(_final(short)["state_dict"]["target.param"], _final(straight)["state_dict"]["target.param"])
     summary = json.loads((short / "summary.json").read_text())
     assert summary["resumed_from_step"] == 6 and summary["steps"] == 10
+    # the metric log keeps the first 6 steps' rows and appends the rest: the same log as the straight run's
+    # (the same rows and values; the epoch counter and the wall-clock summary columns differ)
+    def training_rows(run_dir):
+        import csv
+
+        rows = list(csv.DictReader((run_dir / "logs" / "metrics.csv").open()))
+        return [(r["step"], r["loss"], r["grad_norm"], r["t"], r["nfe_total"]) for r in rows if r["loss"]]
+
+    assert [r[0] for r in training_rows(short)] == [str(k) for k in range(10)]
+    assert training_rows(short) == training_rows(straight)
     # the group of a resumed run cannot change
     bad = run_cli([f"resume={short}", "guidance=sds"])
     assert bad.returncode != 0 and "cannot change 'guidance'" in bad.stdout
