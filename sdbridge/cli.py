@@ -18,12 +18,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from sdbridge.config import SCHEMAS, to_objects
 from sdbridge.guidance.base import NonFiniteGradientError
-from sdbridge.runner import RunDirectoryInUse, checkpoints_of, finished_summary, read_checkpoint, run, run_lock
+from sdbridge.runner import (
+    RunDirectoryInUse,
+    RunInterrupted,
+    checkpoints_of,
+    finished_summary,
+    read_checkpoint,
+    run,
+    run_lock,
+)
 
 log = logging.getLogger("sdbridge")
 
 #: Errors that mean "the user asked for something impossible": printed as one message, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+
+#: exit status of a run stopped by SIGTERM or Ctrl+C (128 + SIGTERM, as a shell reports a process it terminated)
+INTERRUPTED_EXIT = 143
 
 #: what a resume may change: how long the run goes on and how it logs, where the prior runs; never what is optimized
 #: (prompts, prior, guidance, target, schedule, seed), which the checkpoint was made for
@@ -148,6 +159,9 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         return _fail(err, None)  # the directory is someone else's: leave it as it is
     except NonFiniteGradientError as err:  # the run's files (checkpoints, images) stay for inspection
         return _fail(err, None)
+    except RunInterrupted as err:  # SIGTERM / Ctrl+C: stopped after a whole step, checkpointed there
+        print(f"sdbridge: {err}", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT)
     if not math.isfinite(summary.get("final_loss", 0.0)):
         return _fail(ValueError(f"the run ended with a non-finite loss ({summary['final_loss']}) at step "
                                 f"{summary['steps']}: lower guidance.scale or target.optimizer.lr; its files are kept "

@@ -232,6 +232,55 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+class RunInterrupted(Exception):
+    """SIGTERM or SIGINT stopped the run at the end of a step; the checkpoint holds that step."""
+
+    def __init__(self, step: int, run_dir: Path, checkpoint: Path | None):
+        where = (f"resume with resume={run_dir}" if checkpoint is not None
+                 else "no checkpoint was written (trainer.checkpoint_every=0)")
+        super().__init__(f"interrupted at step {step}; {where}")
+        self.step = step
+
+
+def _checkpoint_on_interrupt(path: Path) -> Any:
+    """A Lightning callback: on SIGTERM (Lightning stops after the current step) it saves ``path`` at that step."""
+    from lightning.pytorch import Callback
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    class CheckpointOnInterrupt(Callback):
+        saved = False
+
+        def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+            if isinstance(exception, SIGTERMException) and trainer.global_step > 0:
+                trainer.save_checkpoint(str(path))
+                self.saved = True
+
+    return CheckpointOnInterrupt()
+
+
+@contextlib.contextmanager
+def _sigint_finishes_the_step(trainer: Any):
+    """Ctrl+C (SIGINT) stops the run like SIGTERM, after the step in progress, so its checkpoint is a whole step (a
+    second Ctrl+C interrupts at once)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        trainer._signal_connector.received_sigterm = True
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class RunDirectoryInUse(ValueError):
     """Another live process holds the run directory's lock."""
 
@@ -354,7 +403,8 @@ def _optimize(
     }
     media = MediaCallback(run_dir, config.trainer.save_every, config.trainer.video_every)
     summary_cb = SummaryCallback(run_dir, info, prior.device)
-    all_callbacks: list[Any] = [media, summary_cb, *callbacks]
+    on_interrupt = _checkpoint_on_interrupt(last_ckpt) if config.trainer.checkpoint_every > 0 else None
+    all_callbacks: list[Any] = [media, summary_cb, *callbacks, *([on_interrupt] if on_interrupt else [])]
     if config.trainer.checkpoint_every > 0:
         all_callbacks.append(
             ModelCheckpoint(
@@ -396,12 +446,20 @@ def _optimize(
         info["resumed_from_step"] = int(read_checkpoint(resume_from)["global_step"])
         summary_cb.info["resumed_from_step"] = info["resumed_from_step"]
     try:
-        trainer.fit(system, datamodule=target.datamodule(), ckpt_path=str(resume_from) if resume_from else None)
+        with _sigint_finishes_the_step(trainer):
+            trainer.fit(system, datamodule=target.datamodule(), ckpt_path=str(resume_from) if resume_from else None)
     except RuntimeError as err:
         if resume_from is None or "loading state_dict" not in str(err):
             raise
         raise ValueError(f"the checkpoint {resume_from} does not fit this run's config (made with other settings or "
                          f"another sdbridge version): {str(err).splitlines()[-1].strip()}") from err
+    except BaseException as err:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(err, SIGTERMException):
+            raise RunInterrupted(trainer.global_step, run_dir,
+                                 last_ckpt if on_interrupt is not None and on_interrupt.saved else None) from None
+        raise
     if trainer.global_step > 0 and not trainer.interrupted:
         trainer.save_checkpoint(str(last_ckpt))
     samples = [dict(r) for r in prompt_set.records]
