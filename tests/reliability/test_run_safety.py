@@ -49,7 +49,7 @@ def finished_batched_run(tmp_path_factory, world_cache) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("batched", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_relaunching_or_resuming_a_finished_run_changes_no_file(batched, request, tmp_path, world_cache):
     finished = request.getfixturevalue("finished_batched_run" if batched else "finished_run")
     run_dir = _copy(finished, tmp_path)
@@ -69,8 +69,9 @@ def test_a_refused_resume_changes_no_file(finished_run, tmp_path, world_cache, c
     res = run_cli([f"resume={run_dir}", f"hydra.run.dir={run_dir}", "trainer.max_steps=6", change])
     assert res.returncode == 2 and "cannot change" in res.stdout and change.split("=")[0] in res.stdout, res.stdout
     assert _snapshot(run_dir) == before
-    res = run_cli([f"resume={run_dir}", f"hydra.run.dir={run_dir}", "trainer.max_steps=6"])  # still resumable
-    assert res.returncode == 0, res.stdout
+    if change.startswith("prompt"):  # still resumable (checked once: a run each)
+        res = run_cli([f"resume={run_dir}", f"hydra.run.dir={run_dir}", "trainer.max_steps=6"])
+        assert res.returncode == 0, res.stdout
 
 
 class _Payload:

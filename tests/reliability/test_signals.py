@@ -28,6 +28,7 @@ def _param(run_dir):
     return state["global_step"], state["state_dict"]["target.param"]
 
 
+@pytest.mark.slow  # 3 runs per signal (~40 s each): in make test-slow, to keep make test under 15 minutes
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_checkpoints_at_the_interrupt_and_the_resume_is_exact(sig, tmp_path, world_cache):
     run_dir = tmp_path / "run"
