@@ -46,6 +46,11 @@ class BridgeConfig(GuidanceConfig):
             self.stage_two_weighting = as_enum(Weighting, self.stage_two_weighting, "guidance.stage_two_weighting")
 
 
+def with_modifier(prompts, modifier: str):
+    """``prompts`` with ``modifier`` appended, before any view suffix (:meth:`sdbridge.views.StepPrompts.map`)."""
+    return edited(prompts, lambda p: p + modifier)
+
+
 @builds("guidance", "bridge", BridgeConfig)
 class Bridge(Guidance):
     SUMMARY = {"eps_tgt": "stage 1: CFG_s(x_t; y); stage 2: CFG_s with uncond y + src_mod, cond y + tgt_mod", "eps_src": "stage 1: kappa; stage 2: eps(x_t; y + src_mod)", "noise": "fresh N(0, I)", "nfe": "2"}
@@ -63,22 +68,21 @@ class Bridge(Guidance):
 
     def target_texts(self, prompts, step):
         if self.stage(step) == 1:
-            return super().target_texts(edited(prompts, lambda p: p + self.config.stage_one_modifier), step)
+            return super().target_texts(with_modifier(prompts, self.config.stage_one_modifier), step)
         return {
-            "src": list(edited(prompts, lambda p: p + self.config.source_modifier)),
-            "tgt": list(edited(prompts, lambda p: p + self.config.target_modifier)),
+            "src": list(with_modifier(prompts, self.config.source_modifier)),
+            "tgt": list(with_modifier(prompts, self.config.target_modifier)),
         }
 
     def target_from(self, eps, x_t, t, prompts, step):
         if self.stage(step) == 1:
-            return super().target_from(eps, x_t, t, edited(prompts, lambda p: p + self.config.stage_one_modifier),
-                                       step)
+            return super().target_from(eps, x_t, t, with_modifier(prompts, self.config.stage_one_modifier), step)
         return classifier_free_guidance(eps["src"], eps["tgt"], self.config.stage_two_scale)
 
     def source_texts(self, prompts, step):
         if self.stage(step) == 1:
             return {}
-        return {"src": list(edited(prompts, lambda p: p + self.config.source_modifier))}
+        return {"src": list(with_modifier(prompts, self.config.source_modifier))}
 
     def source_from(self, eps, x_t, t, kappa, prompts, step):
         if self.stage(step) == 1:
