@@ -46,6 +46,21 @@ def view_direction(elevation: float, azimuth: float, front: float = 45.0, back: 
 
 
 @dataclass(frozen=True)
+class TextMix:
+    """The conditioning ``r * embedding(a) + (1 - r) * embedding(b)``: the view interpolation of threestudio's
+    Perp-Neg prompt processor (``get_text_embeddings_perp_neg``: ``r_inter * front_emb + (1 - r_inter) * side_emb``)
+    and of LucidDreamer (``train.py``). Passed to ``DiffusionPrior.encode_text`` in place of a text, on a prior
+    that ``interpolates_text`` (others evaluate both texts and interpolate the predictions)."""
+
+    a: str
+    b: str
+    r: float
+
+    def __str__(self) -> str:
+        return f"{self.r:.4g} x ({self.a}) + {1 - self.r:.4g} x ({self.b})"
+
+
+@dataclass(frozen=True)
 class Views:
     """The cameras of one step, one per sample: angles in degrees, ``c2w`` the ``(B, 4, 4)`` camera-to-world
     matrices (threestudio passes the same four to its guidances)."""
@@ -94,9 +109,13 @@ class PerpNegViews:
     negatives: list[list[str]]  # 2 lists of B texts
     weights: torch.Tensor  # (B, 2), already negative (subtracted)
 
-    def texts(self) -> dict[str, list[str]]:
-        return {"pos_a": self.pos_a, "pos_b": self.pos_b,
-                **{f"neg_{i}": list(n) for i, n in enumerate(self.negatives)}}
+    def texts(self, mix_embeddings: bool = False) -> dict[str, list]:
+        """The named conditionings: the positive as one :class:`TextMix` per sample (``"pos"``, threestudio's
+        embedding interpolation) when ``mix_embeddings``, else its two texts (``"pos_a"``, ``"pos_b"``) whose
+        predictions are interpolated (a prior whose texts do not mix: the exact one)."""
+        pos = ({"pos": [TextMix(a, b, float(r)) for a, b, r in zip(self.pos_a, self.pos_b, self.mix.tolist())]}
+               if mix_embeddings else {"pos_a": self.pos_a, "pos_b": self.pos_b})
+        return {**pos, **{f"neg_{i}": list(n) for i, n in enumerate(self.negatives)}}
 
 
 def perp_neg_views(prompts: Sequence[str], elevation: torch.Tensor, azimuth: torch.Tensor, uncond: str = "",
@@ -194,5 +213,5 @@ def edited(prompts: Sequence[str], edit: Callable[[str], str]) -> StepPrompts:
     return StepPrompts.of(prompts).map(edit)
 
 
-__all__ = ["PerpNegViews", "StepPrompts", "VIEWS", "ViewPrompting", "Views", "decay", "edited", "perp_neg_views",
+__all__ = ["PerpNegViews", "StepPrompts", "TextMix", "VIEWS", "ViewPrompting", "Views", "decay", "edited", "perp_neg_views",
            "view_direction", "view_prompt"]

@@ -259,7 +259,7 @@ class Guidance(nn.Module):
         """Named conditionings eps_tgt needs (all evaluated with the source's in one batched call)."""
         perp_neg = StepPrompts.of(prompts).perp_neg
         if perp_neg is not None:
-            return {"uncond": self.negatives(prompts), **perp_neg.texts()}
+            return {"uncond": self.negatives(prompts), **perp_neg.texts(self.prior.interpolates_text)}
         return {"uncond": self.negatives(prompts), "cond": list(prompts)}
 
     def target_from(self, eps: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, prompts: Sequence[str],

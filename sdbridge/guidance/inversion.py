@@ -80,7 +80,8 @@ def invert(
         if scale is None:
             eps = guidance.predict(x, path[i], uncond=uncond)["uncond"]
         elif views is not None:
-            eps = perp_neg_guidance(guidance.predict(x, path[i], uncond=uncond, **views.texts()), views, scale)
+            eps = perp_neg_guidance(guidance.predict(x, path[i], uncond=uncond,
+                                                        **views.texts(guidance.prior.interpolates_text)), views, scale)
         else:
             e = guidance.predict(x, path[i], uncond=uncond, cond=prompts)
             eps = classifier_free_guidance(e["uncond"], e["cond"], scale)

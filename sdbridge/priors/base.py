@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from sdbridge import rng
+from sdbridge.views import TextMix
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -109,6 +110,9 @@ class DiffusionPrior(nn.Module, abc.ABC):
     #: True when LoRA adapters can be put on the denoiser (``add_lora``, ``adapter``, ``predict_raw``: Stable
     #: Diffusion); VSD's source is then a LoRA, else a residual network over the prior's prediction.
     supports_adapters: bool = False
+    #: True when a conditioning can be a weighted sum of two texts' embeddings (:class:`TextMix`: token embeddings of
+    #: Stable Diffusion); the exact prior's texts are distributions, so a mix of two is not defined there.
+    interpolates_text: bool = False
 
     def __init__(self, alphas_cumprod: torch.Tensor | None = None):
         super().__init__()
@@ -175,14 +179,28 @@ class DiffusionPrior(nn.Module, abc.ABC):
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
     # ------------------------------------------------------------------ text
-    def encode_text(self, prompts: Sequence[str]) -> TextEmbedding:
-        """Encode a list of prompts (one per sample). Each distinct string is encoded once per run (cached)."""
-        prompts = [str(p) for p in prompts]
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+    def encode_text(self, prompts: Sequence[str | TextMix]) -> TextEmbedding:
+        """Encode a list of prompts (one per sample). Each distinct string is encoded once per run (cached); a
+        :class:`TextMix` is the mix of its two cached encodings (a mix of one text with itself is that text)."""
+        prompts = [p if isinstance(p, TextMix) else str(p) for p in prompts]
+        texts = [t for p in prompts for t in ((p.a, p.b) if isinstance(p, TextMix) else (p,))]
+        missing = list(dict.fromkeys(t for t in texts if t not in self._text_cache))
         if missing:
             for p, v in zip(missing, self._encode_prompts(missing)):
                 self._text_cache[p] = v
-        return TextEmbedding(self._stack([self._text_cache[p] for p in prompts]), prompts)
+        return TextEmbedding(self._stack([self._text_value(p) for p in prompts]), [str(p) for p in prompts])
+
+    def _text_value(self, prompt: str | TextMix) -> Any:
+        if not isinstance(prompt, TextMix):
+            return self._text_cache[prompt]
+        if prompt.a == prompt.b or prompt.r == 1:
+            return self._text_cache[prompt.a]
+        if prompt.r == 0:
+            return self._text_cache[prompt.b]
+        if not self.interpolates_text:
+            raise TypeError(f"{type(self).__name__} cannot mix two texts' embeddings ({prompt}); "
+                            "interpolate the two predictions instead")
+        return prompt.r * self._text_cache[prompt.a] + (1 - prompt.r) * self._text_cache[prompt.b]
 
     @abc.abstractmethod
     def _encode_prompts(self, prompts: list[str]) -> list[Any]:

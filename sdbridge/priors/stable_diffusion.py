@@ -148,6 +148,7 @@ class StableDiffusionPrior(DiffusionPrior):
 
     is_latent = True
     supports_adapters = True
+    interpolates_text = True  # token embeddings mix linearly (threestudio's and LucidDreamer's view interpolation)
 
     def __init__(self, config: StableDiffusionConfig, path: Path | None = None,
                  components: dict[str, Any] | None = None):

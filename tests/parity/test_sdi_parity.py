@@ -525,16 +525,14 @@ def nerf_sdi_guidance(prior, tiny_cache, seed: int, overrides: tuple[str, ...] =
 
 
 @pytest.mark.parametrize("azimuth", [0.0, 180.0, -100.0])
-@pytest.mark.parametrize("t_value", [350, 620])
+@pytest.mark.parametrize("t_value", [350, 620, 980])
 def test_nerf_sdi_perp_neg_matches_official(t_value, azimuth, tiny_prior, tiny_cache, official):
     """``experiment=nerf_sdi`` (``configs/sdi.yaml``: Perp-Neg on): the inversion AND the target use
     ``predict_noise``'s Perp-Neg combination (-7.5 / 7.5 in that branch's ``eps_u + s (...)`` convention), and the
-    gradient is that of ``0.5 mse(latents, target, "mean") / B``. At azimuths 0 and 180 the official positive
-    embedding is exactly one view's (r = 1 or 0), where sdbridge's interpolation of predictions is the same thing; at
-    -100 both sides interpolate (side/back, r = 0.89), embeddings there and predictions here (the documented
-    difference of sdbridge.guidance.perp_neg), so the tolerance there is looser. (t = 980 is left out: sdbridge
-    evaluates 5 conditionings where threestudio evaluates 4, and that fp32 batch-layout noise, amplified by the
-    inversion's -7.5 and x0_hat's 1 / sqrt(abar_980) ~ 14, reaches 9e-5 there.)"""
+    gradient is that of ``0.5 mse(latents, target, "mean") / B``. Both sides interpolate the positive *text
+    embeddings* of the two nearest views (at -100: side/back, r = 0.89; at 0 and 180 one view's, r = 1 or 0); the
+    interpolation of the two views' *predictions* (sdbridge's form on priors whose texts do not mix) is measurably
+    different there."""
     from sdbridge.views import Views
 
     g = nerf_sdi_guidance(tiny_prior, tiny_cache, seed=t_value)
@@ -558,8 +556,16 @@ def test_nerf_sdi_perp_neg_matches_official(t_value, azimuth, tiny_prior, tiny_c
     e_x_t, e = rel_err(out.extras["x_t"], x_t), rel_err(out.grad, ref)
     print(f"PARITY nerf_sdi perp-neg[t={t_value}, azimuth={azimuth}, delta={delta}]: x_t rel err {e_x_t:.1e}, "
           f"grad rel err {e:.1e}")
-    tol = TOL if azimuth in (0.0, 180.0) else 5e-2
-    assert e_x_t <= tol and e <= tol
+    assert e_x_t <= TOL and e <= TOL
+    if azimuth == -100.0:  # interpolated predictions are not threestudio's interpolated embeddings
+        tiny_prior.interpolates_text = False
+        try:
+            g_pred = nerf_sdi_guidance(tiny_prior, tiny_cache, seed=t_value)
+            e_pred = rel_err(sdbridge_call(g_pred, x0, [prompt], 0, t, views=views).grad, ref)
+        finally:
+            del tiny_prior.interpolates_text
+        print(f"PARITY nerf_sdi perp-neg with interpolated predictions: grad rel err {e_pred:.1e}")
+        assert e_pred > 10 * TOL
     # the earlier choice (plain CFG in the inversion) is measurably not the official method
     g_cfg = nerf_sdi_guidance(tiny_prior, tiny_cache, seed=t_value, overrides=("guidance.inversion_perp_neg=false",))
     drift = rel_err(sdbridge_call(g_cfg, x0, [prompt], 0, t, views=views).grad, ref)

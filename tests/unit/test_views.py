@@ -70,3 +70,22 @@ def test_bridge_stage_one_with_views_conditions_on_the_modified_view_text(tiny_p
     step = g.view_prompting.resolve(["a circle"], Views.at([0.0], [90.0]))
     assert g.target_texts(step, 0)["cond"] == ["a circle, red, side view"]
     assert isinstance(StepPrompts.of(["x"]), StepPrompts) and StepPrompts.of(step) is step
+
+
+def test_a_text_mix_is_the_mix_of_the_two_embeddings(tiny_prior, analytic_prior):
+    """Perp-Neg's positive on Stable Diffusion is one conditioning on ``r e(a) + (1 - r) e(b)`` (threestudio's
+    interpolated view embeddings); the exact prior's texts are distributions and do not mix."""
+    from sdbridge.views import TextMix
+
+    a, b = "a cat, front view", "a cat, side view"
+    ea, eb = tiny_prior.encode_text([a, b]).value
+    mixed = tiny_prior.encode_text([TextMix(a, b, 0.25), a, TextMix(b, b, 0.5)])
+    assert torch.allclose(mixed.value[0], 0.25 * ea + 0.75 * eb)
+    assert torch.equal(mixed.value[1], ea) and torch.equal(mixed.value[2], eb)
+    assert mixed.prompts[0] == "0.25 x (a cat, front view) + 0.75 x (a cat, side view)"
+    step = ViewPrompting(enabled=True, perp_neg=True).resolve(["a cat"], Views.at([0.0], [-100.0]))
+    (pos,) = step.perp_neg.texts(mix_embeddings=True)["pos"]
+    assert (pos.a, pos.b) == ("a cat, side view", "a cat, back view") and pos.r == pytest.approx(1 - 10 / 90)
+    assert analytic_prior.encode_text([TextMix("a red circle", "a red circle", 0.3)]).prompts  # one text: fine
+    with pytest.raises(TypeError, match="cannot mix"):
+        analytic_prior.encode_text([TextMix("a red circle", "a blue square", 0.3)])

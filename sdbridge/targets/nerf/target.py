@@ -58,7 +58,7 @@ class NeRFTargetConfig(TargetConfig):
     resolution_milestones: list[int] = dfield(default_factory=list)  # steps where the next resolution starts
     eval_resolution: int = 64  # validation grids, turntable video
     view_dependent_prompts: bool = True
-    perp_neg: bool = False  # Perp-Neg view prompting (sdbridge/views.py): 2 more conditionings/sample
+    perp_neg: bool = False  # Perp-Neg view prompting (sdbridge/views.py): 2 more conditionings/sample (3 on the exact prior)
     front_threshold: float = 45.0  # degrees of azimuth around 0 that are "front" (threestudio: 45; ProlificDreamer 30)
     back_threshold: float = 45.0
     overhead_threshold: float = 60.0  # elevation above which a view is "overhead"
