@@ -149,19 +149,28 @@ def perp_neg_views(prompts: Sequence[str], elevation: torch.Tensor, azimuth: tor
 @dataclass(frozen=True)
 class ViewPrompting:
     """How a step's views change its texts (the 3D target's ``view_dependent_prompts``, ``perp_neg`` and thresholds;
-    off for image targets)."""
+    off for image targets, unless an image target is seen from one ``fixed_view``)."""
 
     enabled: bool = False
     perp_neg: bool = False
     front_threshold: float = 45.0
     back_threshold: float = 45.0
     overhead_threshold: float = 60.0
+    #: a 2D target's one view: its suffix on every prompt (threestudio's prompt processor at the notebooks' fixed
+    #: camera, elevation 0 / azimuth 0: "<prompt>, front view")
+    fixed_view: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.fixed_view is not None and self.fixed_view not in VIEWS:
+            raise ValueError(f"fixed view {self.fixed_view!r} is not one of {', '.join(VIEWS)}")
 
     def resolve(self, prompts: Sequence[str], views: Optional[Views] = None) -> "StepPrompts":
         """The texts of ``prompts`` (one per sample) seen from ``views``."""
         plain = list(prompts.plain) if isinstance(prompts, StepPrompts) else list(prompts)
         if views is not None and len(views) != len(plain):
             raise ValueError(f"got {len(plain)} prompts for {len(views)} views")
+        if views is None and self.fixed_view is not None:
+            return StepPrompts([view_prompt(p, self.fixed_view) for p in plain], plain=plain, prompting=self)
         if views is None or not self.enabled:
             return StepPrompts(plain, plain=plain, views=views, prompting=self)
         texts = [view_prompt(p, view_direction(float(e), float(a), self.front_threshold, self.back_threshold,

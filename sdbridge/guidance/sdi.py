@@ -58,6 +58,7 @@ class SDIConfig(GuidanceConfig):
     inversion_perp_neg: bool = True  # with Perp-Neg views (3D) invert with Perp-Neg (threestudio); False: plain CFG
     refresh_every: int = 1  # recompute the target every k steps (threestudio: 1; the 2D notebook: 25, experiment=sdi_2d)
     reencode: bool = False  # compute the target from encode(decode(x0)) (the 2D notebook's VAE round trip)
+    reencode_mean: bool = False  # True: re-encode to the VAE posterior mean (deterministic); the notebook samples it
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,7 +92,9 @@ class RefreshedTarget(Guidance):
             return x0 - self.cached_x0_hat.to(x0), self.cached_t.to(t.device), {"refreshed": False}
         if getattr(self.config, "reencode", False):  # the notebook's round trip through the decoder (and the
             with torch.no_grad():  # exact prior's pixel range): the target is computed from the re-encoded x0
-                x_in = self.prior.encode(self.prior.decode(x0.detach())).to(x0)
+                images = self.prior.decode(x0.detach())
+                x_in = (self.prior.encode(images) if self.config.reencode_mean
+                        else self.prior.encode_sample(images, self.generator)).to(x0)
             grad, t, extras = super().gradient(x_in, prompts, step, t, noise)
             grad = x0 - (x_in - grad)  # x0 - x0_hat(x_in)
         else:

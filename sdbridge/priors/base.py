@@ -252,6 +252,11 @@ class DiffusionPrior(nn.Module, abc.ABC):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``(B, 3, H, W)`` in [0, 1] to model-space x0, differentiably."""
 
+    def encode_sample(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A draw from the encoder's posterior of ``images`` (threestudio's ``latent_dist.sample()``); a prior
+        whose encoder is deterministic (the exact prior's affine map) returns :meth:`encode`."""
+        return self.encode(images)
+
     @abc.abstractmethod
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Model-space x0 to images ``(B, 3, H, W)`` in [0, 1]."""

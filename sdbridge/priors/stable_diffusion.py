@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import torch
 
+from sdbridge import rng
 from sdbridge.priors.base import (
     DiffusionPrior,
     PriorConfig,
@@ -364,11 +365,20 @@ class StableDiffusionPrior(DiffusionPrior):
     # ------------------------------------------------------------------ sample space
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] to scaled latents (the posterior mean, so encoding is deterministic)."""
+        return self._posterior(images).mean.float() * self.vae_scale
+
+    def encode_sample(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``mean + std * N(0, I)`` of the VAE posterior (diffusers' ``latent_dist.sample()``), the noise drawn from
+        ``generator``."""
+        posterior = self._posterior(images)
+        noise = rng.randn(tuple(posterior.mean.shape), generator).to(posterior.mean)
+        return (posterior.mean + posterior.std * noise).float() * self.vae_scale
+
+    def _posterior(self, images: torch.Tensor):
         size = self.image_size
         if images.shape[-1] != size or images.shape[-2] != size:
             images = torch.nn.functional.interpolate(images, (size, size), mode="bilinear", align_corners=False)
-        posterior = self.vae.encode((2 * images - 1).to(self.dtype)).latent_dist
-        return posterior.mean.float() * self.vae_scale
+        return self.vae.encode((2 * images - 1).to(self.dtype)).latent_dist
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         images = self.vae.decode((x0 / self.vae_scale).to(self.dtype)).sample.float()

@@ -12,6 +12,9 @@ Initialization: ``randn`` (N(0, 1) in parameter space, as the Bridge paper's 2D 
 ``zeros``, ``image`` (an image file, resized and, for latents, VAE-encoded), or ``denoised``: the prior's one-step
 x0 prediction ``(x_T - sqrt(1 - abar_T) eps_7.5(x_T)) / sqrt(abar_T)`` from pure noise x_T for each image's prompt,
 with CFG ``init_cfg`` (7.5: the SDI notebook's initialization).
+
+View: ``view=front`` conditions every text on ``"<prompt>, front view"`` (the denoised init too), as threestudio's
+2D notebooks do: their prompt processor applies view-dependent prompting at the fixed camera (elevation 0, azimuth 0).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from sdbridge.media import load_image, make_grid, save_png, slug
 from sdbridge.priors.base import DiffusionPrior, attach_prior, per_sample
 from sdbridge.targets.base import Render, Target, TargetConfig
 from sdbridge.registry import builds
+from sdbridge.views import ViewPrompting
 
 
 class Parameterization(Enum):
@@ -45,6 +49,13 @@ class Init(Enum):
     denoised = "the prior's one-step x0 prediction from pure noise (CFG 7.5)"
 
 
+class View(Enum):
+    front = "front"
+    side = "side"
+    back = "back"
+    overhead = "overhead"
+
+
 @dataclass
 class ImageTargetConfig(TargetConfig):
     parameterization: Parameterization = Parameterization.auto
@@ -53,6 +64,7 @@ class ImageTargetConfig(TargetConfig):
     init_scale: float = 1.0  # multiplies randn init
     init_cfg: float = 7.5  # CFG scale of the denoised init (the SDI notebook uses 7.5)
     resolution: Optional[int] = None  # pixel side for the pixel parameterization; default: the prior's image size
+    view: Optional[View] = None  # every text seen from this view: "<prompt>, <view> view" (threestudio's 2D notebooks)
 
     def __post_init__(self) -> None:
         if self.init == Init.image and not self.init_image:
@@ -62,6 +74,9 @@ class ImageTargetConfig(TargetConfig):
 
     def protocol_fields(self) -> dict[str, Any]:
         return {"resolution": self.resolution}
+
+    def view_prompting(self) -> ViewPrompting:
+        return ViewPrompting(fixed_view=None if self.view is None else self.view.value)
 
 
 @builds("target", "image", ImageTargetConfig)
@@ -103,7 +118,7 @@ class ImageTarget(Target):
             texts = prompts or [""] * shape[0]
             x_T = self.prior.sample_x_T(list(texts), generator).to(self.prior.device)
             t = torch.full((shape[0],), self.prior.num_train_timesteps - 1, device=self.prior.device)
-            eps = guided_eps(self.prior, x_T, t, texts, cfg.init_cfg, "")
+            eps = guided_eps(self.prior, x_T, t, list(cfg.view_prompting().resolve(texts)), cfg.init_cfg, "")
             a = per_sample(self.prior.abar(t).float(), x_T)
             x0 = (x_T - (1 - a).sqrt() * eps) / a.sqrt()
             if self.parameterization == Parameterization.latent:

@@ -136,3 +136,33 @@ def test_encode_decode_shapes_and_schedule(tiny_prior):
     reference = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
     torch.testing.assert_close(ac.float(), reference, rtol=1e-5, atol=1e-7)
     assert ac[0].item() == pytest.approx(1 - 0.00085)
+
+
+def test_encode_sample_draws_from_the_vae_posterior(tiny_prior):
+    """``encode_sample`` = diffusers' ``latent_dist.sample()`` (threestudio's ``encode_images``, the SDI notebook's
+    round trip): mean + std * N(0, I), the noise from the given generator; ``encode`` is the mean."""
+    from sdbridge import rng
+
+    images = torch.rand(2, 3, tiny_prior.image_size, tiny_prior.image_size, generator=torch.Generator().manual_seed(3))
+    posterior = tiny_prior.vae.encode(2 * images - 1).latent_dist
+    noise = rng.randn(tuple(posterior.mean.shape), torch.Generator().manual_seed(5))
+    drawn = tiny_prior.encode_sample(images, torch.Generator().manual_seed(5))
+    assert torch.allclose(drawn, (posterior.mean + posterior.std * noise) * tiny_prior.vae_scale, atol=1e-6)
+    assert torch.allclose(tiny_prior.encode(images), posterior.mean * tiny_prior.vae_scale, atol=1e-6)
+    assert (drawn - tiny_prior.encode(images)).abs().max() > 0
+
+
+def test_sdi_2d_round_trip_samples_the_posterior(tiny_prior):
+    """experiment=sdi_2d's target is computed from a posterior draw of decode(x0), as the notebook's
+    ``encode_images``; ``guidance.reencode_mean=true`` takes the mean (deterministic)."""
+    from sdbridge.guidance import SDIConfig, build_guidance
+    from sdbridge.schedules import UniformConfig, build_schedule
+
+    def grad(**kw):
+        g = build_guidance(SDIConfig(reencode=True, **kw), tiny_prior, build_schedule(UniformConfig(), 1000),
+                           torch.Generator().manual_seed(0))
+        x0 = torch.randn(1, *tiny_prior.sample_shape, generator=torch.Generator().manual_seed(1))
+        return g(x0, ["a cat"], 0, t=torch.tensor([500]), noise=torch.zeros_like(x0)).grad
+
+    assert torch.equal(grad(reencode_mean=True), grad(reencode_mean=True))
+    assert not torch.allclose(grad(), grad(reencode_mean=True), atol=1e-6)
