@@ -145,6 +145,39 @@ def perp_neg_views(prompts: Sequence[str], elevation: torch.Tensor, azimuth: tor
     return PerpNegViews(pos_a, pos_b, torch.tensor(mix), [neg0, neg1], torch.tensor(weights))
 
 
+#: LucidDreamer's Perp-Neg (``arguments/__init__.py`` GuidanceParams at 2ecf093, set by none of its configs):
+#: ``negative_w``, ``front_decay_factor``, ``side_decay_factor``
+LUCID_NEGATIVE_W, LUCID_FRONT_DECAY, LUCID_SIDE_DECAY = -2.0, 2.0, 10.0
+
+
+def luciddreamer_views(prompts: Sequence[str], azimuth: torch.Tensor) -> PerpNegViews:
+    """LucidDreamer's view conditioning (``train.py`` 2ecf093: ``get_pos_neg_text_embeddings`` and its plain branch):
+    no overhead view; for azimuth a in [-90, 90): r = 1 - |a| / 90, pos = r front + (1 - r) side, negatives (front,
+    side) with weights ``-2 exp(-2 r)`` (0 when r > 0.8) and ``-2 exp(-10 (1 - r))`` (0 when r < 0.2); otherwise
+    r = 2 - |a| / 90, pos = r side + (1 - r) back, negatives (side, front) with ``-exp(-10 r)`` (0 when r > 0.8) and
+    -2. The positive is interpolated with or without Perp-Neg."""
+    pos_a, pos_b, mix, neg0, neg1, weights = [], [], [], [], [], []
+    for prompt, a in zip(prompts, azimuth.tolist()):
+        front, side, back = (view_prompt(prompt, v) for v in ("front", "side", "back"))
+        a = (a + 180) % 360 - 180
+        if -90 <= a < 90:
+            r = 1 - abs(a) / 90
+            pos_a.append(front), pos_b.append(side), neg0.append(front), neg1.append(side)
+            weights.append((0.0 if r > 0.8 else math.exp(-r * LUCID_FRONT_DECAY) * LUCID_NEGATIVE_W,
+                            0.0 if r < 0.2 else math.exp(-(1 - r) * LUCID_SIDE_DECAY) * LUCID_NEGATIVE_W))
+        else:
+            r = 2 - abs(a) / 90
+            pos_a.append(side), pos_b.append(back), neg0.append(side), neg1.append(front)
+            weights.append((0.0 if r > 0.8 else math.exp(-r * LUCID_SIDE_DECAY) * LUCID_NEGATIVE_W / 2,
+                            LUCID_NEGATIVE_W))
+        mix.append(r)
+    return PerpNegViews(pos_a, pos_b, torch.tensor(mix), [neg0, neg1], torch.tensor(weights))
+
+
+#: how view-dependent prompting turns a camera into texts
+VIEW_SCHEMES = ("threestudio", "luciddreamer")
+
+
 # ---------------------------------------------------------------------- the prompt layer
 @dataclass(frozen=True)
 class ViewPrompting:
@@ -159,10 +192,15 @@ class ViewPrompting:
     #: a 2D target's one view: its suffix on every prompt (threestudio's prompt processor at the notebooks' fixed
     #: camera, elevation 0 / azimuth 0: "<prompt>, front view")
     fixed_view: Optional[str] = None
+    #: ``threestudio``: the suffix of the camera's view direction (and its Perp-Neg); ``luciddreamer``: every camera
+    #: conditions on the interpolated embeddings of its two nearest views (:func:`luciddreamer_views`)
+    scheme: str = "threestudio"
 
     def __post_init__(self) -> None:
         if self.fixed_view is not None and self.fixed_view not in VIEWS:
             raise ValueError(f"fixed view {self.fixed_view!r} is not one of {', '.join(VIEWS)}")
+        if self.scheme not in VIEW_SCHEMES:
+            raise ValueError(f"view scheme {self.scheme!r} is not one of {', '.join(VIEW_SCHEMES)}")
 
     def resolve(self, prompts: Sequence[str], views: Optional[Views] = None) -> "StepPrompts":
         """The texts of ``prompts`` (one per sample) seen from ``views``."""
@@ -173,6 +211,11 @@ class ViewPrompting:
             return StepPrompts([view_prompt(p, self.fixed_view) for p in plain], plain=plain, prompting=self)
         if views is None or not self.enabled:
             return StepPrompts(plain, plain=plain, views=views, prompting=self)
+        if self.scheme == "luciddreamer":
+            lucid = luciddreamer_views(plain, views.azimuth.cpu())
+            texts = [TextMix(a, b, r) for a, b, r in zip(lucid.pos_a, lucid.pos_b, lucid.mix.tolist())]
+            return StepPrompts(texts, plain=plain, views=views, perp_neg=lucid if self.perp_neg else None,
+                               prompting=self)
         texts = [view_prompt(p, view_direction(float(e), float(a), self.front_threshold, self.back_threshold,
                                                self.overhead_threshold))
                  for p, e, a in zip(plain, views.elevation.tolist(), views.azimuth.tolist())]
@@ -192,7 +235,8 @@ class ViewPrompting:
 
 
 class StepPrompts(list):
-    """The texts of one step, one per sample (a list of str: what the guidance conditions on), with
+    """The texts of one step, one per sample (what the guidance conditions on: a str, or a :class:`TextMix` of two
+    views under the ``luciddreamer`` scheme), with
 
     * ``plain``: the same prompts without view suffixes (VSD's LoRA text in 3D, as threestudio),
     * ``views``: the step's cameras (None for image targets),
@@ -222,5 +266,5 @@ def edited(prompts: Sequence[str], edit: Callable[[str], str]) -> StepPrompts:
     return StepPrompts.of(prompts).map(edit)
 
 
-__all__ = ["PerpNegViews", "StepPrompts", "TextMix", "VIEWS", "ViewPrompting", "Views", "decay", "edited", "perp_neg_views",
+__all__ = ["PerpNegViews", "StepPrompts", "TextMix", "VIEWS", "VIEW_SCHEMES", "luciddreamer_views", "ViewPrompting", "Views", "decay", "edited", "perp_neg_views",
            "view_direction", "view_prompt"]

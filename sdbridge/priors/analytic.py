@@ -659,6 +659,11 @@ class AnalyticPrior(DiffusionPrior):
     def _encode_prompts(self, prompts: list[str]) -> list[Mixture]:
         return [self.build_mixture(p) for p in prompts]
 
+    def same_conditioning(self, a: str, b: str) -> bool:
+        """Texts that parse alike have one distribution: view words are the identity, so the view interpolation of
+        threestudio's Perp-Neg and LucidDreamer (:class:`~sdbridge.views.TextMix`) is exact here."""
+        return a == b or parse_prompt(a) == parse_prompt(b)
+
     def mixture(self, prompt: str) -> Mixture:
         """The exact clean distribution of ``prompt`` (cached)."""
         return self.encode_text([prompt]).value[0]

@@ -193,7 +193,7 @@ class DiffusionPrior(nn.Module, abc.ABC):
     def _text_value(self, prompt: str | TextMix) -> Any:
         if not isinstance(prompt, TextMix):
             return self._text_cache[prompt]
-        if prompt.a == prompt.b or prompt.r == 1:
+        if prompt.r == 1 or self.same_conditioning(prompt.a, prompt.b):
             return self._text_cache[prompt.a]
         if prompt.r == 0:
             return self._text_cache[prompt.b]
@@ -201,6 +201,10 @@ class DiffusionPrior(nn.Module, abc.ABC):
             raise TypeError(f"{type(self).__name__} cannot mix two texts' embeddings ({prompt}); "
                             "interpolate the two predictions instead")
         return prompt.r * self._text_cache[prompt.a] + (1 - prompt.r) * self._text_cache[prompt.b]
+
+    def same_conditioning(self, a: str, b: str) -> bool:
+        """Whether texts ``a`` and ``b`` condition the prior identically (so any mix of them is either)."""
+        return a == b
 
     @abc.abstractmethod
     def _encode_prompts(self, prompts: list[str]) -> list[Any]:

@@ -37,11 +37,16 @@ Conventions bridged here: sdbridge's ``t`` is the timestep itself (official inde
 official iteration k + 1. The sdbridge side is built from its DEFAULT configs (the composed YAML of ``conf/``),
 never from values typed here. Everything runs on the tiny random-weight SD (``sdbridge/priors/tiny.py``), the
 official side loading the same folder with diffusers alone (UNet, tokenizer, text encoder, DDIMScheduler). fp32,
-CPU, tolerance 1e-4 relative. Not compared: the VAE encode (the official ``encode_imgs`` samples the posterior; the
-guidance starts from latents here), ``augmentation`` (random flips of the render) and the Perp-Neg target.
+CPU, tolerance 1e-4 relative. The 3D presets' view conditioning (``train.py``: each camera's interpolated view
+embedding; ``get_pos_neg_text_embeddings`` and ``perpneg_utils.weighted_perpendicular_aggregator`` for the configs
+with perpneg) is compared at 8 azimuths. Not compared here: the VAE encode (the official ``encode_imgs`` samples the
+posterior; the guidance starts from latents here) and ``augmentation`` (the random flip of the renders:
+``target.random_flip``, tests/unit/test_nerf.py).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -78,6 +83,7 @@ OFFICIAL_ITERATIONS = 5000  # OptimizationParams.iterations (l. 150; every confi
 OFFICIAL_WARMUP_ITER = 1500  # OptimizationParams.warmup_iter (l. 189; every config)
 OFFICIAL_C_BATCH_SIZE = 4  # every config (the code default, l. 105, is 1)
 OFFICIAL_RESOLUTION = 512  # GenerateCamParams.image_w / image_h
+OFFICIAL_FLIP_P = 0.5  # sd_utils.py StableDiffusion.augmentation: T.RandomHorizontalFlip(p=0.5)
 # configs/<name>.yaml: (text, negative, delta_t, perpneg)
 OFFICIAL_CONFIGS = {
     "axe": ("Viking axe, fantasy, weapon, blender, 8k, HDR.",
@@ -187,20 +193,66 @@ class OfficialISM(DiffusersSD):
                 break
         return prev_noisy_lat, cur_noisy_lat, pred_scores[::-1]
 
+    def view_text_z(self, prompt, azimuth, perpneg):
+        """train.py for one camera at ``delta_azimuth`` = ``azimuth``: without perpneg the interpolated embedding
+        ``r start_z + (1 - r) end_z`` of its plain branch (l. 257-271); with perpneg ``adjust_text_embeddings`` ->
+        ``get_pos_neg_text_embeddings`` (l. 40-107): ``[pos_z, neg_1, neg_2]`` and the weights ``[1, w_1, w_2]``
+        (GuidanceParams negative_w -2, front_decay_factor 2, side_decay_factor 10)."""
+        emb = {d: self.get_text_embeds([f"{prompt}, {d} view"]) for d in ("front", "side", "back")}
+        if -90 <= azimuth < 90:
+            r = 1 - azimuth / 90 if azimuth >= 0 else 1 + azimuth / 90
+            start_z, end_z = emb["front"], emb["side"]
+        else:
+            r = 1 - (azimuth - 90) / 90 if azimuth >= 0 else 1 + (azimuth + 90) / 90
+            start_z, end_z = emb["side"], emb["back"]
+        pos_z = r * start_z + (1 - r) * end_z
+        if not perpneg:
+            return pos_z, None
+        negative_w, front_decay_factor, side_decay_factor = -2.0, 2.0, 10.0
+        if -90 <= azimuth < 90:
+            front_neg_w = 0.0 if r > 0.8 else math.exp(-r * front_decay_factor) * negative_w
+            side_neg_w = 0.0 if r < 0.2 else math.exp(-(1 - r) * side_decay_factor) * negative_w
+            return torch.cat([pos_z, emb["front"], emb["side"]]), torch.tensor([1.0, front_neg_w, side_neg_w])
+        front_neg_w = negative_w
+        side_neg_w = 0.0 if r > 0.8 else math.exp(-r * side_decay_factor) * negative_w / 2
+        return torch.cat([pos_z, emb["side"], emb["front"]]), torch.tensor([1.0, side_neg_w, front_neg_w])
+
+    @staticmethod
+    def weighted_perpendicular_aggregator(delta_noise_preds, weights, batch_size):
+        """perpneg_utils.py: ``main + sum_i w_i perp(delta_i, main)`` over the cameras whose |w_i| > 1e-4."""
+        def perpendicular(x, y):
+            return x - ((torch.mul(x, y).sum()) / max(torch.norm(y) ** 2, 1e-6)) * y
+
+        deltas, ws = delta_noise_preds.split(batch_size, dim=0), weights.split(batch_size, dim=0)
+        assert torch.all(ws[0] == 1.0)
+        main = deltas[0]
+        acc = torch.zeros_like(main)
+        for comp, w in zip(deltas[1:], ws[1:]):
+            for b in range(batch_size):
+                if abs(float(w[b])) > 1e-4:
+                    acc[b] += w[b] * perpendicular(comp[b], main[b])
+        return acc + main
+
     @torch.no_grad()
     def train_step(self, latents, prompts, negative, ind_t, noise, warm_up_rate, delta_t=OFFICIAL_DELTA_T,
-                   lambda_guidance=OFFICIAL_LAMBDA_GUIDANCE, evaluated=None):
-        """``train_step`` without perpneg from the latents, with ``ind_t`` (an int) and ``noise`` given. Returns the
-        gradient SpecifyGradient hands to the latents, and ``t``."""
+                   lambda_guidance=OFFICIAL_LAMBDA_GUIDANCE, evaluated=None, azimuths=None, perpneg=False):
+        """``train_step`` (``train_step_perpneg`` when ``perpneg``) from the latents, with ``ind_t`` (an int) and
+        ``noise`` given; with ``azimuths`` each camera's text_z as train.py builds it (:meth:`view_text_z`), else
+        the prompt's own embedding. Returns the gradient SpecifyGradient hands to the latents, and ``t``."""
         B = latents.shape[0]
         uncond = self.get_text_embeds([negative])
-        # train.py: text_z = cat([uncond, text]) per camera, stacked on dim 1, then reshaped to (2B, 77, D)
-        text_embeddings = torch.stack([torch.cat([uncond, self.get_text_embeds([p])]) for p in prompts], dim=1)
+        # train.py: text_z = cat([uncond, text (K of them)]) per camera, stacked on dim 1, reshaped to ((1+K)B, 77, D)
+        if azimuths is None:
+            cond = [(self.get_text_embeds([p]), None) for p in prompts]
+        else:
+            cond = [self.view_text_z(p, a, perpneg) for p, a in zip(prompts, azimuths)]
+        text_embeddings = torch.stack([torch.cat([uncond, c]) for c, _ in cond], dim=1)
+        K = text_embeddings.shape[0] - 1
         text_embeddings = text_embeddings.reshape(-1, *text_embeddings.shape[-2:])
         embedding_inverse = torch.cat([uncond, self.get_text_embeds(OFFICIAL_INVERSE_TEXT)], dim=0)
         inverse_text_embeddings = embedding_inverse.unsqueeze(1).repeat(1, B, 1, 1).reshape(
             -1, *embedding_inverse.shape[-2:])
-        current_delta_t = official_current_delta_t(warm_up_rate, delta_t, perpneg=False)
+        current_delta_t = official_current_delta_t(warm_up_rate, delta_t, perpneg=perpneg)
         ind_t = torch.tensor(ind_t)
         ind_prev_t = max(ind_t - current_delta_t, torch.ones_like(ind_t) * 0)
         t = self.timesteps[ind_t]
@@ -215,13 +267,19 @@ class OfficialISM(DiffusersSD):
             current_delta_t, 1, is_noisy_latent=True, evaluated=evaluated)
         pred_scores = pred_scores_xt + pred_scores_xs
         target = pred_scores[0][1]
-        latent_model_input = latents_noisy[None].repeat(2, 1, 1, 1, 1).reshape(-1, *latents.shape[1:])
+        latent_model_input = latents_noisy[None].repeat(1 + K, 1, 1, 1, 1).reshape(-1, *latents.shape[1:])
         tt = t.reshape(1, 1).repeat(latent_model_input.shape[0], 1).reshape(-1)
         unet_output = self.unet(latent_model_input, tt.to(torch.float32), encoder_hidden_states=text_embeddings).sample
-        unet_output = unet_output.reshape(2, -1, *latents.shape[1:])
+        unet_output = unet_output.reshape(1 + K, -1, *latents.shape[1:])
         noise_pred_uncond, noise_pred_text = unet_output[:1].reshape(-1, *latents.shape[1:]), unet_output[1:].reshape(
             -1, *latents.shape[1:])
-        pred_noise = noise_pred_uncond + OFFICIAL_GUIDANCE_SCALE * (noise_pred_text - noise_pred_uncond)
+        if perpneg:  # train.py: weights stacked on dim 1 ([K, B]) and flattened, K-major as the predictions
+            weights = torch.stack([w for _, w in cond], dim=1).reshape(-1)
+            delta_noise_preds = noise_pred_text - noise_pred_uncond.repeat(K, 1, 1, 1)
+            delta_dsd = self.weighted_perpendicular_aggregator(delta_noise_preds, weights, B)
+            pred_noise = noise_pred_uncond + OFFICIAL_GUIDANCE_SCALE * delta_dsd
+        else:
+            pred_noise = noise_pred_uncond + OFFICIAL_GUIDANCE_SCALE * (noise_pred_text - noise_pred_uncond)
         w = ((1 - self.alphas[t]) / self.alphas[t]) ** 0.5
         grad = torch.nan_to_num(lambda_guidance * w * (pred_noise - target))
         return grad, int(t)
@@ -237,7 +295,7 @@ def official(tiny_prior, tiny_cache) -> OfficialISM:
 def guidance_from(overrides: tuple[str, ...], prior, tiny_cache, seed: int = 0) -> Guidance:
     run = composed(overrides, str(tiny_cache))
     g = build_guidance(run.guidance, prior, build_schedule(run.scheduler, prior.num_train_timesteps),
-                       torch.Generator().manual_seed(seed))
+                       torch.Generator().manual_seed(seed), run.target.view_prompting())
     g.setup(run.trainer.max_steps)
     assert isinstance(g, ISM)
     return g.to(prior.device)
@@ -251,9 +309,9 @@ def inputs(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return x0, noise + OFFICIAL_NOISE_OFFSET * torch.randn((1, 4, 1, 1), generator=gen).repeat(batch, 1, 1, 1)
 
 
-def sdbridge_grad(g: Guidance, x0, prompts, step, t, noise):
+def sdbridge_grad(g: Guidance, x0, prompts, step, t, noise, views=None):
     x = x0.clone().requires_grad_(True)
-    out = g(x, prompts, step, t=t, noise=noise)
+    out = g(x, prompts, step, views=views, t=t, noise=noise)
     (loss_grad,) = torch.autograd.grad(out.loss, x)
     # the surrogate loss backpropagates the gradient up to the rounding of x0 - (x0 - grad) in fp32
     assert float((loss_grad - out.grad).abs().max()) <= 4 * torch.finfo(torch.float32).eps * float(x0.abs().max() + 1)
@@ -303,6 +361,40 @@ def test_preset_ism_matches_official_config(preset, tiny_prior, tiny_cache, offi
         err = rel_err(out.grad, ref)
         print(f"PARITY ism experiment=ism_{preset} ind_t={ind_t} step={step}: rel err {err:.1e}")
         assert err <= TOL
+
+
+# cameras at LucidDreamer's delta_azimuth: front, front-side, the front/side boundary (-90), side-back, back, and the
+# Perp-Neg weight cuts (r > 0.8 at |a| < 18, r < 0.2 at |a| > 72)
+AZIMUTHS = [0.0, 10.0, -35.0, 80.0, -90.0, 100.0, -150.0, 180.0]
+
+
+@pytest.mark.parametrize("preset", ["bagel", "cat_armor"])
+def test_3d_preset_view_conditioning_matches_official(preset, tiny_prior, tiny_cache, official):
+    """``experiment=ism_<config>`` seen from 8 cameras = the official ``train_step`` (bagel: perpneg false, each
+    camera on its interpolated view embedding) or ``train_step_perpneg`` (cat_armor: the interpolated positive, the
+    two other views subtracted perpendicularly with LucidDreamer's weights, delta_t's warm-up rounded up)."""
+    from sdbridge.views import Views
+
+    g = guidance_from((f"experiment=ism_{preset}",), tiny_prior, tiny_cache)
+    _, negative, delta_t, perpneg = OFFICIAL_CONFIGS[preset]
+    B = len(AZIMUTHS)
+    prompts = [PROMPTS[i % 2] for i in range(B)]
+    x0, noise = inputs(B, seed=11)
+    views = Views.at([0.0] * B, AZIMUTHS)
+    for ind_t, step in [(600, 10), (130, 2000)]:
+        ref, t = official.train_step(x0, prompts, negative, ind_t, noise, official_warm_up_rate(step + 1), delta_t,
+                                     azimuths=AZIMUTHS, perpneg=perpneg)
+        out = sdbridge_grad(g, x0, prompts, step, torch.full((B,), t), noise, views=views)
+        err = rel_err(out.grad, ref)
+        print(f"PARITY ism experiment=ism_{preset} views ind_t={ind_t} step={step}: rel err {err:.1e}, NFE {out.nfe}")
+        assert err <= TOL
+    # threestudio's view scheme (suffix of the nearest view, its Perp-Neg weights) is not LucidDreamer's
+    g_ts = guidance_from((f"experiment=ism_{preset}", "target.view_scheme=threestudio"), tiny_prior, tiny_cache)
+    drift = rel_err(sdbridge_grad(g_ts, x0, prompts, 10, torch.full((B,), t), noise, views=views).grad,
+                    official.train_step(x0, prompts, negative, 130, noise, official_warm_up_rate(11), delta_t,
+                                        azimuths=AZIMUTHS, perpneg=perpneg)[0])
+    print(f"PARITY ism experiment=ism_{preset} target.view_scheme=threestudio: rel err {drift:.1e}")
+    assert drift > 10 * TOL
 
 
 # sdbridge's earlier ISM choices, each an option: the official gradient differs from them
@@ -427,4 +519,8 @@ def test_resolved_presets_have_the_official_config_values(name, tiny_cache):
         *OFFICIAL_T_RANGE, OFFICIAL_MAX_T_RANGE, OFFICIAL_WARMUP_ITER)
     assert run.trainer.max_steps == OFFICIAL_ITERATIONS and run.target.cameras.batch_size == OFFICIAL_C_BATCH_SIZE
     assert run.target.resolutions == [OFFICIAL_RESOLUTION]
+    # train.py's view conditioning (interpolated view embeddings; its Perp-Neg where perpneg) and sd_utils.py's
+    # augmentation (T.RandomHorizontalFlip(p=0.5))
+    assert run.target.view_dependent_prompts and run.target.view_scheme.name == "luciddreamer"
+    assert run.target.random_flip == OFFICIAL_FLIP_P
 

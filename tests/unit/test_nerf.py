@@ -367,3 +367,30 @@ def test_convexity_loss_matches_the_hand_computed_cross_products():
     assert config.needs_normals() and config.weights(2000)["convexity"] == pytest.approx(0.55)
     with pytest.raises(ValueError, match="convexity_res"):
         RegularizerConfig(convexity_res=1)
+
+
+def test_random_flip_mirrors_the_whole_batch_with_its_probability(stub_prior):
+    """``target.random_flip`` (LucidDreamer's ``RandomHorizontalFlip(p=0.5)`` on the stacked renders): the step's
+    renders are mirrored left-right together, or not at all; a drawn coin per step, from the step's render seed."""
+    from sdbridge.targets.nerf.cameras import CameraStream
+    from sdbridge.targets.nerf.target import NeRFTarget, NeRFTargetConfig
+
+    cfg = dict(resolutions=[16], eval_resolution=16, mesh_resolution=0, cameras=CameraConfig(batch_size=2))
+    plain = NeRFTarget(NeRFTargetConfig(**cfg), stub_prior, 1, torch.Generator().manual_seed(0), ["a cat"])
+    always = NeRFTarget(NeRFTargetConfig(**cfg, random_flip=1.0), stub_prior, 1, torch.Generator().manual_seed(0),
+                        ["a cat"])
+    half = NeRFTarget(NeRFTargetConfig(**cfg, random_flip=0.5), stub_prior, 1, torch.Generator().manual_seed(0),
+                      ["a cat"])
+    stream = iter(CameraStream(NeRFTargetConfig(**cfg).cameras, seed=3))
+    flipped = []
+    for _ in range(12):
+        batch = next(stream)
+        ref = plain(batch).images
+        same = lambda a, b: torch.allclose(a, b, atol=1e-6)  # noqa: E731 (the resize to the prior's size rounds)
+        assert same(always(batch).images, ref.flip(-1))
+        got = half(batch).images
+        assert same(got, ref) != same(got, ref.flip(-1))
+        flipped.append(same(got, ref.flip(-1)))
+    assert 0 < sum(flipped) < 12
+    with pytest.raises(ValueError, match="random_flip"):
+        NeRFTargetConfig(random_flip=1.5)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from dataclasses import field as dfield
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,6 +49,11 @@ from sdbridge.registry import builds
 log = logging.getLogger("sdbridge")
 
 
+class ViewScheme(Enum):
+    threestudio = "the suffix of the camera's view direction, threestudio's Perp-Neg"
+    luciddreamer = "the interpolated embeddings of the two nearest views, LucidDreamer's Perp-Neg"
+
+
 @dataclass
 class NeRFTargetConfig(TargetConfig):
     field: FieldConfig = dfield(default_factory=FieldConfig)
@@ -62,6 +68,8 @@ class NeRFTargetConfig(TargetConfig):
     front_threshold: float = 45.0  # degrees of azimuth around 0 that are "front" (threestudio: 45; ProlificDreamer 30)
     back_threshold: float = 45.0
     overhead_threshold: float = 60.0  # elevation above which a view is "overhead"
+    view_scheme: ViewScheme = ViewScheme.threestudio  # how a camera becomes texts (sdbridge/views.py)
+    random_flip: float = 0.0  # probability of mirroring a step's renders left-right (LucidDreamer's augmentation: 0.5)
     mlp_lr: Optional[float] = None  # the density/albedo MLPs' learning rate (None: optimizer.lr; ProlificDreamer 0.001)
     background_lr: Optional[float] = 0.001  # the env-map network's learning rate (None: the field's)
     mesh_resolution: int = 128  # marching-cubes grid (0: no mesh export)
@@ -79,6 +87,8 @@ class NeRFTargetConfig(TargetConfig):
             raise ValueError(f"target.resolution_milestones={list(self.resolution_milestones)} must increase")
         if self.perp_neg and not self.view_dependent_prompts:
             raise ValueError("target.perp_neg=true needs target.view_dependent_prompts=true")
+        if not 0 <= self.random_flip <= 1:
+            raise ValueError(f"target.random_flip={self.random_flip} must be a probability in [0, 1]")
         if self.mesh_resolution != 0 and self.mesh_resolution < 16:
             raise ValueError(f"target.mesh_resolution={self.mesh_resolution} must be 0 (off) or >= 16")
         if self.background_lr is not None and not self.background_lr > 0:
@@ -90,7 +100,7 @@ class NeRFTargetConfig(TargetConfig):
 
     def view_prompting(self) -> ViewPrompting:
         return ViewPrompting(self.view_dependent_prompts, self.perp_neg, self.front_threshold, self.back_threshold,
-                             self.overhead_threshold)
+                             self.overhead_threshold, scheme=self.view_scheme.name)
 
     def protocol_fields(self) -> dict[str, Any]:
         return {"resolutions": list(self.resolutions), "resolution_milestones": list(self.resolution_milestones),
@@ -160,6 +170,8 @@ class NeRFTarget(Target):
                             background_color=None if background is None else background.to(device))
         self._last = out
         images = out["rgb"].permute(0, 3, 1, 2)
+        if self.config.random_flip and torch.rand(1, generator=generator).item() < self.config.random_flip:
+            images = images.flip(-1)  # the whole batch, as LucidDreamer's RandomHorizontalFlip on the stacked renders
         views = Views(batch["elevation"].cpu().float(), batch["azimuth"].cpu().float(),
                       batch["distance"].cpu().float(), c2w)
         return Render(images=self.to_prior_size(images), prompts=[self.prompt] * c2w.shape[0], views=views)
