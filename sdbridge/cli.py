@@ -17,10 +17,12 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from sdbridge.config import SCHEMAS, to_objects
+from sdbridge.files import WriteFailed, write_text
 from sdbridge.guidance.base import NonFiniteGradientError
 from sdbridge.runner import (
     RunDirectoryInUse,
     RunInterrupted,
+    SaveFailed,
     checkpoints_of,
     finished_summary,
     read_checkpoint,
@@ -159,6 +161,8 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         return _fail(err, None)  # the directory is someone else's: leave it as it is
     except NonFiniteGradientError as err:  # the run's files (checkpoints, images) stay for inspection
         return _fail(err, None)
+    except (SaveFailed, WriteFailed) as err:  # a full disk: every file as it was before the failed write
+        return _fail(err, None)
     except RunInterrupted as err:  # SIGTERM / Ctrl+C: stopped after a whole step, checkpointed there
         print(f"sdbridge: {err}", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT)
@@ -187,8 +191,8 @@ def _write_config_and_run(cfg: DictConfig, hc: Any, config: Any, run_dir: Path, 
     resolved["_choices"] = {k: v for k, v in hc.runtime.choices.items() if not k.startswith(("hydra", "schema"))}
     if str(hc.mode) == "RunMode.MULTIRUN":
         resolved["_sweep"] = Path(hc.sweep.dir).name
-    OmegaConf.save(OmegaConf.create({k: v for k, v in resolved.items() if k != "_choices"}), run_dir / "config.yaml")
-    OmegaConf.save(OmegaConf.create(overrides), run_dir / "overrides.yaml")
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml({k: v for k, v in resolved.items() if k != "_choices"}))
+    write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(overrides))
     try:
         summary = run(config, run_dir, resolved)
     except USER_ERRORS as err:
