@@ -181,8 +181,8 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        natural = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))]  # noqa: E731
-        failed = sorted(sweep_dir.rglob(FAILED), key=natural)
+        failed = sorted(sweep_dir.rglob(FAILED), key=lambda p: [int(t) if t.isdigit() else t
+                                                                 for t in re.split(r"(\d+)", str(p))])  # job 2 < 10
         if not failed:
             return
         lines = [f"  {f.parent}: {(f.read_text().splitlines() or ['?'])[0]}" for f in failed]
