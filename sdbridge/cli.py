@@ -1,5 +1,6 @@
 """``python run.py ...``: the Hydra glue around :func:`sdbridge.runner.run`: resume policy (continue a run in place,
-recompose a resumed run's config), the run directory's ``config.yaml`` / ``overrides.yaml``, and one-line errors.
+recompose a resumed run's config), the run directory's ``config.yaml`` / ``overrides.yaml``, one-line errors, and
+sweeps that go on past a failed job (its ``FAILED`` file; :class:`SweepReport` lists them at the end).
 
 Bad input fails before anything is written: the run directory Hydra made is removed again if the run never started.
 The other files of a run directory are described in :mod:`sdbridge.runner`.
@@ -9,18 +10,23 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shutil
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from sdbridge.config import SCHEMAS, to_objects
+from sdbridge.files import WriteFailed, write_text
 from sdbridge.guidance.base import NonFiniteGradientError
 from sdbridge.runner import (
     RunDirectoryInUse,
     RunInterrupted,
+    SaveFailed,
     checkpoints_of,
     finished_summary,
     read_checkpoint,
@@ -39,6 +45,20 @@ INTERRUPTED_EXIT = 143
 #: what a resume may change: how long the run goes on and how it logs, where the prior runs; never what is optimized
 #: (prompts, prior, guidance, target, schedule, seed), which the checkpoint was made for
 RESUMABLE_KEYS = ("trainer.", "logger.", "eval.", "hydra.", "prior.device", "prior.cache_dir")
+
+#: in a sweep, a failed job's directory holds this file: the one-line reason (and the traceback of an unexpected error)
+FAILED = "FAILED"
+
+
+class CommandFailed(SystemExit):
+    """A one-line error, already printed: exit status 2 (in a sweep, the job's ``FAILED`` file)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 # ---------------------------------------------------------------------------------------------------------- resume
@@ -128,6 +148,50 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
+    return _sweep_job(cfg, hc) if _in_sweep() else _main(cfg, hc)
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
+
+
+def _sweep_job(cfg: DictConfig, hc: Any) -> dict[str, Any] | None:
+    """One job of a multirun sweep: a failure is written to the job directory's ``FAILED`` file and the sweep goes on
+    with the next job (an interrupt, SIGTERM or Ctrl+C, still stops the sweep)."""
+    failed = Path(hc.runtime.output_dir) / FAILED
+    failed.unlink(missing_ok=True)  # a requeued job starts afresh
+    try:
+        return _main(cfg, hc)
+    except CommandFailed as err:  # printed already
+        reason, details = str(err), ""
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        reason, details = f"{type(err).__name__}: {first}", traceback.format_exc()
+        log.error("sdbridge: the job failed:\n%s", details)
+        print(f"sdbridge: error: {reason}", file=sys.stderr)
+    write_text(failed, f"{reason}\n{details}")
+    return None
+
+
+class SweepReport(Callback):
+    """Hydra callback (``hydra.callbacks`` in conf/config.yaml): a multirun sweep whose jobs failed ends with the list
+    of them, each job directory with the one-line reason in its ``FAILED`` file, and exit status 1."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        failed = sorted(sweep_dir.rglob(FAILED), key=lambda p: [int(t) if t.isdigit() else t
+                                                                 for t in re.split(r"(\d+)", str(p))])  # job 2 < 10
+        if not failed:
+            return
+        lines = [f"  {f.parent}: {(f.read_text().splitlines() or ['?'])[0]}" for f in failed]
+        print(f"sdbridge: error: {len(failed)} job{'s' * (len(failed) > 1)} of the sweep in {sweep_dir} failed (the "
+              "others ran to the end):", *lines, sep="\n", file=sys.stderr)
+        sys.exit(1)
+
+
+def _main(cfg: DictConfig, hc: Any) -> dict[str, Any] | None:
     run_dir = Path(hc.runtime.output_dir)
     fresh = not cfg.resume
     overrides = list(hc.overrides.task)
@@ -159,6 +223,8 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         return _fail(err, None)  # the directory is someone else's: leave it as it is
     except NonFiniteGradientError as err:  # the run's files (checkpoints, images) stay for inspection
         return _fail(err, None)
+    except (SaveFailed, WriteFailed) as err:  # a full disk: every file as it was before the failed write
+        return _fail(err, None)
     except RunInterrupted as err:  # SIGTERM / Ctrl+C: stopped after a whole step, checkpointed there
         print(f"sdbridge: {err}", file=sys.stderr)
         sys.exit(INTERRUPTED_EXIT)
@@ -187,8 +253,8 @@ def _write_config_and_run(cfg: DictConfig, hc: Any, config: Any, run_dir: Path, 
     resolved["_choices"] = {k: v for k, v in hc.runtime.choices.items() if not k.startswith(("hydra", "schema"))}
     if str(hc.mode) == "RunMode.MULTIRUN":
         resolved["_sweep"] = Path(hc.sweep.dir).name
-    OmegaConf.save(OmegaConf.create({k: v for k, v in resolved.items() if k != "_choices"}), run_dir / "config.yaml")
-    OmegaConf.save(OmegaConf.create(overrides), run_dir / "overrides.yaml")
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml({k: v for k, v in resolved.items() if k != "_choices"}))
+    write_text(run_dir / "overrides.yaml", OmegaConf.to_yaml(overrides))
     try:
         summary = run(config, run_dir, resolved)
     except USER_ERRORS as err:
@@ -208,7 +274,9 @@ def _write_config_and_run(cfg: DictConfig, hc: Any, config: Any, run_dir: Path, 
 
 
 def _fail(err: BaseException, cleanup_dir: Path | None) -> None:
-    if cleanup_dir is not None and cleanup_dir.is_dir() and _only_hydra_files(cleanup_dir):
+    """Print the one-line error and stop (exit status 2); a fresh run's directory that holds nothing of the run is
+    removed, except in a sweep, where the job's directory keeps its ``FAILED`` file."""
+    if cleanup_dir is not None and not _in_sweep() and cleanup_dir.is_dir() and _only_hydra_files(cleanup_dir):
         shutil.rmtree(cleanup_dir, ignore_errors=True)
     print(f"sdbridge: error: {err}", file=sys.stderr)
-    sys.exit(2)
+    raise CommandFailed(str(err))

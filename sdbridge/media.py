@@ -10,6 +10,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from sdbridge.files import atomic_open, atomic_path
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """``(N, 3, H, W)`` or ``(3, H, W)`` floats in [0, 1] to ``(N, H, W, 3)`` / ``(H, W, 3)`` uint8."""
@@ -49,12 +51,12 @@ def comparison_grid(rows: Sequence[torch.Tensor], min_side: int = 128) -> torch.
 
 
 def save_png(image: torch.Tensor, path: Path) -> Path:
+    """``image`` (``(3, H, W)`` in [0, 1]) as a PNG, written atomically (:mod:`sdbridge.files`)."""
     import imageio.v3 as iio
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    iio.imwrite(path, to_uint8(image))
-    return path
+    with atomic_open(path) as f:
+        iio.imwrite(f, to_uint8(image), extension=".png")
+    return Path(path)
 
 
 def load_image(path: str | Path, size: int | None = None) -> torch.Tensor:
@@ -74,18 +76,17 @@ def load_image(path: str | Path, size: int | None = None) -> torch.Tensor:
 
 
 def write_video(frames: Sequence[Path] | Sequence[np.ndarray], path: Path, fps: int = 10) -> Path:
-    """Encode frames (PNG paths or HxWx3 uint8 arrays) as an H.264 mp4 (imageio-ffmpeg's bundled ffmpeg)."""
+    """Encode frames (PNG paths or HxWx3 uint8 arrays) as an H.264 mp4 (imageio-ffmpeg's bundled ffmpeg), written
+    atomically (:mod:`sdbridge.files`)."""
     import imageio.v2 as iio2
     import imageio.v3 as iio
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with iio2.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=1, ffmpeg_log_level="error") as w:
+    with atomic_path(path) as tmp, iio2.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1, ffmpeg_log_level="error") as w:
         for f in frames:
             arr = iio.imread(f) if isinstance(f, (str, Path)) else f
             h, wd = arr.shape[:2]
             w.append_data(arr[: h - h % 2, : wd - wd % 2, :3])  # libx264 needs even sides
-    return path
+    return Path(path)
 
 
 def slug(text: str, max_len: int = 40) -> str:

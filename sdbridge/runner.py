@@ -3,14 +3,16 @@
 
 A run directory holds::
 
-    summary.json         steps, time, NFEs, loss, metrics, output paths (written here, atomically, once)
+    summary.json         steps, time, NFEs, loss, metrics, output paths (written here, once)
     images/step_*.png    grids every trainer.save_every steps
     images/final/        one PNG per image and grid.png
     video.mp4            with trainer.video_every > 0
     checkpoints/last.ckpt
     logs/metrics.csv     (logger=csv) or wandb/ (logger=wandb)
 
-``config.yaml`` and ``overrides.yaml`` (for resume) are written by the CLI.
+``config.yaml`` and ``overrides.yaml`` (for resume) are written by the CLI, and in a sweep a failed job's
+``FAILED`` (its one-line reason). Every file is written atomically (:mod:`sdbridge.files`); a write that fails stops
+the run with :class:`SaveFailed`, the last checkpoint kept.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from sdbridge.callbacks.summary import write_summary
 from sdbridge.config import LoggerKind, RunConfig
+from sdbridge.files import WriteFailed, atomic_open
 from sdbridge.targets import ImageTargetConfig
 
 log = logging.getLogger("sdbridge")
@@ -111,15 +115,24 @@ def run(
     each batch a complete optimization in ``batches/NNNN/`` (its own images, checkpoints and summary); finished
     batches are skipped and a started one continues from its checkpoint when the run is resumed or requeued. The
     run's ``summary.json`` then merges the batches.
+
+    A file that cannot be written (a full disk) stops the run with :class:`SaveFailed`, the previous checkpoint kept.
     """
+    run_dir = Path(run_dir)
+    try:
+        return _run(config, run_dir, resolved or {}, callbacks, prior)
+    except WriteFailed as err:
+        raise SaveFailed(err, run_dir) from err
+
+
+def _run(config: RunConfig, run_dir: Path, resolved: dict[str, Any], callbacks: Sequence[Any],
+         prior: Any) -> dict[str, Any]:
     import time
 
     from sdbridge.priors import build_prior
     from sdbridge.prompts import load_prompt_set
 
     quiet_libraries()
-    run_dir = Path(run_dir)
-    resolved = resolved or {}
     setup_start = time.perf_counter()
     prompt_set = load_prompt_set(config.prompt)
     _check_batching(config, prompt_set)
@@ -230,6 +243,34 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "global_step" not in state or "sdbridge" not in state:
         raise ValueError(f"{path} is not an sdbridge checkpoint (no global_step / sdbridge state)")
     return state
+
+
+class SaveFailed(Exception):
+    """A file of the run could not be written (a full disk, a read-only file): the run stopped there, every file as
+    it was before the failed write (:mod:`sdbridge.files`), the last checkpoint kept."""
+
+    def __init__(self, err: WriteFailed, run_dir: Path):
+        what = "checkpoint " if err.path.suffix == ".ckpt" else ""
+        mine = [c for c in checkpoints_of(run_dir) if c.parent.parent in err.path.parents] or checkpoints_of(run_dir)
+        if mine:
+            step = int(read_checkpoint(mine[-1])["global_step"])
+            then = f"the previous checkpoint at step {step} is kept; resume with resume={run_dir}"
+        else:
+            then = "no checkpoint was written before it; start the run again"
+        super().__init__(f"could not write {what}{err.path}: {err.reason}; {then}")
+        self.path = err.path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer (ModelCheckpoint, ``trainer.save_checkpoint``) through :mod:`sdbridge.files`: the
+    checkpoint is written beside its target and renamed over it, never copied over it from $TMPDIR, so a failed save
+    keeps the previous checkpoint whole and leaves no temporary file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        with atomic_open(path) as f:
+            torch.save(checkpoint, f)
 
 
 class RunInterrupted(Exception):
@@ -440,7 +481,7 @@ def _optimize(
         num_sanity_val_steps=0,
         limit_val_batches=0,
         default_root_dir=str(run_dir),
-        plugins=_cluster_plugins(),
+        plugins=[AtomicCheckpointIO(), *_cluster_plugins()],
     )
     if resume_from is not None:
         info["resumed_from_step"] = int(read_checkpoint(resume_from)["global_step"])
@@ -460,6 +501,12 @@ def _optimize(
             raise RunInterrupted(trainer.global_step, run_dir,
                                  last_ckpt if on_interrupt is not None and on_interrupt.saved else None) from None
         raise
+    if (info["resumed_from_step"] or 0) >= config.trainer.max_steps:
+        # checkpointed at its last step, then stopped in the export (a failed write, a kill): Lightning skips the
+        # finished loop and its end hooks, so the export is done here
+        for cb in (media, exact_cb):
+            if cb is not None:
+                cb.on_train_end(trainer, system)
     if trainer.global_step > 0 and not trainer.interrupted:
         trainer.save_checkpoint(str(last_ckpt))
     samples = [dict(r) for r in prompt_set.records]
@@ -475,7 +522,8 @@ def _optimize(
     }
     if prior.has_true_distribution:  # model-space samples, so exact metrics can be merged across batches
         extra["model_samples"] = str(run_dir / "model_samples.pt")
-        torch.save(target.model_samples().cpu(), run_dir / "model_samples.pt")
+        with atomic_open(run_dir / "model_samples.pt") as f:
+            torch.save(target.model_samples().cpu(), f)
         if isinstance(config.target, ImageTargetConfig):
             extra["compare"] = str(_compare_with_exact_samples(prior, target, samples, run_dir, config.seed))
     if exact_cb is not None and exact_cb.final is not None:

@@ -134,6 +134,7 @@ class DistillationSystem(L.LightningModule):
             "total_nfe": self.total_nfe,
             "prior_nfe": self.prior.nfe,
             "prompts": self.prompts,
+            "last_loss": self.last_loss,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -143,3 +144,4 @@ class DistillationSystem(L.LightningModule):
         self.generator.set_state(state["generator_state"])
         self.total_nfe = int(state["total_nfe"])
         self.prior.nfe = int(state["prior_nfe"])
+        self._last_loss = float(state.get("last_loss", float("nan")))

@@ -10,7 +10,6 @@ training starts), else the process's peak resident set size (RSS, which includes
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
@@ -19,6 +18,8 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
+
+from sdbridge.files import write_text
 
 
 def peak_memory(device: torch.device | None) -> tuple[float, str]:
@@ -30,19 +31,9 @@ def peak_memory(device: torch.device | None) -> tuple[float, str]:
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
-    """``run_dir/summary.json``, written atomically (a temporary file in the same folder, fsynced, then renamed): a
-    reader sees the previous summary or the new one, never a part."""
-    path = Path(run_dir) / "summary.json"
-    tmp = path.with_name(f".summary.json.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(summary, indent=2, default=str))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """``run_dir/summary.json``, written atomically (:mod:`sdbridge.files`): a reader sees the previous summary or the
+    new one, never a part."""
+    return write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=2, default=str))
 
 
 class SummaryCallback(L.Callback):
@@ -91,7 +82,7 @@ class SummaryCallback(L.Callback):
             "max_steps": trainer.max_steps,
             "wall_clock_s": round(wall, 3),
             "time_per_image_s": round(wall / num_images, 3),
-            "ms_per_step": round(1000 * session / session_steps, 3) if session_steps else None,
+            "ms_per_step": round(1000 * session / session_steps, 3) if session_steps and self._t0 else None,
             "export_s": round(export, 3),
             "nfe_total": pl_module.total_nfe,
             "nfe_per_step": round(pl_module.total_nfe / steps, 3) if steps else None,

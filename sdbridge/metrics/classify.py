@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from sdbridge.files import write_text
 from sdbridge.priors.analytic import AnalyticPrior
 from sdbridge.priors.vocabulary import blur
 from sdbridge.priors.world import COLORS, SHAPES, color_vectors, render_masks
@@ -79,10 +80,7 @@ class ConceptClassifier:
         z = self.prior.sample("", CALIBRATION_SAMPLES, torch.Generator().manual_seed(0))
         threshold = float(torch.quantile(self._nearest(z)[1], CALIBRATION_QUANTILE))
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"threshold": threshold, "key": json.loads(blob)}))
-            os.replace(tmp, path)
+            write_text(path, json.dumps({"threshold": threshold, "key": json.loads(blob)}))
         except OSError:  # a read-only cache only costs the calibration next time
             pass
         return threshold

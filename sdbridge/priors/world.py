@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from sdbridge.files import atomic_open
+
 #: Round 1 had "stripes" in place of "star": a stripe pattern's phase varies nonlinearly, so its cluster means were
 #: uniform half-intensity squares that explained any blurry blob (measured: SDS and Bridge outputs turned into stripes).
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "star")
@@ -262,8 +264,6 @@ def load_world(spec: WorldSpec, cache_dir: str | os.PathLike = "~/.cache/sdbridg
         except Exception:  # truncated or foreign file: rebuild it
             pass
     world = build_world(spec)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"fine": world.fine.tensors(), "coarse": world.coarse.tensors()}, tmp)
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        torch.save({"fine": world.fine.tensors(), "coarse": world.coarse.tensors()}, f)
     return world

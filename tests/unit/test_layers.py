@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "sdbridge"
 
 #: bottom to top; a module belongs to the longest prefix listed
 LAYERS: list[tuple[str, ...]] = [
-    ("sdbridge", "sdbridge.rng", "sdbridge.media", "sdbridge.prompts", "sdbridge.views"),  # foundations
+    ("sdbridge", "sdbridge.files", "sdbridge.rng", "sdbridge.media", "sdbridge.prompts", "sdbridge.views"),  # foundations
     ("sdbridge.priors",),  # diffusion priors, the exact world
     ("sdbridge.sampling", "sdbridge.schedules"),  # DDIM, timestep schedules
     ("sdbridge.guidance", "sdbridge.targets"),  # the one formula and its methods; what is optimized

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sdbridge.files import atomic_open
 from sdbridge.targets.nerf.field import RadianceField
 
 
@@ -44,8 +45,6 @@ def extract_mesh(field_: RadianceField, resolution: int = 128, threshold: float 
 
 def write_ply(path: Path, verts: np.ndarray, faces: np.ndarray, colors: np.ndarray) -> Path:
     """Binary little-endian PLY with per-vertex RGB."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = (
         "ply\nformat binary_little_endian 1.0\n"
         f"element vertex {len(verts)}\nproperty float x\nproperty float y\nproperty float z\n"
@@ -56,23 +55,21 @@ def write_ply(path: Path, verts: np.ndarray, faces: np.ndarray, colors: np.ndarr
     vertex["xyz"], vertex["rgb"] = verts, colors
     face = np.empty(len(faces), dtype=[("n", "u1"), ("idx", "<i4", 3)])
     face["n"], face["idx"] = 3, faces
-    with open(path, "wb") as f:
+    with atomic_open(path) as f:
         f.write(header.encode("ascii"))
         f.write(vertex.tobytes())
         f.write(face.tobytes())
-    return path
+    return Path(path)
 
 
 def write_obj(path: Path, verts: np.ndarray, faces: np.ndarray, colors: np.ndarray) -> Path:
     """Wavefront OBJ with the common ``v x y z r g b`` vertex-color extension (colors in [0, 1])."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rgb = colors.astype(np.float32) / 255
-    with open(path, "w") as f:
+    with atomic_open(path, "w") as f:
         f.write("# sdbridge NeRF export\n")
         np.savetxt(f, np.hstack([verts, rgb]), fmt="v %.6f %.6f %.6f %.4f %.4f %.4f")
         np.savetxt(f, faces + 1, fmt="f %d %d %d")
-    return path
+    return Path(path)
 
 
 def read_ply(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
