@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import IO, Any, Iterator
 
@@ -54,6 +55,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if isinstance(err, OSError) and not isinstance(err, WriteFailed):
             raise WriteFailed(path, err) from err
         raise
+
+
+#: the name :func:`atomic_path` gives a temporary file: ``.<stem>.<pid>.tmp<suffix>``
+TEMPORARY = re.compile(r"^\..*\.\d+\.tmp(\.[^.]*)?$")
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of writes that never finished under ``folder`` (a process killed with ``kill -9``
+    mid-write leaves one); call it only while no other process writes there (sdbridge holds the run's lock)."""
+    found = [p for p in Path(folder).rglob(".*.tmp*") if p.is_file() and TEMPORARY.match(p.name)]
+    for p in found:
+        with contextlib.suppress(OSError):
+            p.unlink()
+    return found
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from sdbridge.callbacks.summary import write_summary
 from sdbridge.config import LoggerKind, RunConfig
-from sdbridge.files import WriteFailed, atomic_open
+from sdbridge.files import WriteFailed, atomic_open, remove_temporaries
 from sdbridge.targets import ImageTargetConfig
 
 log = logging.getLogger("sdbridge")
@@ -363,6 +363,7 @@ def run_lock(run_dir: Path):
             json.dump(me, f)
         break
     try:
+        remove_temporaries(run_dir)  # a killed predecessor's unfinished writes (the lock says none is in progress)
         yield
     finally:
         path.unlink(missing_ok=True)

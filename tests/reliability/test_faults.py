@@ -200,3 +200,17 @@ def test_a_sweep_goes_on_past_a_failed_job_and_lists_it(tmp_path, world_cache):
     report = res.stdout[res.stdout.index(f"sdbridge: error: 2 jobs of the sweep in {sweep} failed"):].splitlines()
     assert report[1:] == [f"  {sweep / job}: {reason}" for job, reason in reasons.items()], res.stdout
     assert "Traceback" not in res.stdout
+
+
+def test_a_killed_writers_temporary_files_are_removed_under_the_lock(tmp_path):
+    """kill -9 in the middle of an atomic write leaves ``.<stem>.<pid>.tmp<suffix>``; the next run that takes the
+    directory's lock removes it (and nothing else)."""
+    from sdbridge.runner import run_lock
+
+    (tmp_path / "checkpoints").mkdir()
+    stale = [tmp_path / "checkpoints" / ".last.4242.tmp.ckpt", tmp_path / ".summary.17.tmp.json"]
+    kept = [tmp_path / "checkpoints" / "last.ckpt", tmp_path / ".hidden", tmp_path / "notes.tmp.txt"]
+    for p in stale + kept:
+        p.write_bytes(b"x")
+    with run_lock(tmp_path):
+        assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
