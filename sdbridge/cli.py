@@ -21,6 +21,7 @@ from sdbridge.guidance.base import NonFiniteGradientError
 from sdbridge.runner import (
     RunDirectoryInUse,
     RunInterrupted,
+    check_run,
     checkpoints_of,
     finished_summary,
     read_checkpoint,
@@ -110,6 +111,14 @@ def _differences(a: Any, b: Any, prefix: str = "") -> set[str]:
     return set() if a == b else {prefix.rstrip(".")}
 
 
+def check_resume_dir(resume: Path, run_dir: Path) -> None:
+    """``resume=X`` continues X in place: a run directory elsewhere (``hydra.run.dir=Y``, or a sweep's job folder)
+    would start from scratch there without X's checkpoint, so it is refused."""
+    if resume.expanduser().resolve() != run_dir.resolve():
+        raise ValueError(f"resume={resume} continues {resume} in place, but the run directory is {run_dir}; drop "
+                         f"hydra.run.dir or set it to {resume}")
+
+
 def compose_for_resume(cfg: DictConfig, task_overrides: Sequence[str]) -> tuple[DictConfig, list[str]]:
     """Recompose the resumed run's config from its saved overrides plus the new ones."""
     from hydra import compose
@@ -131,6 +140,11 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     run_dir = Path(hc.runtime.output_dir)
     fresh = not cfg.resume
     overrides = list(hc.overrides.task)
+    if cfg.resume:
+        try:
+            check_resume_dir(Path(cfg.resume), run_dir)
+        except ValueError as err:
+            return _fail(err, run_dir)  # run_dir is not the resumed run: Hydra made it for this command
     try:
         if not cfg.resume and continues_in_place(run_dir, overrides, cfg):
             log.warning("sdbridge: %s already holds this run: continuing it from its checkpoint", run_dir)
@@ -141,6 +155,7 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         if cfg.resume:
             cfg, overrides = compose_for_resume(cfg, overrides)
         config = to_objects(cfg)
+        check_run(config)  # devices, prompt file, local weights: refused here, before any file is written
         if not fresh:
             resumed = Path(cfg.resume).expanduser()
             for ckpt in checkpoints_of(resumed):
