@@ -27,6 +27,7 @@ from sdbridge.runner import (
     RunDirectoryInUse,
     RunInterrupted,
     SaveFailed,
+    check_run,
     checkpoints_of,
     finished_summary,
     read_checkpoint,
@@ -83,6 +84,8 @@ def resume_overrides(run_dir: Path, new_overrides: Sequence[str]) -> list[str]:
         key = _override_key(o)
         if key == "resume":
             continue
+        if merged.get(key) == o:  # the run's own override, repeated (the whole command line plus resume=)
+            continue
         if key in SCHEMAS or key == "seed":
             raise ValueError(f"cannot change {key!r} when resuming {run_dir}: start a new run instead")
         if merged.get(key) != o and not key.startswith(RESUMABLE_KEYS) and key not in RESUMABLE_KEYS:
@@ -128,6 +131,14 @@ def _differences(a: Any, b: Any, prefix: str = "") -> set[str]:
         keys = set(a) | set(b)
         return {d for k in keys for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")}
     return set() if a == b else {prefix.rstrip(".")}
+
+
+def check_resume_dir(resume: Path, run_dir: Path) -> None:
+    """``resume=X`` continues X in place: a run directory elsewhere (``hydra.run.dir=Y``, or a sweep's job folder)
+    would start from scratch there without X's checkpoint, so it is refused."""
+    if resume.expanduser().resolve() != run_dir.resolve():
+        raise ValueError(f"resume={resume} continues {resume} in place, but the run directory is {run_dir}; drop "
+                         f"hydra.run.dir or set it to {resume}")
 
 
 def compose_for_resume(cfg: DictConfig, task_overrides: Sequence[str]) -> tuple[DictConfig, list[str]]:
@@ -195,6 +206,11 @@ def _main(cfg: DictConfig, hc: Any) -> dict[str, Any] | None:
     run_dir = Path(hc.runtime.output_dir)
     fresh = not cfg.resume
     overrides = list(hc.overrides.task)
+    if cfg.resume:
+        try:
+            check_resume_dir(Path(cfg.resume), run_dir)
+        except ValueError as err:
+            return _fail(err, run_dir)  # run_dir is not the resumed run: Hydra made it for this command
     try:
         if not cfg.resume and continues_in_place(run_dir, overrides, cfg):
             log.warning("sdbridge: %s already holds this run: continuing it from its checkpoint", run_dir)
@@ -205,6 +221,7 @@ def _main(cfg: DictConfig, hc: Any) -> dict[str, Any] | None:
         if cfg.resume:
             cfg, overrides = compose_for_resume(cfg, overrides)
         config = to_objects(cfg)
+        check_run(config)  # devices, prompt file, local weights: refused here, before any file is written
         if not fresh:
             resumed = Path(cfg.resume).expanduser()
             for ckpt in checkpoints_of(resumed):

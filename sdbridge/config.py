@@ -47,7 +47,7 @@ class LoggerConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 1000
-    accelerator: str = "auto"  # "auto" follows the prior's device
+    accelerator: str = "auto"  # "auto" follows the prior's device; "cpu", "gpu" / "cuda", "mps" must match it
     precision: str = "32-true"
     checkpoint_every: int = 100  # steps between checkpoints (0: only at the end)
     save_every: int = 100  # steps between image grids (0: only at the end)
@@ -63,6 +63,13 @@ class TrainerConfig:
                 raise ValueError(f"trainer.{key}={getattr(self, key)} must be >= 0")
         if self.log_every < 1:
             raise ValueError(f"trainer.log_every={self.log_every} must be >= 1")
+        if self.accelerator not in ACCELERATORS:
+            raise ValueError(f"trainer.accelerator={self.accelerator!r} is not one of {list(ACCELERATORS)} "
+                             "('auto' follows prior.device)")
+
+
+#: ``trainer.accelerator`` -> the ``prior.device`` type it runs on (``auto``: whatever the prior's device is)
+ACCELERATORS = {"auto": None, "cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "mps": "mps"}
 
 
 @registry.option("eval", "eval")

@@ -125,7 +125,11 @@ def _plain_texts(config: PromptConfig) -> list[str]:
         path = Path(os.path.expanduser(config.file))
         if not path.is_file():
             raise FileNotFoundError(f"prompt.file={config.file!r}: no such file (expected one prompt per line)")
-        base = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        try:
+            base = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        except UnicodeDecodeError as err:
+            raise ValueError(f"prompt.file={config.file!r}: {path} is not UTF-8 text (byte {err.start} cannot be "
+                             "decoded); save it as UTF-8 text, one prompt per line") from None
         base = [ln for ln in base if ln and not ln.startswith("#")]
         if not base:
             raise ValueError(f"prompt.file={config.file!r} holds no prompts (one prompt per line expected)")
@@ -171,7 +175,7 @@ def select_coco(config: CocoPromptConfig) -> tuple[list[dict[str, Any]], Path, P
         by_image: dict[int, list[tuple[int, str]]] = {}
         for ann in data["annotations"]:
             by_image.setdefault(int(ann["image_id"]), []).append((int(ann["id"]), " ".join(str(ann["caption"]).split())))
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError) as err:  # ValueError: invalid JSON, or bytes that are not UTF-8
         raise ValueError(f"prompt=coco: {annotations} is not a COCO captions file ({type(err).__name__}: {err}); "
                          "expected {'images': [{'id', 'file_name'}], 'annotations': [{'id', 'image_id', 'caption'}]}")
     ids = sorted(i for i in by_image if i in files)

@@ -176,7 +176,36 @@ def _run(config: RunConfig, run_dir: Path, resolved: dict[str, Any], callbacks: 
     return summary
 
 
-def _check_batching(config: RunConfig, prompt_set: Any) -> None:
+def check_run(config: RunConfig) -> None:
+    """Everything about ``config`` that can be refused without building anything, as ``ValueError`` /
+    ``FileNotFoundError`` naming the option: the devices (``prior.device``, ``trainer.accelerator``), the prompt set
+    (``prompt.file`` readable as UTF-8, the COCO files) and a local ``prior.model`` folder's weights (not empty, not
+    truncated). The CLI calls it before it writes anything, so such a mistake leaves no run directory behind."""
+    from sdbridge.priors import check_prior_files
+    from sdbridge.prompts import load_prompt_set
+
+    check_devices(config)
+    _check_batching(config, load_prompt_set(config.prompt), warn=False)
+    check_prior_files(config.prior)
+
+
+def check_devices(config: RunConfig) -> None:
+    """``prior.device`` exists here and ``trainer.accelerator`` runs on it (``auto`` always does)."""
+    from sdbridge.config import ACCELERATORS
+    from sdbridge.priors.base import available_devices, resolve_device
+
+    device = resolve_device(config.prior.device)
+    accelerator = config.trainer.accelerator
+    wanted = ACCELERATORS.get(accelerator)
+    if wanted is not None and wanted not in available_devices():
+        raise ValueError(f"trainer.accelerator={accelerator!r} but {'CUDA' if wanted == 'cuda' else wanted.upper()} is "
+                         "not available here; use trainer.accelerator=auto (it follows prior.device) or cpu")
+    if wanted is not None and wanted != device.type:
+        raise ValueError(f"trainer.accelerator={accelerator!r} does not run on prior.device={config.prior.device!r} "
+                         f"({device.type}): the target and the prior share one device; use trainer.accelerator=auto")
+
+
+def _check_batching(config: RunConfig, prompt_set: Any, warn: bool = True) -> None:
     from sdbridge.targets import NeRFTargetConfig
 
     if isinstance(config.target, NeRFTargetConfig):
@@ -184,7 +213,7 @@ def _check_batching(config: RunConfig, prompt_set: Any) -> None:
             raise ValueError("prompt.batch_size and prompt.seed_per_prompt apply to image targets: a NeRF is one "
                              "scene rendered for all of its prompts")
         return
-    if config.prompt.seed_per_prompt and getattr(config.guidance, "lora_rank", None) is not None:
+    if warn and config.prompt.seed_per_prompt and getattr(config.guidance, "lora_rank", None) is not None:
         log.warning("sdbridge: %s trains one source network on the whole batch, so with prompt.seed_per_prompt a "
                     "sample's result still depends on its batch", type(config.guidance).__name__)
 
@@ -467,6 +496,8 @@ def _optimize(
     accelerator = config.trainer.accelerator
     if accelerator == "auto":
         accelerator = "gpu" if prior.device.type == "cuda" else "cpu"
+    elif accelerator == "cuda":  # as "gpu": on the prior's own CUDA device (check_devices made sure it is one)
+        accelerator = "gpu"
     trainer = L.Trainer(
         max_steps=config.trainer.max_steps,
         max_epochs=-1,

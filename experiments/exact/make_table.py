@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -57,7 +58,11 @@ def main() -> None:
     if args.quick:
         protocol = ExactProtocol(prompts=["a red circle", "a circle"], images_per_prompt=8, steps=200)
     store_path = args.out.with_name("results.json")
-    store = json.loads(store_path.read_text()) if store_path.exists() and not args.fresh else {}
+    try:
+        store = json.loads(store_path.read_text(encoding="utf-8")) if store_path.exists() and not args.fresh else {}
+    except ValueError as err:  # truncated or not JSON: say which file, and how to get a good one back
+        sys.exit(f"make_table: error: {store_path} is not readable JSON ({err}); restore it with `git checkout "
+                 f"{store_path}` or rerun every method with --fresh")
     stored = store.get(protocol.describe(), {})
     to_run = [] if args.no_run else args.methods or [n for n in names if n not in stored]
     prior = AnalyticPrior(AnalyticConfig(device="cpu"))

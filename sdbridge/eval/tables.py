@@ -55,20 +55,40 @@ class MethodRuns:
         return n, [i for i in range(n) if i not in seen]
 
 
-def find_summaries(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Every run-level ``summary.json`` under ``sweep_dir`` (batch-level summaries are part of their run's)."""
+def find_summaries(sweep_dir: str | Path, damaged: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    """Every run-level ``summary.json`` under ``sweep_dir`` (batch-level summaries are part of their run's).
+
+    A summary that cannot be read (truncated, not JSON, not a run's summary) raises a ``ValueError`` naming the
+    file; with a ``damaged`` list, it is skipped and a one-line reason naming it is appended there instead, so a
+    table can still be made from the other runs (a skipped shard then shows as missing in its method's row).
+    """
     root = Path(sweep_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"no sweep directory {root}")
     found = []
+    skipped: list[str] = []
     for path in sorted(root.rglob("summary.json")):
         if "batches" in path.relative_to(root).parts[:-1]:
             continue
-        summary = json.loads(path.read_text())
-        if "protocol" not in summary or "samples" not in summary:
-            raise ValueError(f"{path} was written by an older sdbridge (no protocol/samples); rerun it")
-        found.append(summary)
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:  # ValueError: truncated / invalid JSON, bytes that are not UTF-8
+            problem = f"{path} is not a readable summary ({type(err).__name__}: {err}); rerun or resume that run"
+        else:
+            if isinstance(summary, dict) and "protocol" in summary and "samples" in summary:
+                found.append(summary)
+                continue
+            problem = (f"{path} was written by an older sdbridge (no protocol/samples); rerun it"
+                       if isinstance(summary, dict) else f"{path} is not a run's summary (a JSON "
+                       f"{type(summary).__name__}); rerun or resume that run")
+        if damaged is None:
+            raise ValueError(problem)
+        skipped.append(problem)
+    if damaged is not None:
+        damaged.extend(skipped)
     if not found:
+        if skipped:
+            raise ValueError(f"no readable summary.json under {root}: {skipped[0]}")
         raise FileNotFoundError(f"no summary.json under {root}: is it a finished run or sweep directory?")
     return found
 
@@ -193,7 +213,8 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-def markdown(rows: Sequence[dict[str, Any]], protocol: dict[str, Any]) -> str:
+def markdown(rows: Sequence[dict[str, Any]], protocol: dict[str, Any], skipped: Sequence[str] = ()) -> str:
+    """The table in Markdown; ``skipped``: unreadable summaries left out (listed under the table)."""
     names = {"fid": "FID", "clip_fid": "CLIP-FID", "exact_fd": "FD (exact)", "exact_nll_bpd": "NLL bits/dim (exact)"}
     columns = [k for k in names if any(k in r for r in rows)]
     quality = ([names[k] for k in columns], columns)
@@ -210,6 +231,9 @@ def markdown(rows: Sequence[dict[str, Any]], protocol: dict[str, Any]) -> str:
     lines += ["", f"Protocol: prior `{p.get('prior')}`, target `{p.get('target')}`, sample shape "
               f"{p.get('sample_shape')}, {p.get('steps')} steps, seed {p.get('seed')}, prompts "
               f"{json.dumps(prompts, sort_keys=True)}."]
+    if skipped:
+        lines += ["", f"**Left out: {len(skipped)} unreadable summary.json** (their runs are missing from the rows "
+                  "above):", *(f"- {s}" for s in skipped)]
     return "\n".join(lines) + "\n"
 
 

@@ -76,12 +76,36 @@ def attach_prior(module: nn.Module, prior: "DiffusionPrior") -> None:
     object.__setattr__(module, "prior", prior)
 
 
+def available_devices() -> list[str]:
+    """The ``prior.device`` values that work on this machine (``auto`` first)."""
+    found = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        found += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
 def resolve_device(device: str) -> torch.device:
+    """``prior.device`` as a torch device; a value torch cannot parse, or a device this machine lacks, is a
+    ``ValueError`` that lists the values available here (checked before a run writes anything)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    here = ", ".join(available_devices())
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"prior.device={device!r} is not a device torch knows; use one of: {here}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"prior.device={device!r} but CUDA is not available here; use prior.device=cpu or auto")
+        raise ValueError(f"prior.device={device!r} but CUDA is not available here; use prior.device=cpu or auto "
+                         f"(available here: {here})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"prior.device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                         f"use one of: {here}")
+    if dev.type == "mps" and "mps" not in available_devices():
+        raise ValueError(f"prior.device={device!r} but MPS is not available here; use one of: {here}")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"prior.device={device!r}: sdbridge runs on cpu, cuda or mps; use one of: {here}")
     return dev
 
 

@@ -12,6 +12,7 @@ Weights are fp16 on GPU and fp32 on CPU unless ``dtype`` says otherwise; predict
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,53 @@ def check_tokenizer(tokenizer: Any, where: Path) -> None:
         )
 
 
+#: the components whose weights are read from a model folder
+WEIGHTED = ("text_encoder", "unet", "vae")
+
+
+def check_weights_file(path: Path) -> None:
+    """Refuse an empty or truncated weights file before anything loads it, with a one-line ``ValueError`` naming it.
+
+    A ``.safetensors`` file states its own length (an 8-byte header size, a JSON header with every tensor's byte
+    range), so truncation is found by reading the header only; a ``.bin`` file must at least be a non-empty zip
+    archive (torch's format).
+    """
+    import struct
+    import zipfile
+
+    size = path.stat().st_size
+    fix = "download it again or point prior.model at a complete folder"
+    if size == 0:
+        raise ValueError(f"prior.model: the weights file {path} is empty; {fix}")
+    if path.suffix == ".safetensors":
+        try:
+            with open(path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                if header_len > size - 8:
+                    raise ValueError("header longer than the file")
+                header = json.loads(f.read(header_len))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (struct.error, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as err:
+            raise ValueError(f"prior.model: the weights file {path} is not a readable safetensors file ({err}); "
+                             f"{fix}") from None
+        if size < 8 + header_len + end:
+            raise ValueError(f"prior.model: the weights file {path} is truncated ({size:,} bytes on disk, its header "
+                             f"says {8 + header_len + end:,}); {fix}")
+    elif path.suffix == ".bin" and not zipfile.is_zipfile(path):
+        raise ValueError(f"prior.model: the weights file {path} is truncated or not a torch checkpoint; {fix}")
+
+
+def check_local_weights(config: "StableDiffusionConfig") -> None:
+    """For ``prior.model`` = a local folder: every weights file of its text encoder, UNet and VAE is complete (see
+    :func:`check_weights_file`). Hub ids are checked when they load (:class:`StableDiffusionPrior`)."""
+    folder = Path(os.path.expanduser(config.model))
+    if not folder.is_dir():
+        return
+    for component in WEIGHTED:
+        for path in sorted((folder / component).glob("*.safetensors")) + sorted((folder / component).glob("*.bin")):
+            check_weights_file(path)
+
+
 @dataclass
 class StableDiffusionConfig(PriorConfig):
     """Any SD 1.x/2.x model in diffusers' layout: a hub id or a local folder."""
@@ -183,9 +231,14 @@ class StableDiffusionPrior(DiffusionPrior):
         if components is None:
             self.tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
             check_tokenizer(self.tokenizer, path / "tokenizer")
-            self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
-            self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
-            self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+            try:
+                self.text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dtype)
+                self.unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+                self.vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+            except (OSError, ValueError, RuntimeError) as err:  # a damaged file in the Hugging Face cache
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise PriorUnavailableError(f"the weights of {config.model!r} in {path} cannot be loaded ({first}); "
+                                            "download them again or point prior.model at a complete folder") from err
         else:
             self.tokenizer = components["tokenizer"]  # modules come in the configured dtype
             self.text_encoder, self.unet, self.vae = (components[k] for k in ("text_encoder", "unet", "vae"))

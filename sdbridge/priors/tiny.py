@@ -10,7 +10,8 @@ the real CLIP BPE tokenizer. The tokenizer's vocabulary is rebuilt from the Open
 ``open_clip_torch`` package ships (``bpe_simple_vocab_16e6.txt.gz``), the same construction as CLIP's
 ``SimpleTokenizer``: 256 byte tokens, their ``</w>`` forms, 48,894 merges and two specials = 49,408 tokens.
 
-Deterministic: the same ``seed`` gives the same weights, bit for bit.
+Deterministic: the same ``seed`` gives the same weights, bit for bit. The cache folder records every file's size and
+SHA-256 (``sdbridge_tiny.json``); a folder that no longer matches them is rebuilt with a one-line warning.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,11 +29,16 @@ from pathlib import Path
 
 import torch
 
+from sdbridge.priors import cache
 from sdbridge.priors.stable_diffusion import StableDiffusionConfig, StableDiffusionPrior
 from sdbridge.registry import builds
 
+log = logging.getLogger("sdbridge")
+
 #: Bumped whenever the architecture below changes, so stale caches are rebuilt.
 TINY_SD_VERSION = 1
+#: the cache folder's record of its build: spec, and every file's size and SHA-256 (``files``)
+MANIFEST = "sdbridge_tiny.json"
 
 
 @lru_cache(maxsize=1)
@@ -163,9 +170,10 @@ def build_tiny_sd(folder: Path, seed: int = 0, latent_size: int = 8, prediction_
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp", dir=folder.parent))
     try:
         pipe.save_pretrained(tmp)
-        (tmp / "sdbridge_tiny.json").write_text(
+        files = {str(p.relative_to(tmp)): cache.digest(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / MANIFEST).write_text(
             json.dumps({"seed": seed, "latent_size": latent_size, "prediction_type": prediction_type,
-                        "version": TINY_SD_VERSION}, indent=2)
+                        "version": TINY_SD_VERSION, "files": files}, indent=2)
         )
         if folder.exists():
             shutil.rmtree(folder)
@@ -176,11 +184,40 @@ def build_tiny_sd(folder: Path, seed: int = 0, latent_size: int = 8, prediction_
     return folder
 
 
+#: :func:`verify_tiny_sd`'s answer for a cache built before checksums were recorded (rebuilt once, without a warning)
+NO_CHECKSUMS = "built before checksums were recorded"
+
+
+def verify_tiny_sd(folder: Path) -> str | None:
+    """Why the cached tiny SD in ``folder`` cannot be used (``None``: every file matches the size and SHA-256
+    recorded in its manifest when it was built)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as err:
+        return f"{MANIFEST} unreadable ({type(err).__name__})"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return NO_CHECKSUMS
+    for name, recorded in manifest["files"].items():
+        problem = cache.mismatch(folder / name, recorded)
+        if problem is not None:
+            return f"{name}: {problem}"
+    return None
+
+
 def ensure_tiny_sd(config: TinySDConfig) -> Path:
-    """Folder of the cached tiny SD for this config, building it first if needed."""
+    """Folder of the cached tiny SD for this config, building it first if needed; a cache whose files do not match
+    their recorded checksums (truncated, garbled) is rebuilt with a one-line warning, one built before checksums
+    were recorded is rebuilt once."""
     folder = tiny_sd_folder(config)
-    if not (folder / "sdbridge_tiny.json").is_file():
-        build_tiny_sd(folder, config.seed, config.latent_size, config.prediction_type)
+    if (folder / MANIFEST).is_file():
+        problem = verify_tiny_sd(folder)
+        if problem is None:
+            return folder
+        if problem == NO_CHECKSUMS:
+            log.info("sdbridge: the tiny-SD cache %s has no checksums; rebuilding it once", folder)
+        else:
+            cache.warn_rebuild("tiny-SD", folder, problem)
+    build_tiny_sd(folder, config.seed, config.latent_size, config.prediction_type)
     return folder
 
 
@@ -214,4 +251,5 @@ class TinySDPrior(StableDiffusionPrior):
         return ensure_tiny_sd(stand_in)
 
 
-__all__ = ["TINY_STAND_INS", "TinySDConfig", "TinySDPrior", "build_tiny_sd", "ensure_tiny_sd", "tiny_sd_folder", "asdict"]
+__all__ = ["TINY_STAND_INS", "TinySDConfig", "TinySDPrior", "build_tiny_sd", "ensure_tiny_sd", "tiny_sd_folder",
+           "verify_tiny_sd", "asdict"]

@@ -19,13 +19,15 @@ renderings, and the posterior at moderate noise spreads over neighbouring compon
 A second, coarser model of each shape (``coarse_clusters`` groups) is what corrupted copies are made of (modifier
 words, ``sdbridge/priors/vocabulary.py``): corruption removes detail anyway, and it keeps text-defined sources cheap.
 
-The world is deterministic given its spec and cached on disk (``~/.cache/sdbridge/world``), written atomically.
+The world is deterministic given its spec and cached on disk (``~/.cache/sdbridge/world``), written atomically with
+its size and SHA-256 next to it; a cache file that does not match them is rebuilt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -34,6 +36,9 @@ from pathlib import Path
 import torch
 
 from sdbridge.files import atomic_open
+from sdbridge.priors import cache
+
+log = logging.getLogger("sdbridge")
 
 #: Round 1 had "stripes" in place of "star": a stripe pattern's phase varies nonlinearly, so its cluster means were
 #: uniform half-intensity squares that explained any blurry blob (measured: SDS and Bridge outputs turned into stripes).
@@ -253,17 +258,27 @@ def build_world(spec: WorldSpec) -> World:
 
 
 def load_world(spec: WorldSpec, cache_dir: str | os.PathLike = "~/.cache/sdbridge/world") -> World:
-    """The world for ``spec``: read from the cache, or built (seconds) and cached atomically. A cache file that
-    cannot be read is rebuilt."""
+    """The world for ``spec``: read from the cache, or built (seconds) and cached atomically.
+
+    The cache file is loaded only when its size and SHA-256 match the ones recorded next to it when it was written
+    (``world-<key>.pt.sha256.json``, :mod:`sdbridge.priors.cache`); a truncated or garbled file is rebuilt with a
+    one-line warning, and a file from before checksums were recorded is rebuilt once."""
     folder = Path(os.path.expanduser(str(cache_dir)))
     path = folder / f"world-{spec.key()}.pt"
     if path.is_file():
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            return World(spec, GeometryModel(**data["fine"]), GeometryModel(**data["coarse"]))
-        except Exception:  # truncated or foreign file: rebuild it
-            pass
+        problem = cache.verify_file(path)
+        if problem is None:
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=True)
+                return World(spec, GeometryModel(**data["fine"]), GeometryModel(**data["coarse"]))
+            except Exception as err:  # matches its checksum yet unreadable: a foreign file
+                problem = f"{type(err).__name__} on load"
+        if cache.sidecar(path).is_file():
+            cache.warn_rebuild("exact-world", path, problem)
+        else:  # written by an sdbridge that kept no checksum
+            log.info("sdbridge: the world cache %s has no checksum; rebuilding it once", path)
     world = build_world(spec)
     with atomic_open(path) as f:
         torch.save({"fine": world.fine.tensors(), "coarse": world.coarse.tensors()}, f)
+    cache.write_sidecar(path)
     return world
