@@ -21,10 +21,10 @@ run: $(STAMP)
 
 # `make test`: everything but the slow science checks (~12 min on 2 cores); CI also runs `make test-slow`.
 test: $(STAMP)
-	$(PY) -m pytest tests -m "not slow"
+	$(PY) -m pytest tests -m "not slow" --durations=20
 
 test-slow: $(STAMP)
-	$(PY) -m pytest tests -m slow
+	$(PY) -m pytest tests -m slow --durations=20
 
 test-all: $(STAMP)
 	$(PY) -m pytest tests

@@ -58,6 +58,23 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has
         ("trainer.accelerator=tpu", ["trainer.accelerator='tpu'", "'auto', 'cpu', 'gpu', 'cuda', 'mps'"]),
     ],
 )
+def test_a_device_this_machine_cannot_use_is_refused_before_anything_runs(override, needles):
+    """The checks the CLI runs before it writes anything (``runner.check_run`` or the typed config), in-process."""
+    from sdbridge.config import to_objects
+    from sdbridge.runner import check_run
+    from tests.conftest import compose
+
+    with pytest.raises(Exception) as err:
+        check_run(to_objects(compose([*BASE, override])))
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("prior.device=tpu", ["prior.device='tpu'", "not a device torch knows", "auto, cpu"]),
+    pytest.param("trainer.accelerator=gpu", ["trainer.accelerator='gpu'", "CUDA is not available"],
+                 marks=[NO_CUDA, pytest.mark.slow]),
+])
 def test_a_device_this_machine_cannot_use_is_one_line(tmp_path, override, needles):
     run_dir = tmp_path / "run"
     _assert_one_line_error(_cli([f"hydra.run.dir={run_dir}", *BASE, override]), run_dir, *needles)
@@ -117,7 +134,7 @@ def user_model(tmp_path, tiny_cache) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty"])
+@pytest.mark.parametrize("damage", ["truncated", pytest.param("empty", marks=pytest.mark.slow)])
 def test_truncated_or_empty_unet_weights_name_the_file(tmp_path, user_model, damage):
     weights = user_model / "unet" / "diffusion_pytorch_model.safetensors"
     data = weights.read_bytes()

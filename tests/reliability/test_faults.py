@@ -163,7 +163,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_the_resume_is_exact(patte
     assert not _leftovers(run_dir, tmpdir_env)
 
 
-@pytest.mark.parametrize("pattern, nth", [("last.ckpt", 2), ("metrics.csv", 1)])
+@pytest.mark.parametrize("pattern, nth", [("last.ckpt", 2), pytest.param("metrics.csv", 1, marks=pytest.mark.slow)])
 def test_a_full_disk_is_one_line_and_a_non_zero_exit(pattern, nth, tmp_path, tmpdir_env, world_cache):
     """``python run.py``: the one-line error, exit 2, no traceback, no temporary file (here or in $TMPDIR)."""
     run_dir = tmp_path / "run"
