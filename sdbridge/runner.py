@@ -146,11 +146,17 @@ def _run(config: RunConfig, run_dir: Path, resolved: dict[str, Any], callbacks: 
         parts = []
         for k, batch in enumerate(batches):
             batch_dir = run_dir / "batches" / f"{k:04d}"
-            done = json.loads((batch_dir / "summary.json").read_text()) if (batch_dir / "summary.json").is_file() \
-                else {}
-            if done.get("steps") == config.trainer.max_steps:
+            done = finished_summary(batch_dir, config.trainer.max_steps)  # None: unfinished or a damaged summary
+            if done is not None:
                 parts.append(done)
                 continue
+            try:
+                json.loads((batch_dir / "summary.json").read_text())
+            except ValueError:
+                log.warning("sdbridge: %s cannot be read: batch %d is finished again from its checkpoint",
+                            batch_dir / "summary.json", k + 1)
+            except OSError:
+                pass  # not written yet
             log.info("sdbridge: batch %d/%d (%d samples)", k + 1, len(batches), len(batch))
             batch_logger = logger if config.logger.kind == LoggerKind.wandb else build_logger(
                 config, batch_dir, resolved, f"{_run_name(config, resolved, run_dir)}-b{k:04d}")

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import fnmatch
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -214,3 +215,28 @@ def test_a_killed_writers_temporary_files_are_removed_under_the_lock(tmp_path):
         p.write_bytes(b"x")
     with run_lock(tmp_path):
         assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+def test_a_damaged_batch_summary_is_redone_from_its_checkpoint(tmp_path, tiny_cache, caplog):
+    """A run in batches whose finished batch lost its summary.json (truncated) is completed again by a resume: that
+    batch is finished from its checkpoint at the last step (no step retrained), with a warning naming the file."""
+    from sdbridge.config import to_objects
+    from sdbridge.runner import run
+    from tests.conftest import compose
+
+    def cfg(*extra):
+        return to_objects(compose(["prior=tiny_sd", f"prior.cache_dir={tiny_cache}", "prior.device=cpu",
+                                   "trainer.progress_bar=false", "logger=none", "trainer.max_steps=4",
+                                   "trainer.checkpoint_every=2", "prompt.texts=[a dog,a cat]", "prompt.batch_size=1",
+                                   *extra]))
+
+    run_dir = tmp_path / "run"
+    first = run(cfg(), run_dir)
+    damaged = run_dir / "batches" / "0000" / "summary.json"
+    good = damaged.read_text()
+    damaged.write_text(good[: len(good) // 2])
+    with caplog.at_level("WARNING", logger="sdbridge"):
+        again = run(cfg(f"resume={run_dir}"), run_dir)
+    assert f"{damaged} cannot be read" in caplog.text
+    assert json.loads(damaged.read_text())["steps"] == 4 and again["steps"] == first["steps"] == 4
+    assert again["final_loss"] == first["final_loss"]
