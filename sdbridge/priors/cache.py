@@ -60,5 +60,10 @@ def verify_file(path: Path) -> Optional[str]:
     return mismatch(path, recorded)
 
 
-def warn_rebuild(what: str, path: Path, reason: str) -> None:
-    log.warning("sdbridge: warning: the %s cache %s is damaged (%s); rebuilding it", what, path, reason)
+def warn_rebuild(what: str, path: Path, reason: str, recorded: bool = True) -> None:
+    """Say that the ``what`` cache at ``path`` is rebuilt: a warning when it did not match its recorded checksum
+    (``reason``), a note when it was written before checksums were recorded (rebuilt once)."""
+    if recorded:
+        log.warning("sdbridge: warning: the %s cache %s is damaged (%s); rebuilding it", what, path, reason)
+    else:
+        log.info("sdbridge: the %s cache %s has no recorded checksum; rebuilding it once", what, path)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -32,8 +31,6 @@ import torch
 from sdbridge.priors import cache
 from sdbridge.priors.stable_diffusion import StableDiffusionConfig, StableDiffusionPrior
 from sdbridge.registry import builds
-
-log = logging.getLogger("sdbridge")
 
 #: Bumped whenever the architecture below changes, so stale caches are rebuilt.
 TINY_SD_VERSION = 1
@@ -213,10 +210,7 @@ def ensure_tiny_sd(config: TinySDConfig) -> Path:
         problem = verify_tiny_sd(folder)
         if problem is None:
             return folder
-        if problem == NO_CHECKSUMS:
-            log.info("sdbridge: the tiny-SD cache %s has no checksums; rebuilding it once", folder)
-        else:
-            cache.warn_rebuild("tiny-SD", folder, problem)
+        cache.warn_rebuild("tiny-SD", folder, problem, recorded=problem != NO_CHECKSUMS)
     build_tiny_sd(folder, config.seed, config.latent_size, config.prediction_type)
     return folder
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -37,8 +36,6 @@ import torch
 
 from sdbridge.files import atomic_open
 from sdbridge.priors import cache
-
-log = logging.getLogger("sdbridge")
 
 #: Round 1 had "stripes" in place of "star": a stripe pattern's phase varies nonlinearly, so its cluster means were
 #: uniform half-intensity squares that explained any blurry blob (measured: SDS and Bridge outputs turned into stripes).
@@ -273,10 +270,7 @@ def load_world(spec: WorldSpec, cache_dir: str | os.PathLike = "~/.cache/sdbridg
                 return World(spec, GeometryModel(**data["fine"]), GeometryModel(**data["coarse"]))
             except Exception as err:  # matches its checksum yet unreadable: a foreign file
                 problem = f"{type(err).__name__} on load"
-        if cache.sidecar(path).is_file():
-            cache.warn_rebuild("exact-world", path, problem)
-        else:  # written by an sdbridge that kept no checksum
-            log.info("sdbridge: the world cache %s has no checksum; rebuilding it once", path)
+        cache.warn_rebuild("exact-world", path, problem, recorded=cache.sidecar(path).is_file())
     world = build_world(spec)
     with atomic_open(path) as f:
         torch.save({"fine": world.fine.tensors(), "coarse": world.coarse.tensors()}, f)
