@@ -159,6 +159,7 @@ class TimestepSchedule:
     def setup(self, max_steps: int) -> None:
         """Called once the trainer's real ``max_steps`` is known (annealed schedules depend on it)."""
         self.max_steps = max(1, int(max_steps))
+        self.__dict__.pop("_cached", None)  # annealed sets depend on max_steps
 
     @property
     def min_step(self) -> int:
@@ -171,19 +172,35 @@ class TimestepSchedule:
     def candidates(self, step: int) -> torch.Tensor:
         return torch.arange(self.min_step, self.max_step + 1)
 
+    def _candidates(self, step: int) -> torch.Tensor:
+        """:meth:`candidates`, rebuilt only when :meth:`cache_key` changes: a step-independent set (uniform, DDIM
+        grid) or a staged one between switches is built once instead of at every step (~0.05 ms of Python a step)."""
+        key = self.cache_key(step)
+        if not hasattr(self, "_cached") or key != self._cached_key:
+            self._cached, self._cached_key = self.candidates(step), key
+        return self._cached
+
+    def cache_key(self, step: int) -> object:
+        """What :meth:`candidates` depends on besides the config: the step itself unless a subclass knows better."""
+        return step
+
     def __call__(self, step: int, batch_size: int, generator: torch.Generator | None) -> torch.Tensor:
-        cand = self.candidates(step)
+        cand = self._candidates(step)
         idx = rng.randint(len(cand), batch_size, generator, shared=not self.config.per_sample)
         return cand[idx]
 
 
 @builds("scheduler", "uniform", UniformConfig)
 class UniformSchedule(TimestepSchedule):
-    pass
+    def cache_key(self, step: int) -> object:
+        return None  # the same set at every step
 
 
 @builds("scheduler", "ddim_grid", DDIMGridConfig)
 class DDIMGridSchedule(TimestepSchedule):
+    def cache_key(self, step: int) -> object:
+        return None
+
     def candidates(self, step: int) -> torch.Tensor:
         ratio = self.num_train_timesteps // self.config.num_inference_steps
         grid = torch.arange(0, self.config.num_inference_steps) * ratio + self.config.steps_offset
@@ -205,6 +222,9 @@ class AnnealSchedule(TimestepSchedule):
 
 @builds("scheduler", "staged", StagedConfig)
 class StagedSchedule(TimestepSchedule):
+    def cache_key(self, step: int) -> object:
+        return sum(step >= switch for switch in self.config.switch_steps)
+
     def candidates(self, step: int) -> torch.Tensor:
         c = self.config
         lo, hi = c.min_step_ratio, c.max_step_ratio
