@@ -9,12 +9,12 @@
 # part runs long; a part that fails or runs out of time is reported and the next one still runs:
 #
 #   part     command                                                        expected on an H200   limit
-#   methods  run.py --prior sd21_base_random (SD 2.1 base, random weights,      ~4 min            330 s
+#   methods  run.py --prior sd21_base_random (SD 2.1 base, random weights,      ~4 min            320 s
 #            512px, 4x64x64 latents, prior.dtype = float16 on a GPU): all
 #            8 methods at batch 1 and 8 (2 warm-up + 8 timed steps), then
 #            the speed options (--variants: channels-last, classic attention,
 #            bfloat16, torch.compile ~1-2 min of it compiling); peak memory
-#   nerf     nerf.py --samples 512 --resolutions 64 512: the official field,        ~30 s             90 s
+#   nerf     nerf.py --samples 512 --resolutions 64 512: the official field,        ~30 s             80 s
 #            512 samples per ray (a 512x512 training step at 512 samples does
 #            not fit one GPU with the PyTorch hash grid: its row says "out of
 #            memory")
@@ -72,7 +72,7 @@ else
     prior=sd21_base_random
     methods_args=(--batch-sizes 1 8 --warmup 2 --iters 8 --variants)
     nerf_args=(--samples 512 --resolutions 64 512)
-    limit=([methods]=330 [nerf]=90 [official]=150)
+    limit=([methods]=320 [nerf]=80 [official]=150)  # + up to 10 s each to stop: <= 580 s with the GPU check
 fi
 mkdir -p "$out_dir"
 out_dir="$(cd "$out_dir" && pwd)"
@@ -89,7 +89,7 @@ part() {
     local name=$1 rc=0 t0=$SECONDS budget=${limit[$1]}
     shift
     echo "=== $name (limit ${budget} s): $(printf '%q ' "$@")" | tee -a "$log"
-    timeout --kill-after=15 "$budget" "$@" 2>&1 | tee -a "$log" || rc=${PIPESTATUS[0]}
+    timeout --kill-after=10 "$budget" "$@" 2>&1 | tee -a "$log" || rc=${PIPESTATUS[0]}
     local took=$((SECONDS - t0)) outcome=ok
     if [[ $rc -eq 124 || $rc -eq 137 ]]; then
         outcome="TIMED OUT after ${budget} s"; failed=1
@@ -139,6 +139,15 @@ total=$((SECONDS - start_all))
     echo
     echo "=== summary ($([[ $dry_run -eq 1 ]] && echo "dry run, CPU" || echo GPU)): $total s in all (budget 600 s)"
     printf '  %s\n' "${summary[@]}"
+    if [[ -f $out_dir/methods.json ]]; then  # the performance issue's targets, from the rows just measured
+        "$PYTHON" - "$out_dir/methods.json" <<'EOF'
+import json, sys
+for r in json.load(open(sys.argv[1]))["rows"]:
+    if r["method"] in ("sds", "bridge"):
+        print(f"  {r['method']:>6} at batch {r['batch']}: {r['ms_per_iter']:,.1f} ms / iter, overhead ratio "
+              f"{r['overhead']:.2f} (target <= 1.15), {r['images_per_hour']:,.1f} images / hour (target >= 107)")
+EOF
+    fi
     echo "  README blocks written in $readme:"
     for marker in $(grep -o '<!-- bench[a-z_]*:[^ ]*:start -->' "$readme" | sed 's/<!-- \(.*\):start -->/\1/'); do
         [[ "$(block "$out_dir/README.before.md" "$marker")" == "$(block "$readme" "$marker")" ]] \

@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(no value: all; run with --variant-method at batch 1)")
     parser.add_argument("--variant-method", default="sds")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
-    parser.add_argument("--readme", action="store_true", help="write the tables into experiments/bench/README.md")
+    parser.add_argument("--readme", action="store_true", help="write the tables into the README (--readme-path)")
     parser.add_argument(README_PATH_OPTION, type=Path, default=Path(__file__).with_name("README.md"),
                         help="the README --readme writes (gpu.sh --dry-run: a temporary copy)")
     args = parser.parse_args(argv)

@@ -63,6 +63,7 @@ def test_dry_run_writes_every_table_into_a_copy_of_the_readme(tmp_path):
     log = (out / "gpu.log").read_text()
     summary = log[log.index("=== summary (dry run, CPU)"):]
     assert "methods   ok" in summary and "nerf      ok" in summary and "official" in summary
+    assert "sds at batch 1:" in summary and "bridge at batch 2:" in summary  # the targets, read from the rows
     written = summary[summary.index("README blocks written"):].split("log:")[0]
     assert "bench:cpu-tiny_sd" in written and "bench_nerf:cpu" in written and "gpu-" not in written
     assert summary in res.stdout  # the summary also ends the terminal output
