@@ -108,7 +108,8 @@ skip() {
 
 {
     echo "gpu.sh $([[ $dry_run -eq 1 ]] && echo "--dry-run (CPU, toy scale)") at $(date -Is) on $(hostname)"
-    echo "checkout: $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (modified)')"
+    commit="$(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo "checkout: $commit$(git diff --quiet 2>/dev/null || echo ' (modified)')"
     [[ $dry_run -eq 1 ]] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     echo "README written: $readme"
 } | tee -a "$log"

@@ -36,7 +36,8 @@ def _block(text: str, marker: str) -> str:
 def test_without_a_gpu_it_stops_with_one_line(tmp_path):
     res = _gpu_sh("--out-dir", str(tmp_path / "out"), timeout=120)
     assert res.returncode == 1
-    assert res.stdout == "" and res.stderr.count("\n") == 1 and "no NVIDIA GPU" in res.stderr and "--dry-run" in res.stderr
+    assert res.stdout == "" and res.stderr.count("\n") == 1
+    assert "no NVIDIA GPU" in res.stderr and "--dry-run" in res.stderr
     assert not (tmp_path / "out").exists()  # nothing started
 
 
