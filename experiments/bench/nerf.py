@@ -3,18 +3,22 @@
     python experiments/bench/nerf.py                       # CPU (or the GPU if there is one), 64 and 512
     python experiments/bench/nerf.py --device cuda --samples 512 --resolutions 64 512
     python experiments/bench/nerf.py --readme     # also put the table into experiments/bench/README.md
+    python experiments/bench/nerf.py --resolutions 8 16 --samples 4 --repeats 1   # toy scale (gpu.sh --dry-run)
 
 The field is the official 3D one (16 levels x 2 features, 2^19 table, max res 4096, 64-wide MLPs, all levels
 unmasked). A **training step** renders one camera at the resolution with the configured samples per ray (stratified,
 finite-difference normals off: albedo shading), computes a loss (the mean rendered color: the guidance itself is
 not part of this benchmark) and runs backward and an Adam step. An **evaluation render** is no-grad, in chunks.
 Each number is the median of ``--repeats`` timed runs after one warm-up. Memory is the peak CUDA allocation on a
-GPU and the process's peak RSS growth on CPU.
+GPU and the process's peak RSS growth on CPU. A training step that runs out of GPU memory is reported as such in its
+row (the PyTorch hash grid keeps every sample's corner indices for backward: 512x512 renders at 512 samples per ray
+need far more than one GPU holds) and the benchmark goes on.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import resource
 import statistics
@@ -25,7 +29,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
+if not __package__:  # run as a script: the repository root makes `experiments` importable
+    sys.path.insert(0, str(ROOT))
 
+from experiments.bench.readme import README_PATH_OPTION, command_line, write_block
 from sdbridge.targets.nerf.cameras import CameraConfig, camera_rays, turntable_cameras
 from sdbridge.targets.nerf.encoding import HashGridConfig, tinycudann_available
 from sdbridge.targets.nerf.field import FieldConfig, RadianceField
@@ -49,13 +56,24 @@ def timed(fn, device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def timed_or_oom(fn, device, repeats: int) -> tuple[float, str]:
+    """:func:`timed`, or NaN and ``"out of memory"`` when the GPU cannot hold it (the caches are emptied for the next
+    row once the failed step's tensors are gone)."""
+    try:
+        return timed(fn, device, repeats), ""
+    except torch.cuda.OutOfMemoryError:
+        pass
+    torch.cuda.empty_cache()
+    return float("nan"), "out of memory"
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[64, 512])
@@ -64,8 +82,10 @@ def main() -> None:
                         help="skip training steps above this side (CPU memory)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--readme", action="store_true", help="write the table into experiments/bench/README.md")
-    args = parser.parse_args()
+    parser.add_argument("--readme", action="store_true", help="write the table into the README (--readme-path)")
+    parser.add_argument(README_PATH_OPTION, type=Path, default=ROOT / "experiments" / "bench" / "README.md",
+                        help="the README --readme writes (gpu.sh --dry-run: a temporary copy)")
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,12 +114,17 @@ def main() -> None:
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        eval_s = timed(evaluate, device, args.repeats)
-        train_s = timed(train, device, args.repeats) if side <= args.train_max_resolution else float("nan")
+        eval_s, eval_note = timed_or_oom(evaluate, device, args.repeats)
+        train_s, note = float("nan"), "skipped"
+        if side <= args.train_max_resolution:
+            optimizer.zero_grad(set_to_none=True)
+            train_s, note = timed_or_oom(train, device, args.repeats)
         rays = side * side
-        rows.append((side, rays / eval_s, train_s * 1000, rays / train_s, peak_memory_gb(device)))
-        print(f"{side}x{side}: eval {rays / eval_s:,.0f} rays/s, training step {train_s * 1000:,.0f} ms "
-              f"({rays / train_s:,.0f} rays/s), peak memory {rows[-1][4]:.2f} GB", flush=True)
+        row = (side, _cell(rays / eval_s, eval_note), _cell(train_s * 1000, note), _cell(rays / train_s, note),
+               peak_memory_gb(device))
+        rows.append(row)
+        print(f"{side}x{side}: eval {row[1]} rays/s, training step {row[2]} ms ({row[3]} rays/s), peak memory "
+              f"{row[4]:.2f} GB", flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     table = [
         f"Device: {name}; torch {torch.__version__}; encoding backend: {backend} (tinycudann importable: "
@@ -107,21 +132,18 @@ def main() -> None:
         "",
         "| resolution | eval rays/s | training step (ms) | training rays/s | peak memory (GB) |",
         "| ---: | ---: | ---: | ---: | ---: |",
-        *[f"| {s}x{s} | {e:,.0f} | {t:,.0f} | {r:,.0f} | {m:.2f} |" for s, e, t, r, m in rows],
+        *[f"| {s}x{s} | {e} | {t} | {r} | {m:.2f} |" for s, e, t, r, m in rows],
     ]
     text = "\n".join(table)
     print("\n" + text)
     if args.readme:
-        readme = ROOT / "experiments" / "bench" / "README.md"
-        start, end = f"<!-- bench_nerf:{device.type}:start -->", f"<!-- bench_nerf:{device.type}:end -->"
-        old = readme.read_text()
-        command = "python experiments/bench/nerf.py " + " ".join(sys.argv[1:])
-        block = f"{start}\n`{command.strip()}`\n\n{text}\n{end}"
-        if start in old:
-            new = old[: old.index(start)] + block + old[old.index(end) + len(end):]
-        else:
-            new = old.rstrip("\n") + "\n\n" + block + "\n"
-        readme.write_text(new)
+        command = command_line("experiments/bench/nerf.py", argv if argv is not None else sys.argv[1:])
+        write_block(args.readme_path, f"bench_nerf:{device.type}", f"`{command}`\n\n{text}")
+
+
+def _cell(value: float, note: str) -> str:
+    """A table cell: the number, or why there is none (``skipped``, ``out of memory``)."""
+    return note if math.isnan(value) else f"{value:,.0f}"
 
 
 if __name__ == "__main__":

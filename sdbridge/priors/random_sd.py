@@ -79,15 +79,29 @@ SD21_BASE_SCHEDULER: dict[str, Any] = {
 
 @dataclass
 class RandomSDConfig(StableDiffusionConfig):
-    """``prior=sd21_base_random``: SD 2.1 base's architecture, random weights seeded by ``seed``."""
+    """``prior=sd21_base_random``: SD 2.1 base's architecture, random weights seeded by ``seed``.
+
+    ``latent_size`` is the side of the latents the UNet is served at (SD 2.1 base: 64, i.e. 512px images). Smaller
+    sides keep every weight and kernel of the architecture and only shrink the feature maps, so one UNet call fits a
+    CPU's budget (the reduced-scale overhead benchmark, experiments/bench/README.md). The UNet downsamples 3 times,
+    so it must be a multiple of 8.
+    """
 
     model: str = "sd21_base_random"
     seed: int = 0
+    latent_size: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.latent_size < 8 or self.latent_size % 8:
+            raise ValueError(f"prior.latent_size={self.latent_size} must be a positive multiple of 8 (the UNet "
+                             "downsamples 3 times); SD 2.1 base is 64")
 
 
 def build_random_sd21_base(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
-                           ) -> dict[str, Any]:
-    """The components (tokenizer, text encoder, UNet, VAE, scheduler config), initialized on ``device``.
+                           latent_size: int = 64) -> dict[str, Any]:
+    """The components (tokenizer, text encoder, UNet, VAE, scheduler config), initialized on ``device``; the UNet
+    serves ``latent_size``-sided latents (the same weights at any size).
 
     ``device="meta"`` builds shapes only (parameter counts without memory).
     """
@@ -101,8 +115,8 @@ def build_random_sd21_base(device: torch.device | str = "cpu", dtype: torch.dtyp
     forked = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forked), torch.device(device):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**SD21_BASE_UNET)
-        vae = AutoencoderKL(**SD21_BASE_VAE)
+        unet = UNet2DConditionModel(**{**SD21_BASE_UNET, "sample_size": latent_size})
+        vae = AutoencoderKL(**{**SD21_BASE_VAE, "sample_size": 8 * latent_size})
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
             pad_token_id=vocab["<|endoftext|>"], **SD21_BASE_TEXT))
@@ -125,7 +139,7 @@ class RandomSDPrior(StableDiffusionPrior):
     def __init__(self, config: RandomSDConfig):
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
-        super().__init__(config, components=build_random_sd21_base(device, dtype, config.seed))
+        super().__init__(config, components=build_random_sd21_base(device, dtype, config.seed, config.latent_size))
 
     def companion(self, model: str) -> StableDiffusionPrior:
         """Any companion model (VSD's LoRA base, SD 2.1 in the official codes) as SD 2.1's UNet with random weights

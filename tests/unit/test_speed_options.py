@@ -123,6 +123,36 @@ def test_sd21_base_random_has_the_published_architecture():
         RandomSDConfig(attention="flash3")
 
 
+def test_sd21_base_random_serves_a_reduced_latent_size():
+    """``prior.latent_size`` shrinks the feature maps, never the weights (the CPU overhead benchmark's 4x24x24)."""
+    from sdbridge.config import to_objects
+    from sdbridge.priors import RandomSDConfig
+    from sdbridge.priors.random_sd import build_random_sd21_base
+
+    unet = build_random_sd21_base("meta", latent_size=24)["unet"]
+    assert unet.config.sample_size == 24 and sum(p.numel() for p in unet.parameters()) == 865_910_724
+    assert to_objects(compose(["prior=sd21_base_random", "prior.latent_size=24"])).prior.latent_size == 24
+    for bad in (20, 0):
+        with pytest.raises(ValueError, match=f"prior.latent_size={bad} must be a positive multiple of 8"):
+            to_objects(compose(["prior=sd21_base_random", f"prior.latent_size={bad}"]))
+
+
+def test_bench_readme_blocks_are_replaced_in_place(tmp_path):
+    """The benchmark scripts' --readme: a block is replaced where it stands (or appended), and the command shown
+    above it leaves out where a copy was written (gpu.sh --dry-run's temporary README)."""
+    from experiments.bench.readme import command_line, write_block
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# Bench\n\n<!-- bench:a:start -->\nold\n<!-- bench:a:end -->\n\ntail\n")
+    write_block(readme, "bench:a", "new")
+    write_block(readme, "bench:b", "appended")
+    assert readme.read_text() == ("# Bench\n\n<!-- bench:a:start -->\nnew\n<!-- bench:a:end -->\n\ntail\n\n"
+                                  "<!-- bench:b:start -->\nappended\n<!-- bench:b:end -->\n")
+    argv = ["--readme", "--readme-path", "/tmp/x/README.md", "--variants", "classic attention", "--readme-path=/tmp/y"]
+    assert command_line("experiments/bench/run.py", argv) == \
+        "python experiments/bench/run.py --readme --variants 'classic attention'"
+
+
 def test_vsd_on_the_prior_and_sdi_keep_no_second_unet(tiny_prior):
     """With ``guidance.lora_base=prior`` VSD's source is LoRA adapters on the prior's own UNet (plus a camera
     embedding); SDI only inverts with it. Neither registers a UNet in the guidance (checkpoints stay small)."""
