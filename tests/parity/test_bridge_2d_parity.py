@@ -1,6 +1,7 @@
 """Parity of sdbridge's DEFAULT 2D gradients with the official code's math (issue #13).
 
-Official sources read for this module (the re-derivations below are written from them, not imported):
+Official sources read (their re-derivation, shared with the side-by-side benchmark, is
+``tests/parity/official/sds_bridge_2d.py``, written from them, not imported):
 
 * davidmcall/SDS-Bridge at commit ``240e06e511c7c5813dc9caf5d14f54237beaa992``:
 
@@ -42,39 +43,12 @@ from sdbridge.guidance import Guidance, build_guidance
 from sdbridge.priors.tiny import TinySDConfig, ensure_tiny_sd
 from sdbridge.schedules import DDIMGridConfig, build_schedule
 from tests.conftest import compose
+from tests.parity.official.pipeline import SD21_BASE_SCHEDULER_CONFIG
+from tests.parity.official.sds_bridge_2d import (OFFICIAL_CFG_SCALE, OFFICIAL_N_STEPS, OFFICIAL_STAGE_TWO_START,
+                                                 Official2D, official_timestep_support)
 
 TOL = 1e-4  # relative error: ||sdbridge - official|| / ||official||
 
-# ---------------------------------------------------------------- constants typed from the official code
-OFFICIAL_CFG_SCALE = 40.0  # generate.py --cfg_scale (passed to sds_loss, bridge_stage_two and nfsd_loss)
-OFFICIAL_N_STEPS = 1000  # generate.py --n_steps
-OFFICIAL_STAGE_TWO_START = 500  # generate.py --stage_two_start_step
-OFFICIAL_NUM_INFERENCE_STEPS = 500  # guidance.py GuidanceConfig.num_inference_steps
-OFFICIAL_MIN_STEP_RATIO = 0.02  # guidance.py GuidanceConfig.min_step_ratio
-OFFICIAL_MAX_STEP_RATIO = 0.98  # guidance.py GuidanceConfig.max_step_ratio
-OFFICIAL_NFSD_SWITCH_T = 200  # guidance.py nfsd_loss: `if t < 200`
-OFFICIAL_EXTRA_TGT = ", detailed high resolution, high quality, sharp"  # bridge_stage_two / generate.py default
-OFFICIAL_EXTRA_SRC = (
-    ", oversaturated, smooth, pixelated, cartoon, foggy, hazy, blurry, bad structure, noisy, malformed"
-)
-OFFICIAL_NFSD_NEGATIVE = (
-    "unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, gloomy"
-)
-# The scheduler config of stabilityai/stable-diffusion-2-1-base (scheduler/scheduler_config.json), which
-# generate.py turns into a DDIMScheduler: no timestep_spacing key, so diffusers' default "leading" spacing applies.
-SD21_BASE_SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
 # CVMI-Lab CSD: the triple guidance's dataclass defaults and csd-sd-refine.yaml at step 0 ([0, -1, -0.5, 10000]:
 # uncond_scale starts at -1; null_scale [0, 0, -0.5, 10000] starts at 0) with its prompt processor's negative prompt.
 CSD_TRIPLE_DEFAULTS = dict(cond_scale=1.0, uncond_scale=0.0, null_scale=-1.0, noise_scale=0.0, negative="")
@@ -88,89 +62,6 @@ PROMPTS = ["a DSLR photo of a dolphin", "a photograph of a red car", "an oil pai
 
 def rel_err(ours: torch.Tensor, official: torch.Tensor) -> float:
     return float((ours - official).norm() / official.norm())
-
-
-# ---------------------------------------------------------------- the official math, re-derived on diffusers
-class Official2D:
-    """The gradients of davidmcall/SDS-Bridge ``2D_experiments/guidance.py`` on a diffusers pipeline.
-
-    Each method takes one image ``im`` (1, 4, h, w), one prompt, a one-element ``t`` and the ``noise`` (the official
-    losses draw t and noise themselves; fixing them here fixes the draw) and returns the ``grad`` the official loop
-    applies with ``im.backward(gradient=grad)``.
-    """
-
-    def __init__(self, folder):
-        from diffusers import DDIMScheduler, DiffusionPipeline
-
-        self.pipe = DiffusionPipeline.from_pretrained(str(folder)).to("cpu")
-        assert self.pipe.unet.dtype == torch.float32
-        self.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
-        self.scheduler.set_timesteps(OFFICIAL_NUM_INFERENCE_STEPS)
-        self.unet, self.tokenizer, self.text_encoder = self.pipe.unet, self.pipe.tokenizer, self.pipe.text_encoder
-        self.null_text = self.text("")
-
-    @torch.no_grad()
-    def text(self, prompt: str) -> torch.Tensor:
-        ids = self.tokenizer(
-            prompt, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return self.text_encoder(ids)[0]
-
-    @torch.no_grad()
-    def unet_on(self, x_t: torch.Tensor, t: torch.Tensor, *embeddings: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """One UNet call on x_t repeated for each text embedding (the official losses batch [first, second])."""
-        k = len(embeddings)
-        out = self.unet(torch.cat([x_t] * k), torch.cat([t] * k), encoder_hidden_states=torch.cat(embeddings)).sample
-        return out.chunk(k)
-
-    def weight(self, t: torch.Tensor) -> torch.Tensor:
-        return 1 - self.scheduler.alphas_cumprod[t]
-
-    def sds(self, im, prompt, t, noise, cfg_scale=OFFICIAL_CFG_SCALE):
-        x_t = self.scheduler.add_noise(im, noise, t)
-        e_text, e_uncond = self.unet_on(x_t, t, self.text(prompt), self.null_text)
-        return torch.nan_to_num(self.weight(t) * (e_uncond + cfg_scale * (e_text - e_uncond) - noise))
-
-    def bridge_stage_two(self, im, prompt, t, noise, cfg_scale=OFFICIAL_CFG_SCALE):
-        x_t = self.scheduler.add_noise(im, noise, t)
-        e_tgt, e_src = self.unet_on(x_t, t, self.text(prompt + OFFICIAL_EXTRA_TGT), self.text(prompt + OFFICIAL_EXTRA_SRC))
-        return torch.nan_to_num(self.weight(t) * cfg_scale * (e_tgt - e_src))
-
-    def bridge(self, im, prompt, t, noise, step):
-        """generate.py's mode=bridge: SDS while ``step < stage_two_start_step``, then stage two."""
-        if step < OFFICIAL_STAGE_TWO_START:
-            return self.sds(im, prompt, t, noise)
-        return self.bridge_stage_two(im, prompt, t, noise)
-
-    def nfsd(self, im, prompt, t, noise, cfg_scale=OFFICIAL_CFG_SCALE, branch: str | None = None):
-        """``branch`` forces "low" (delta_D = eps_u) or "high" (eps_u - eps_neg); None follows the official switch."""
-        x_t = self.scheduler.add_noise(im, noise, t)
-        e_text, e_uncond = self.unet_on(x_t, t, self.text(prompt), self.null_text)  # first official call
-        delta_c = cfg_scale * (e_text - e_uncond)
-        e_neg, _ = self.unet_on(x_t, t, self.text(OFFICIAL_NFSD_NEGATIVE), self.null_text)  # second official call
-        low = bool(t < OFFICIAL_NFSD_SWITCH_T) if branch is None else branch == "low"
-        delta_d = e_uncond if low else e_uncond - e_neg
-        return torch.nan_to_num(self.weight(t) * (delta_c + delta_d))
-
-    def csd(self, im, prompt, t, noise, cond_scale, uncond_scale, null_scale, noise_scale, negative):
-        """CVMI-Lab's ``compute_grad_sds``: one call on [text, uncond (the negative prompt), null ("")]."""
-        x_t = self.scheduler.add_noise(im, noise, t)
-        e_text, e_neg, e_null = self.unet_on(x_t, t, self.text(prompt), self.text(negative), self.null_text)
-        combo = cond_scale * e_text + uncond_scale * e_neg + null_scale * e_null + noise_scale * noise
-        return torch.nan_to_num(self.weight(t) * combo)
-
-
-def official_timestep_support(scheduler) -> torch.Tensor:
-    """The values ``Guidance.sample_timestep`` can return (each equally likely): reversed DDIM timesteps at indices
-    ``randint(min_step, max_step)``."""
-    scheduler.set_timesteps(OFFICIAL_NUM_INFERENCE_STEPS)
-    ascending = scheduler.timesteps.flip(0)
-    n = len(ascending)
-    lo = 1 if OFFICIAL_MIN_STEP_RATIO <= 0 else int(n * OFFICIAL_MIN_STEP_RATIO)
-    hi = n if OFFICIAL_MAX_STEP_RATIO >= 1 else int(n * OFFICIAL_MAX_STEP_RATIO)
-    hi = max(hi, lo + 1)
-    return ascending[lo:hi].long()
 
 
 # ---------------------------------------------------------------- fixtures: both sides

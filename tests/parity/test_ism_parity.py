@@ -1,6 +1,7 @@
 """Parity of sdbridge's DEFAULT ISM (``guidance=ism``) with LucidDreamer's official ISM (issue #13).
 
-Official source read for this module (the re-derivation below is written from it, not imported):
+Official source read (its re-derivation, shared with the side-by-side benchmark, is
+``tests/parity/official/luciddreamer_ism.py``, written from it, not imported):
 EnVision-Research/LucidDreamer at commit ``2ecf0936617103107e4b20c34e94d204196f7a44``.
 
 * ``guidance/sd_utils.py``:
@@ -46,9 +47,6 @@ posterior; the guidance starts from latents here) and ``augmentation`` (the rand
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pytest
 import torch
 
@@ -57,33 +55,21 @@ from sdbridge.guidance import ISM, Guidance, build_guidance
 from sdbridge.priors.tiny import TinySDConfig, ensure_tiny_sd
 from sdbridge.schedules import build_schedule
 from tests.conftest import compose
-from tests.parity.diffusers_sd import DiffusersSD
+from tests.parity.official.luciddreamer_ism import (OFFICIAL_ANNEALING_INTERVALS, OFFICIAL_C_BATCH_SIZE,
+                                                    OFFICIAL_DELTA_T, OFFICIAL_DELTA_T_START,
+                                                    OFFICIAL_DENOISE_GUIDANCE_SCALE, OFFICIAL_FLIP_P,
+                                                    OFFICIAL_GUIDANCE_SCALE, OFFICIAL_INVERSE_TEXT,
+                                                    OFFICIAL_ITERATIONS, OFFICIAL_LAMBDA_GUIDANCE,
+                                                    OFFICIAL_MAX_T_RANGE, OFFICIAL_NEGATIVE, OFFICIAL_NOISE_OFFSET,
+                                                    OFFICIAL_RESOLUTION, OFFICIAL_T_RANGE, OFFICIAL_WARMUP_ITER,
+                                                    OFFICIAL_XS_DELTA_T, OFFICIAL_XS_ETA, OFFICIAL_XS_INV_STEPS,
+                                                    OfficialISM, official_current_delta_t, official_warm_up_rate)
 from tests.parity.test_sdi_parity import composed  # the run config `python run.py <overrides>` composes, tiny SD
 
 TOL = 1e-4  # relative error: ||sdbridge - official|| / ||official||
 COMMIT = "2ecf0936617103107e4b20c34e94d204196f7a44"
 
 # ---------------------------------------------------------------- constants typed from the official code
-# arguments/__init__.py GuidanceParams (code defaults) and what every configs/*.yaml sets alike
-OFFICIAL_T_RANGE = (0.02, 0.5)  # t_range (l. 76; every config)
-OFFICIAL_MAX_T_RANGE = 0.98  # max_t_range (l. 77; every config)
-OFFICIAL_DELTA_T = 80  # delta_t (l. 87)
-OFFICIAL_DELTA_T_START = 100  # delta_t_start (l. 88; every config)
-OFFICIAL_ANNEALING_INTERVALS = True  # annealing_intervals (l. 89; every config)
-OFFICIAL_INVERSE_TEXT = ""  # inverse_text (l. 91; every config)
-OFFICIAL_NEGATIVE = ""  # negative (l. 95; every config sets its own)
-OFFICIAL_GUIDANCE_SCALE = 7.5  # guidance_scale (l. 96; every config)
-OFFICIAL_DENOISE_GUIDANCE_SCALE = 1.0  # denoise_guidance_scale (l. 97; every config): no CFG in the inversion
-OFFICIAL_LAMBDA_GUIDANCE = 0.1  # lambda_guidance: every config (the code default, l. 98, is 1.)
-OFFICIAL_XS_DELTA_T = 200  # xs_delta_t (l. 100; every config)
-OFFICIAL_XS_INV_STEPS = 5  # xs_inv_steps (l. 101; every config)
-OFFICIAL_XS_ETA = 0.0  # xs_eta (l. 102; every config)
-OFFICIAL_NOISE_OFFSET = 0.1  # sd_utils.py l. 368: + 0.1 * torch.randn((1, 4, 1, 1)).repeat(B, 1, 1, 1)
-OFFICIAL_ITERATIONS = 5000  # OptimizationParams.iterations (l. 150; every config)
-OFFICIAL_WARMUP_ITER = 1500  # OptimizationParams.warmup_iter (l. 189; every config)
-OFFICIAL_C_BATCH_SIZE = 4  # every config (the code default, l. 105, is 1)
-OFFICIAL_RESOLUTION = 512  # GenerateCamParams.image_w / image_h
-OFFICIAL_FLIP_P = 0.5  # sd_utils.py StableDiffusion.augmentation: T.RandomHorizontalFlip(p=0.5)
 # configs/<name>.yaml: (text, negative, delta_t, perpneg)
 OFFICIAL_CONFIGS = {
     "axe": ("Viking axe, fantasy, weapon, blender, 8k, HDR.",
@@ -116,173 +102,6 @@ NEGATIVE = OFFICIAL_CONFIGS["bagel"][1]
 
 def rel_err(ours: torch.Tensor, official: torch.Tensor) -> float:
     return float((ours.double() - official.double()).norm() / official.double().norm())
-
-
-# ---------------------------------------------------------------- the official formulas, re-derived
-def official_warm_up_rate(iteration: int) -> float:
-    """train.py: ``warm_up_rate = 1. - min(iteration / opt.warmup_iter, 1.)``."""
-    return 1.0 - min(iteration / OFFICIAL_WARMUP_ITER, 1.0)
-
-
-def official_current_delta_t(warm_up_rate: float, delta_t: int, perpneg: bool) -> int:
-    """train_step (l. 375-378) or train_step_perpneg (l. 249-252), annealing_intervals on."""
-    if perpneg:
-        return int(delta_t + np.ceil(warm_up_rate * (OFFICIAL_DELTA_T_START - delta_t)))
-    return int(delta_t + warm_up_rate * (OFFICIAL_DELTA_T_START - delta_t))
-
-
-class OfficialISM(DiffusersSD):
-    """LucidDreamer's ``StableDiffusion`` ISM on a diffusers folder, from the latents on (no VAE, no flips)."""
-
-    def __init__(self, folder):
-        from diffusers import DDIMScheduler
-
-        super().__init__(folder)
-        self.scheduler = DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler")
-        assert self.scheduler.config.prediction_type == "epsilon" and not self.scheduler.config.thresholding
-        assert not self.scheduler.config.clip_sample
-        self.num_train_timesteps = self.scheduler.config.num_train_timesteps
-        self.scheduler.set_timesteps(self.num_train_timesteps)
-        self.timesteps = torch.flip(self.scheduler.timesteps, dims=(0,))
-        self.min_step = int(self.num_train_timesteps * OFFICIAL_T_RANGE[0])
-        self.max_step = int(self.num_train_timesteps * OFFICIAL_T_RANGE[1])
-        self.warmup_step = int(self.num_train_timesteps * (OFFICIAL_MAX_T_RANGE - OFFICIAL_T_RANGE[1]))
-        self.alphas = self.scheduler.alphas_cumprod
-
-    def get_text_embeds(self, prompt) -> torch.Tensor:
-        return self.text(prompt)
-
-    def ind_t_bounds(self, warm_up_rate: float) -> tuple[int, int]:
-        """``torch.randint(low, high)``'s arguments for ind_t (high exclusive)."""
-        return self.min_step, self.max_step + int(self.warmup_step * warm_up_rate)
-
-    def ddim_step(self, model_output, timestep, sample, delta_timestep):
-        """sd_step.ddim_step with eta = 0 (std_dev_t = 0), epsilon prediction, no clipping."""
-        prev_timestep = timestep - delta_timestep
-        alpha_prod_t = self.scheduler.alphas_cumprod[timestep]
-        alpha_prod_t_prev = (self.scheduler.alphas_cumprod[prev_timestep] if prev_timestep >= 0
-                             else self.scheduler.final_alpha_cumprod)
-        beta_prod_t = 1 - alpha_prod_t
-        pred_original_sample = (sample - beta_prod_t ** 0.5 * model_output) / alpha_prod_t ** 0.5
-        pred_sample_direction = (1 - alpha_prod_t_prev) ** 0.5 * model_output
-        return torch.nan_to_num(alpha_prod_t_prev ** 0.5 * pred_original_sample + pred_sample_direction)
-
-    @torch.no_grad()
-    def add_noise_with_cfg(self, latents, noise, ind_t, ind_prev_t, text_embeddings, cfg, delta_t, inv_steps,
-                           is_noisy_latent=False, evaluated=None):
-        assert cfg <= 1.0  # denoise_guidance_scale 1.0 in every config
-        uncond_text_embedding = text_embeddings.reshape(2, -1, *text_embeddings.shape[-2:])[1]
-        if is_noisy_latent:
-            prev_noisy_lat = latents
-        else:
-            prev_noisy_lat = self.scheduler.add_noise(latents, noise, self.timesteps[ind_prev_t])
-        cur_ind_t, cur_noisy_lat, pred_scores = ind_prev_t, prev_noisy_lat, []
-        for _ in range(inv_steps):
-            timestep_model_input = self.timesteps[cur_ind_t].reshape(1, 1).repeat(cur_noisy_lat.shape[0], 1).reshape(-1)
-            unet_output = self.unet(cur_noisy_lat, timestep_model_input,
-                                    encoder_hidden_states=uncond_text_embedding).sample
-            if evaluated is not None:
-                evaluated.append(int(self.timesteps[cur_ind_t]))
-            pred_scores.append((cur_ind_t, unet_output))
-            next_ind_t = min(cur_ind_t + delta_t, ind_t)
-            cur_t, next_t = self.timesteps[cur_ind_t], self.timesteps[next_ind_t]
-            delta_t_ = next_t - cur_t  # a DDIMScheduler
-            cur_noisy_lat = self.ddim_step(unet_output, cur_t, cur_noisy_lat, -delta_t_)
-            cur_ind_t = next_ind_t
-            if cur_ind_t == ind_t:
-                break
-        return prev_noisy_lat, cur_noisy_lat, pred_scores[::-1]
-
-    def view_text_z(self, prompt, azimuth, perpneg):
-        """train.py for one camera at ``delta_azimuth`` = ``azimuth``: without perpneg the interpolated embedding
-        ``r start_z + (1 - r) end_z`` of its plain branch (l. 257-271); with perpneg ``adjust_text_embeddings`` ->
-        ``get_pos_neg_text_embeddings`` (l. 40-107): ``[pos_z, neg_1, neg_2]`` and the weights ``[1, w_1, w_2]``
-        (GuidanceParams negative_w -2, front_decay_factor 2, side_decay_factor 10)."""
-        emb = {d: self.get_text_embeds([f"{prompt}, {d} view"]) for d in ("front", "side", "back")}
-        if -90 <= azimuth < 90:
-            r = 1 - azimuth / 90 if azimuth >= 0 else 1 + azimuth / 90
-            start_z, end_z = emb["front"], emb["side"]
-        else:
-            r = 1 - (azimuth - 90) / 90 if azimuth >= 0 else 1 + (azimuth + 90) / 90
-            start_z, end_z = emb["side"], emb["back"]
-        pos_z = r * start_z + (1 - r) * end_z
-        if not perpneg:
-            return pos_z, None
-        negative_w, front_decay_factor, side_decay_factor = -2.0, 2.0, 10.0
-        if -90 <= azimuth < 90:
-            front_neg_w = 0.0 if r > 0.8 else math.exp(-r * front_decay_factor) * negative_w
-            side_neg_w = 0.0 if r < 0.2 else math.exp(-(1 - r) * side_decay_factor) * negative_w
-            return torch.cat([pos_z, emb["front"], emb["side"]]), torch.tensor([1.0, front_neg_w, side_neg_w])
-        front_neg_w = negative_w
-        side_neg_w = 0.0 if r > 0.8 else math.exp(-r * side_decay_factor) * negative_w / 2
-        return torch.cat([pos_z, emb["side"], emb["front"]]), torch.tensor([1.0, side_neg_w, front_neg_w])
-
-    @staticmethod
-    def weighted_perpendicular_aggregator(delta_noise_preds, weights, batch_size):
-        """perpneg_utils.py: ``main + sum_i w_i perp(delta_i, main)`` over the cameras whose |w_i| > 1e-4."""
-        def perpendicular(x, y):
-            return x - ((torch.mul(x, y).sum()) / max(torch.norm(y) ** 2, 1e-6)) * y
-
-        deltas, ws = delta_noise_preds.split(batch_size, dim=0), weights.split(batch_size, dim=0)
-        assert torch.all(ws[0] == 1.0)
-        main = deltas[0]
-        acc = torch.zeros_like(main)
-        for comp, w in zip(deltas[1:], ws[1:]):
-            for b in range(batch_size):
-                if abs(float(w[b])) > 1e-4:
-                    acc[b] += w[b] * perpendicular(comp[b], main[b])
-        return acc + main
-
-    @torch.no_grad()
-    def train_step(self, latents, prompts, negative, ind_t, noise, warm_up_rate, delta_t=OFFICIAL_DELTA_T,
-                   lambda_guidance=OFFICIAL_LAMBDA_GUIDANCE, evaluated=None, azimuths=None, perpneg=False):
-        """``train_step`` (``train_step_perpneg`` when ``perpneg``) from the latents, with ``ind_t`` (an int) and
-        ``noise`` given; with ``azimuths`` each camera's text_z as train.py builds it (:meth:`view_text_z`), else
-        the prompt's own embedding. Returns the gradient SpecifyGradient hands to the latents, and ``t``."""
-        B = latents.shape[0]
-        uncond = self.get_text_embeds([negative])
-        # train.py: text_z = cat([uncond, text (K of them)]) per camera, stacked on dim 1, reshaped to ((1+K)B, 77, D)
-        if azimuths is None:
-            cond = [(self.get_text_embeds([p]), None) for p in prompts]
-        else:
-            cond = [self.view_text_z(p, a, perpneg) for p, a in zip(prompts, azimuths)]
-        text_embeddings = torch.stack([torch.cat([uncond, c]) for c, _ in cond], dim=1)
-        K = text_embeddings.shape[0] - 1
-        text_embeddings = text_embeddings.reshape(-1, *text_embeddings.shape[-2:])
-        embedding_inverse = torch.cat([uncond, self.get_text_embeds(OFFICIAL_INVERSE_TEXT)], dim=0)
-        inverse_text_embeddings = embedding_inverse.unsqueeze(1).repeat(1, B, 1, 1).reshape(
-            -1, *embedding_inverse.shape[-2:])
-        current_delta_t = official_current_delta_t(warm_up_rate, delta_t, perpneg=perpneg)
-        ind_t = torch.tensor(ind_t)
-        ind_prev_t = max(ind_t - current_delta_t, torch.ones_like(ind_t) * 0)
-        t = self.timesteps[ind_t]
-        # ISM: step 1, x_s with larger steps; step 2, x_t
-        xs_delta_t, xs_inv_steps = OFFICIAL_XS_DELTA_T, OFFICIAL_XS_INV_STEPS
-        starting_ind = max(ind_prev_t - xs_delta_t * xs_inv_steps, torch.ones_like(ind_t) * 0)
-        _, prev_latents_noisy, pred_scores_xs = self.add_noise_with_cfg(
-            latents, noise, ind_prev_t, starting_ind, inverse_text_embeddings, OFFICIAL_DENOISE_GUIDANCE_SCALE,
-            xs_delta_t, xs_inv_steps, evaluated=evaluated)
-        _, latents_noisy, pred_scores_xt = self.add_noise_with_cfg(
-            prev_latents_noisy, noise, ind_t, ind_prev_t, inverse_text_embeddings, OFFICIAL_DENOISE_GUIDANCE_SCALE,
-            current_delta_t, 1, is_noisy_latent=True, evaluated=evaluated)
-        pred_scores = pred_scores_xt + pred_scores_xs
-        target = pred_scores[0][1]
-        latent_model_input = latents_noisy[None].repeat(1 + K, 1, 1, 1, 1).reshape(-1, *latents.shape[1:])
-        tt = t.reshape(1, 1).repeat(latent_model_input.shape[0], 1).reshape(-1)
-        unet_output = self.unet(latent_model_input, tt.to(torch.float32), encoder_hidden_states=text_embeddings).sample
-        unet_output = unet_output.reshape(1 + K, -1, *latents.shape[1:])
-        noise_pred_uncond, noise_pred_text = unet_output[:1].reshape(-1, *latents.shape[1:]), unet_output[1:].reshape(
-            -1, *latents.shape[1:])
-        if perpneg:  # train.py: weights stacked on dim 1 ([K, B]) and flattened, K-major as the predictions
-            weights = torch.stack([w for _, w in cond], dim=1).reshape(-1)
-            delta_noise_preds = noise_pred_text - noise_pred_uncond.repeat(K, 1, 1, 1)
-            delta_dsd = self.weighted_perpendicular_aggregator(delta_noise_preds, weights, B)
-            pred_noise = noise_pred_uncond + OFFICIAL_GUIDANCE_SCALE * delta_dsd
-        else:
-            pred_noise = noise_pred_uncond + OFFICIAL_GUIDANCE_SCALE * (noise_pred_text - noise_pred_uncond)
-        w = ((1 - self.alphas[t]) / self.alphas[t]) ** 0.5
-        grad = torch.nan_to_num(lambda_guidance * w * (pred_noise - target))
-        return grad, int(t)
 
 
 # ---------------------------------------------------------------- fixtures and builders
@@ -333,7 +152,7 @@ def test_default_ism_matches_official(ind_t, step, tiny_prior, tiny_cache, offic
     g = guidance_from(("guidance=ism",), tiny_prior, tiny_cache)
     x0, noise = inputs(2, seed=ind_t)
     evaluated: list[int] = []
-    ref, t_official = official.train_step(x0, PROMPTS, OFFICIAL_NEGATIVE, ind_t, noise,
+    ref, t_official = official.grad_for(x0, PROMPTS, OFFICIAL_NEGATIVE, ind_t, noise,
                                           official_warm_up_rate(step + 1), evaluated=evaluated)
     assert t_official == ind_t + 1
     out = sdbridge_grad(g, x0, PROMPTS, step, torch.full((2,), t_official), noise)
@@ -356,7 +175,7 @@ def test_preset_ism_matches_official_config(preset, tiny_prior, tiny_cache, offi
     assert not perpneg
     x0, noise = inputs(2, seed=7)
     for ind_t, step in [(600, 10), (130, 2000)]:
-        ref, t = official.train_step(x0, PROMPTS, negative, ind_t, noise, official_warm_up_rate(step + 1), delta_t)
+        ref, t = official.grad_for(x0, PROMPTS, negative, ind_t, noise, official_warm_up_rate(step + 1), delta_t)
         out = sdbridge_grad(g, x0, PROMPTS, step, torch.full((2,), t), noise)
         err = rel_err(out.grad, ref)
         print(f"PARITY ism experiment=ism_{preset} ind_t={ind_t} step={step}: rel err {err:.1e}")
@@ -382,7 +201,7 @@ def test_3d_preset_view_conditioning_matches_official(preset, tiny_prior, tiny_c
     x0, noise = inputs(B, seed=11)
     views = Views.at([0.0] * B, AZIMUTHS)
     for ind_t, step in [(600, 10), (130, 2000)]:
-        ref, t = official.train_step(x0, prompts, negative, ind_t, noise, official_warm_up_rate(step + 1), delta_t,
+        ref, t = official.grad_for(x0, prompts, negative, ind_t, noise, official_warm_up_rate(step + 1), delta_t,
                                      azimuths=AZIMUTHS, perpneg=perpneg)
         out = sdbridge_grad(g, x0, prompts, step, torch.full((B,), t), noise, views=views)
         err = rel_err(out.grad, ref)
@@ -391,7 +210,7 @@ def test_3d_preset_view_conditioning_matches_official(preset, tiny_prior, tiny_c
     # threestudio's view scheme (suffix of the nearest view, its Perp-Neg weights) is not LucidDreamer's
     g_ts = guidance_from((f"experiment=ism_{preset}", "target.view_scheme=threestudio"), tiny_prior, tiny_cache)
     drift = rel_err(sdbridge_grad(g_ts, x0, prompts, 10, torch.full((B,), t), noise, views=views).grad,
-                    official.train_step(x0, prompts, negative, 130, noise, official_warm_up_rate(11), delta_t,
+                    official.grad_for(x0, prompts, negative, 130, noise, official_warm_up_rate(11), delta_t,
                                         azimuths=AZIMUTHS, perpneg=perpneg)[0])
     print(f"PARITY ism experiment=ism_{preset} target.view_scheme=threestudio: rel err {drift:.1e}")
     assert drift > 10 * TOL
@@ -413,7 +232,7 @@ def test_earlier_choices_differ_from_official(option, tiny_prior, tiny_cache, of
     g = guidance_from(("experiment=ism_bagel", *EARLIER[option]), tiny_prior, tiny_cache)
     x0, noise = inputs(2, seed=3)
     ind_t, step = 450, 100
-    ref, t = official.train_step(x0, PROMPTS, NEGATIVE, ind_t, noise, official_warm_up_rate(step + 1))
+    ref, t = official.grad_for(x0, PROMPTS, NEGATIVE, ind_t, noise, official_warm_up_rate(step + 1))
     out = sdbridge_grad(g, x0, PROMPTS, step, torch.full((2,), t), noise)
     err = rel_err(out.grad, ref)
     print(f"EARLIER ism {option}: rel err to official {err:.1e}")

@@ -1,7 +1,8 @@
 """Parity of sdbridge's DEFAULT SDI (``guidance=sdi``) and cached 2D SDI (``guidance=sdi_cached``) with the official
 code's math (issue #13).
 
-Official sources read for this module (the re-derivations below are written from them, not imported):
+Official sources read (their re-derivation, shared with the side-by-side benchmark, is
+``tests/parity/official/threestudio_sdi.py``, written from them, not imported):
 
 * threestudio-project/threestudio at commit ``1ade495b80027171ba5e3167ba75dd9247175f31`` (the SDI authors' commit
   "2D experiments, independence from the diffusers version"; the repository's later commits only reformat these
@@ -65,13 +66,10 @@ dataclasses), never from values typed here. fp32, CPU, tolerance 1e-4 relative (
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Iterator, Sequence
+from typing import Sequence
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from sdbridge import rng
 from sdbridge.config import TrainerConfig, to_objects
@@ -81,31 +79,16 @@ from sdbridge.priors.tiny import TinySDConfig, ensure_tiny_sd
 from sdbridge.schedules import AnnealConfig, build_schedule
 from sdbridge.targets import ImageTarget
 from tests.conftest import compose
-from tests.parity.diffusers_sd import DiffusersSD
+from tests.parity.official.threestudio_sdi import (NOTEBOOK_ADAM_BETAS, NOTEBOOK_ADAM_EPS, NOTEBOOK_GUIDANCE_SCALE,
+                                                   NOTEBOOK_INVERSION_ETA, NOTEBOOK_INVERSION_GUIDANCE_SCALE,
+                                                   NOTEBOOK_INVERSION_N_STEPS, NOTEBOOK_LR, NOTEBOOK_MAX_STEP_PERCENT,
+                                                   NOTEBOOK_MIN_STEP_PERCENT, NOTEBOOK_N_ITERS, NOTEBOOK_PROMPT,
+                                                   NOTEBOOK_T_N_STEPS, NOTEBOOK_VIEW_SUFFIX, NOTEBOOK_WEIGHT_DECAY,
+                                                   OFFICIAL_JITTER, OFFICIAL_NUM_TRAIN_TIMESTEPS, OfficialSDI)
 
 TOL = 1e-4  # relative error: ||sdbridge - official|| / ||official||
 
 # ---------------------------------------------------------------- constants typed from the official code
-OFFICIAL_NUM_TRAIN_TIMESTEPS = 1000  # SD 2.1 base scheduler config
-OFFICIAL_N_DDIM_STEPS = 50  # StableDiffusionSDIGuidance.Config.n_ddim_steps (scheduler.set_timesteps before step())
-# The notebook's guidance config (threestudio convention without Perp-Neg: eps_c + s (eps_c - eps_u))
-NOTEBOOK_GUIDANCE_SCALE = 7.5
-NOTEBOOK_INVERSION_GUIDANCE_SCALE = -7.5
-NOTEBOOK_INVERSION_N_STEPS = 10
-NOTEBOOK_INVERSION_ETA = 0.3
-NOTEBOOK_MIN_STEP_PERCENT = 0.02
-NOTEBOOK_MAX_STEP_PERCENT = 0.98
-NOTEBOOK_N_ITERS = 1000  # n_iters = max_iters = trainer_max_steps; the loop runs range(n_iters + 1)
-NOTEBOOK_T_N_STEPS = 40  # t_interval = n_iters // t_n_steps = 25
-NOTEBOOK_LR = 1e-1  # torch.optim.Adam([latent], lr=lr, weight_decay=0): Adam's default betas and eps
-NOTEBOOK_ADAM_BETAS = (0.9, 0.999)
-NOTEBOOK_ADAM_EPS = 1e-8
-NOTEBOOK_WEIGHT_DECAY = 0.0
-NOTEBOOK_INIT_T = 999  # time = torch.tensor(B * [999])
-NOTEBOOK_PROMPT = "bagel filled with cream cheese and lox"
-NOTEBOOK_VIEW_SUFFIX = ", front view"  # threestudio's view-dependent prompt at elevation 0, azimuth 0
-# get_inversion_timesteps: delta_t = int(random.random() * num_train_timesteps // inversion_n_steps) in {0..99}
-OFFICIAL_JITTER = OFFICIAL_NUM_TRAIN_TIMESTEPS // NOTEBOOK_INVERSION_N_STEPS
 # configs/sdi.yaml (3D; Perp-Neg on, whose convention eps_u + s (...) is sdbridge's)
 SDI3D_GUIDANCE_SCALE = 7.5
 SDI3D_INVERSION_GUIDANCE_SCALE = -7.5
@@ -124,24 +107,6 @@ SDI3D_NORMAL_TYPE = "analytic"  # system.geometry.normal_type
 SDI3D_LOSSES = dict(orient=[0.1], sparsity=[0, 0.15, 0.0, 3000], opaque=[0.1], z_variance=[1.0],
                     convexity=[0, 1.0, 0.1, 4000])  # lambda_orient, lambda_sparsity, ...
 
-# threestudio prompt_processors/base.py Config: Perp-Neg's decay functions a exp(-b r) + c and the overhead threshold
-PERP_NEG_F_SB = (1, 0.5, -0.606)
-PERP_NEG_F_FSB = (1, 0.5, +0.967)
-PERP_NEG_F_FS = (4, 0.5, -2.426)
-PERP_NEG_F_SF = (4, 0.5, -2.426)
-PERP_NEG_OVERHEAD_THRESHOLD = 60.0
-
-
-def shifted_expotional_decay(a, b, c, r):  # threestudio utils/ops.py
-    return a * torch.exp(-b * r) + c
-
-
-def perpendicular_component(x, y):  # threestudio utils/ops.py
-    eps = torch.ones_like(x[:, 0, 0, 0]) * 1e-6
-    return x - (torch.mul(x, y).sum(dim=[1, 2, 3]) / torch.maximum(torch.mul(y, y).sum(dim=[1, 2, 3]), eps)).view(
-        -1, 1, 1, 1) * y
-
-
 # threestudio's CFG convention without Perp-Neg -> sdbridge's (s = s' + 1)
 def ours_from_threestudio_no_perp_neg(s: float) -> float:
     return s + 1.0
@@ -152,198 +117,6 @@ PROMPTS = ["a DSLR photo of a dolphin", "a photograph of a red car"]
 
 def rel_err(ours: torch.Tensor, official: torch.Tensor) -> float:
     return float((ours.double() - official.double()).norm() / official.double().norm())
-
-
-# ---------------------------------------------------------------- the official math, re-derived on diffusers
-class OfficialSDI(DiffusersSD):
-    """threestudio's ``StableDiffusionSDIGuidance`` (commit 1ade495) without Perp-Neg, on a diffusers folder, for one
-    image (B = 1) at a time. Random draws are arguments: ``random_value`` replaces ``random.random()`` and
-    ``noises`` yields what ``torch.randn_like`` would, one per inversion step."""
-
-    def __init__(self, folder):
-        from diffusers import DDIMInverseScheduler, DDIMScheduler
-
-        super().__init__(folder)
-        self.scheduler = DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler")
-        self.scheduler.set_timesteps(OFFICIAL_N_DDIM_STEPS)
-        self.inverse_scheduler = DDIMInverseScheduler.from_pretrained(str(folder), subfolder="scheduler")
-        self.inverse_scheduler.set_timesteps(NOTEBOOK_INVERSION_N_STEPS)
-        self.inversion_n_steps = NOTEBOOK_INVERSION_N_STEPS
-        self.inversion_eta = NOTEBOOK_INVERSION_ETA
-
-    # -- the prompt processor: cond and uncond ("" = its default negative prompt) embeddings (DiffusersSD.text)
-    def embeddings(self, prompt: str) -> torch.Tensor:
-        """``get_text_embeddings``: ``cat([cond, uncond])`` (threestudio's order)."""
-        return torch.cat([self.text(prompt), self.text("")])
-
-    @torch.no_grad()
-    def predict_noise(self, latents_noisy, t, text_embeddings, guidance_scale):
-        """Without Perp-Neg: ``noise_pred_text + guidance_scale * (noise_pred_text - noise_pred_uncond)``."""
-        latent_model_input = torch.cat([latents_noisy] * 2, dim=0)
-        noise_pred = self.unet(latent_model_input, torch.cat([t] * 2).to(torch.float32),
-                               encoder_hidden_states=text_embeddings).sample
-        noise_pred_text, noise_pred_uncond = noise_pred.chunk(2)
-        return noise_pred_text + guidance_scale * (noise_pred_text - noise_pred_uncond)
-
-    @torch.no_grad()
-    def predict_noise_perp_neg(self, latents_noisy, t, text_embeddings, neg_guidance_weights, guidance_scale):
-        """With Perp-Neg: one UNet call on ``[pos, uncond, neg_1, neg_2]`` (``get_text_embeddings_perp_neg``'s order),
-        ``e_pos = text - uncond``, ``accum = sum_i w_i perpendicular_component(neg_i - uncond, e_pos)``, then
-        ``uncond + guidance_scale (e_pos + accum)``."""
-        batch_size = latents_noisy.shape[0]
-        noise_pred = self.unet(torch.cat([latents_noisy] * 4, dim=0), torch.cat([t] * 4).to(torch.float32),
-                               encoder_hidden_states=text_embeddings).sample
-        noise_pred_text = noise_pred[:batch_size]
-        noise_pred_uncond = noise_pred[batch_size: batch_size * 2]
-        noise_pred_neg = noise_pred[batch_size * 2:]
-        e_pos = noise_pred_text - noise_pred_uncond
-        accum_grad = 0
-        n_negative_prompts = neg_guidance_weights.shape[-1]
-        for i in range(n_negative_prompts):
-            e_i_neg = noise_pred_neg[i::n_negative_prompts] - noise_pred_uncond
-            accum_grad += neg_guidance_weights[:, i].view(-1, 1, 1, 1) * perpendicular_component(e_i_neg, e_pos)
-        return noise_pred_uncond + guidance_scale * (e_pos + accum_grad)
-
-    def text_embeddings_perp_neg(self, prompt: str, elevation: float, azimuth: float):
-        """``get_text_embeddings_perp_neg`` for one camera below the overhead threshold: the view texts
-        ``"<prompt>, side|front|back view"``, the uncond text "" (its default negative prompt), the interpolated
-        positive embedding, the two negatives and their weights ``-shifted_expotional_decay(*f, r)``."""
-        assert elevation <= PERP_NEG_OVERHEAD_THRESHOLD
-        side, front, back = (self.text(f"{prompt}, {view} view") for view in ("side", "front", "back"))
-        uncond = self.text("")
-        azi = torch.tensor(float(azimuth))
-        azi = (azi + 180) % 360 - 180  # shift_azimuth_deg
-        if torch.abs(azi) < 90:
-            r_inter = 1 - torch.abs(azi) / 90
-            pos = r_inter * front + (1 - r_inter) * side
-            negs = [front, side]
-            weights = [-shifted_expotional_decay(*PERP_NEG_F_FS, r_inter),
-                       -shifted_expotional_decay(*PERP_NEG_F_SF, 1 - r_inter)]
-        else:
-            r_inter = 2.0 - torch.abs(azi) / 90
-            pos = r_inter * side + (1 - r_inter) * back
-            negs = [side, front]
-            weights = [-shifted_expotional_decay(*PERP_NEG_F_SB, r_inter),
-                       -shifted_expotional_decay(*PERP_NEG_F_FSB, r_inter)]
-        return torch.cat([pos, uncond, *negs]), torch.as_tensor(weights).reshape(1, 2)
-
-    def ddim_inversion_step(self, model_output, timestep, prev_timestep, sample, noise):
-        inv = self.inverse_scheduler
-        alpha_prod_t = inv.alphas_cumprod[timestep] if timestep >= 0 else inv.initial_alpha_cumprod
-        alpha_prod_t_prev = inv.alphas_cumprod[prev_timestep]
-        beta_prod_t = 1 - alpha_prod_t
-        assert inv.config.prediction_type == "epsilon" and not inv.config.clip_sample
-        pred_original_sample = (sample - beta_prod_t ** 0.5 * model_output) / alpha_prod_t ** 0.5
-        pred_epsilon = model_output
-        pred_sample_direction = (1 - alpha_prod_t_prev) ** 0.5 * pred_epsilon
-        prev_sample = alpha_prod_t_prev ** 0.5 * pred_original_sample + pred_sample_direction
-        variance = self.scheduler._get_variance(prev_timestep, timestep) ** 0.5  # the official argument order
-        prev_sample = prev_sample + self.inversion_eta * noise * variance  # noise: torch.randn_like(prev_sample)
-        return prev_sample
-
-    def get_inversion_timesteps(self, invert_to_t, B, random_value: float):
-        n_training_steps = self.inverse_scheduler.config.num_train_timesteps
-        effective_n_inversion_steps = self.inversion_n_steps
-        assert self.inverse_scheduler.config.timestep_spacing == "leading"
-        step_ratio = n_training_steps // effective_n_inversion_steps
-        timesteps = (np.arange(0, effective_n_inversion_steps) * step_ratio).round().copy().astype(np.int64)
-        timesteps += self.inverse_scheduler.config.steps_offset
-        timesteps = timesteps[timesteps < int(invert_to_t)]
-        timesteps = np.concatenate([[int(timesteps[0] - step_ratio)], timesteps])
-        timesteps = torch.from_numpy(timesteps)
-        delta_t = int(random_value * self.inverse_scheduler.config.num_train_timesteps // self.inversion_n_steps)
-        last_t = torch.tensor(min(int(invert_to_t) + delta_t, self.inverse_scheduler.config.num_train_timesteps - 1))
-        timesteps = torch.cat([timesteps, last_t.repeat([B])])
-        return timesteps, delta_t
-
-    @torch.no_grad()
-    def invert_noise(self, start_latents, invert_to_t, text_embeddings, random_value, noises: Iterator[torch.Tensor],
-                     predict=None):
-        """``predict(latents, t)``: the guided prediction ``predict_noise`` makes at the inversion scale (default: the
-        notebook's, without Perp-Neg)."""
-        if predict is None:
-            def predict(x, tt):
-                return self.predict_noise(x, tt, text_embeddings, NOTEBOOK_INVERSION_GUIDANCE_SCALE)
-        latents = start_latents.clone()
-        B = start_latents.shape[0]
-        assert B == 1, "threestudio's SDI inverts one image (int(invert_to_t))"
-        timesteps, _ = self.get_inversion_timesteps(invert_to_t, B, random_value)
-        evaluated = []
-        for t, next_t in zip(timesteps[:-1], timesteps[1:]):
-            noise_pred = predict(latents, t.repeat([B]))
-            evaluated.append(int(t))
-            latents = self.ddim_inversion_step(noise_pred, t, next_t, latents, next(noises))
-        found_noise = self.get_noise_from_target(start_latents, latents, next_t)
-        return latents, found_noise, timesteps, evaluated
-
-    def get_noise_from_target(self, target, cur_xt, t):
-        alpha_prod_t = self.scheduler.alphas_cumprod[t]
-        return (cur_xt - target * alpha_prod_t ** 0.5) / ((1 - alpha_prod_t) ** 0.5)
-
-    def get_x0(self, original_samples, noise_pred, t):
-        return self.scheduler.step(noise_pred, t[0], original_samples, return_dict=True).pred_original_sample
-
-    @torch.no_grad()
-    def compute_grad_sdi(self, latents, t, text_embeddings, guidance_scale=NOTEBOOK_GUIDANCE_SCALE, random_value=None,
-                         noises=None, call_with_defined_noise=None):
-        """Returns ``(target x0_hat, latents_noisy, noise_pred)``."""
-        if call_with_defined_noise is not None:
-            latents_noisy = self.scheduler.add_noise(latents, call_with_defined_noise.clone(), t)
-        else:
-            latents_noisy, _, _, _ = self.invert_noise(latents, t, text_embeddings, random_value, noises)
-        noise_pred = self.predict_noise(latents_noisy, t, text_embeddings, guidance_scale)
-        latents_denoised = self.get_x0(latents_noisy, noise_pred, t).detach()
-        return latents_denoised, latents_noisy, noise_pred
-
-    @staticmethod
-    def loss_gradient(latents, target):
-        """The gradient of ``__call__``'s ``0.5 * mse(latents, target, "mean") / batch_size``."""
-        x = latents.detach().clone().requires_grad_(True)
-        loss = 0.5 * F.mse_loss(x, target.detach(), reduction="mean") / x.shape[0]
-        (grad,) = torch.autograd.grad(loss, x)
-        return grad
-
-    @staticmethod
-    def anneal_t(step: int, trainer_max_steps: int, min_pct: float, max_pct: float, n_train: int = 1000) -> int:
-        """``update_step`` with t_anneal, then ``torch.randint(min_step, max_step + 1)`` (min_step = max_step)."""
-        percentage = float(step) / trainer_max_steps
-        curr_percent = (max_pct - min_pct) * (1 - percentage) + min_pct
-        min_step = int(n_train * curr_percent)
-        max_step = int(n_train * curr_percent)
-        assert min_step == max_step
-        return min_step
-
-    def notebook_cache_kappa(self, x_T: torch.Tensor, prompt: str, n_steps: int, adam_eps: float = NOTEBOOK_ADAM_EPS):
-        """The notebook's "Cache kappa" loop for ``steps 0 .. n_steps - 1`` from the init noise ``x_T``.
-
-        ``adam_eps`` other than the notebook's 1e-8 only serves to show which part of a difference Adam's eps makes.
-        Returns the init, the init's eps, and per step: the latent after the step, t and the current target."""
-        emb = self.embeddings(prompt)
-        time = torch.tensor([NOTEBOOK_INIT_T])
-        init_noise = x_T * self.scheduler.init_noise_sigma
-        noise_pred = self.predict_noise(init_noise, time, emb, NOTEBOOK_GUIDANCE_SCALE)
-        latents_denoised = self.get_x0(init_noise, noise_pred, time).detach()
-        out = {"init": latents_denoised.clone(), "init_eps": noise_pred.clone(), "latents": [], "t": [], "targets": []}
-        latent = nn.Parameter(latents_denoised.clone())
-        optimizer = torch.optim.Adam([latent], lr=NOTEBOOK_LR, weight_decay=0, eps=adam_eps)
-        t_interval = NOTEBOOK_N_ITERS // NOTEBOOK_T_N_STEPS
-        target, cur_t = None, None
-        for step in range(n_steps):
-            t = torch.tensor([self.anneal_t(step, NOTEBOOK_N_ITERS, NOTEBOOK_MIN_STEP_PERCENT,
-                                            NOTEBOOK_MAX_STEP_PERCENT)])
-            optimizer.zero_grad()
-            if step % t_interval == 0:
-                target, _, new_noise_pred = self.compute_grad_sdi(latent.detach(), t, emb,
-                                                                   call_with_defined_noise=noise_pred)
-                cur_t = t
-            loss = 0.5 * F.mse_loss(latent, target.detach(), reduction="mean")
-            loss.backward()
-            optimizer.step()
-            noise_pred = new_noise_pred  # guidance_output["noise_pred"]
-            out["latents"].append(latent.detach().clone())
-            out["t"].append(int(cur_t))
-            out["targets"].append(target.clone())
-        return out
 
 
 # ---------------------------------------------------------------- fixtures and builders: both sides

@@ -1,7 +1,8 @@
 """Parity of sdbridge's DEFAULT VSD (``guidance=vsd``, 2D) and of ``experiment=nerf_vsd`` (3D) with the official
 codes' math (issue #13).
 
-Official sources read for this module (the re-derivations below are written from them, not imported):
+Official sources read (the 2D code's re-derivation, shared with the side-by-side benchmark, is
+``tests/parity/official/sds_bridge_2d.py``, written from them, not imported):
 
 * davidmcall/SDS-Bridge at commit ``240e06e511c7c5813dc9caf5d14f54237beaa992`` (the Bridge paper's 2D code):
 
@@ -51,8 +52,6 @@ from functools import lru_cache
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from sdbridge.config import to_objects
 from sdbridge import registry
@@ -63,20 +62,13 @@ from sdbridge.system import distillation_step
 from sdbridge.views import Views
 from sdbridge.targets import ImageTarget
 from tests.conftest import compose
+from tests.parity.official.sds_bridge_2d import (IM_ADAMW, LORA_ADAMW_2D, OFFICIAL_CFG, OFFICIAL_DROPOUT,
+                                                 OFFICIAL_LORA_MODEL, OFFICIAL_LORA_T, OFFICIAL_RANK, OFFICIAL_T_MAX,
+                                                 OFFICIAL_T_MIN, OfficialVSD)
 
 TOL = 1e-4
 
 # ---------------------------------------------------------------- constants typed from the official code
-OFFICIAL_LORA_MODEL = "stabilityai/stable-diffusion-2-1"  # both codes' LoRA base (v-prediction)
-OFFICIAL_CFG = 7.5  # generate.py vsd_loss(cfg_scale=7.5); prolificdreamer.yaml guidance_scale
-OFFICIAL_CFG_LORA = 1.0  # guidance_scale_lora
-OFFICIAL_T_MIN, OFFICIAL_T_MAX = 20, 980  # vsd_loss randint(20, 980 + 1); 3D int(1000 * 0.02), int(1000 * 0.98)
-OFFICIAL_LORA_T = (0, 1000)  # train_lora randint(int(1000 * 0.0), int(1000 * 1.0))
-OFFICIAL_DROPOUT = 0.1  # train_lora: `< 0.1` -> camera_condition zeros (whole batch; text kept)
-OFFICIAL_RANK = 4  # LoRAAttnProcessor's default rank
-OFFICIAL_CAMERA_DIM = 16  # TimestepEmbedding(16, 1280): a flattened 4x4 c2w
-IM_ADAMW = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-15)  # generate.py l. 92 (weight decay: torch's 0.01)
-LORA_ADAMW_2D = dict(lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)  # generate.py l. 93-99
 LORA_ADAMW_3D = dict(lr=1e-4, betas=(0.9, 0.99), eps=1e-15, weight_decay=0.01)  # prolificdreamer.yaml
 # max_step_percent [5000, 0.98, 0.5, 5001]: threestudio's C() interpolates between steps 5000 and 5001, so t's upper
 # end is 0.98 through step 5000 and 0.5 from step 5001 on
@@ -90,137 +82,6 @@ VIEW_PROMPT = PROMPT + ", side view"
 
 def rel_err(ours: torch.Tensor, official: torch.Tensor) -> float:
     return float((ours.double() - official.double()).norm() / official.double().norm())
-
-
-# ---------------------------------------------------------------- the official math, re-derived on diffusers
-class RefLoRALinear(nn.Module):
-    """diffusers 0.25's ``LoRACompatibleLinear`` with a ``LoRALinearLayer`` at scale 1: ``W x + up(down(x))``."""
-
-    def __init__(self, base: nn.Linear, rank: int):
-        super().__init__()
-        self.base = base
-        self.down = nn.Linear(base.in_features, rank, bias=False)
-        self.up = nn.Linear(rank, base.out_features, bias=False)
-
-    def forward(self, x, *args, **kwargs):
-        return self.base(x) + self.up(self.down(x))
-
-
-class OfficialVSD:
-    """``vsd_loss`` / ``compute_grad_vsd`` and ``train_lora`` for one image, on two diffusers pipelines."""
-
-    def __init__(self, base_folder, lora_folder):
-        from diffusers import DDIMScheduler, DiffusionPipeline
-        from diffusers.models.attention_processor import Attention
-        from diffusers.models.embeddings import TimestepEmbedding
-
-        pipe = DiffusionPipeline.from_pretrained(str(base_folder))
-        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        self.unet, self.tokenizer, self.text_encoder = pipe.unet, pipe.tokenizer, pipe.text_encoder
-        pipe_lora = DiffusionPipeline.from_pretrained(str(lora_folder))
-        self.scheduler_lora = DDIMScheduler.from_config(pipe_lora.scheduler.config)
-        assert self.scheduler_lora.config.prediction_type == "v_prediction"  # SD 2.1's
-        assert self.scheduler.config.prediction_type == "epsilon"
-        self.unet_lora = pipe_lora.unet
-        for p in [*self.unet.parameters(), *self.unet_lora.parameters()]:
-            p.requires_grad_(False)
-        self.camera_embedding = TimestepEmbedding(OFFICIAL_CAMERA_DIM, self.unet_lora.config.block_out_channels[0] * 4)
-        self.unet_lora.class_embedding = self.camera_embedding
-        self.lora: dict[str, RefLoRALinear] = {}
-        for name, module in list(self.unet_lora.named_modules()):
-            if isinstance(module, Attention):
-                for proj in ("to_q", "to_k", "to_v"):
-                    self.lora[f"{name}.{proj}"] = RefLoRALinear(getattr(module, proj), OFFICIAL_RANK)
-                    setattr(module, proj, self.lora[f"{name}.{proj}"])
-                self.lora[f"{name}.to_out.0"] = RefLoRALinear(module.to_out[0], OFFICIAL_RANK)
-                module.to_out[0] = self.lora[f"{name}.to_out.0"]
-
-    def copy_weights_from(self, unet, camera_embedding, adapter: str) -> None:
-        """Initial LoRA / camera weights from sdbridge's peft LoRA (``<module>.lora_A.<adapter>.weight``)."""
-        params = dict(unet.named_parameters())
-        for name, layer in self.lora.items():
-            layer.down.weight.data.copy_(params[f"{name}.lora_A.{adapter}.weight"].detach().float())
-            layer.up.weight.data.copy_(params[f"{name}.lora_B.{adapter}.weight"].detach().float())
-        self.camera_embedding.load_state_dict(camera_embedding.state_dict())
-
-    def lora_vector(self, attr: str = "data") -> torch.Tensor:
-        return torch.cat([getattr(p, attr).detach().flatten().clone() for _, layer in sorted(self.lora.items())
-                          for p in (layer.down.weight, layer.up.weight)])
-
-    def camera_vector(self, attr: str = "data") -> torch.Tensor:
-        return torch.cat([getattr(p, attr).detach().flatten().clone() for p in self.camera_embedding.parameters()])
-
-    @torch.no_grad()
-    def text(self, prompt: str) -> torch.Tensor:
-        ids = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids)[0]
-
-    def grad(self, im, t, noise, text_vd: str, text_lora: str, camera, cfg=OFFICIAL_CFG):
-        """The VSD gradient. 2D: ``text_vd == text_lora`` = the prompt, ``camera`` zeros; 3D: the view-dependent
-        prompt for the pretrained CFG, the plain prompt and ``c2w`` for the LoRA."""
-        B = im.shape[0]
-        with torch.no_grad():
-            latents_noisy = self.scheduler.add_noise(im, noise, t)
-            latent_model_input = torch.cat([latents_noisy] * 2)
-            pretrain = self.unet(latent_model_input, torch.cat([t] * 2),
-                                 encoder_hidden_states=torch.cat([self.text(text_vd), self.text("")])).sample
-            est = self.unet_lora(latent_model_input, torch.cat([t] * 2),
-                                 encoder_hidden_states=torch.cat([self.text(text_lora)] * 2),
-                                 class_labels=torch.cat([camera.view(B, -1), torch.zeros_like(camera.view(B, -1))]),
-                                 ).sample
-        p_text, p_uncond = pretrain.chunk(2)
-        pretrain = p_uncond + cfg * (p_text - p_uncond)
-        a = self.scheduler_lora.alphas_cumprod.to(latents_noisy.dtype)
-        alpha_t, sigma_t = a[t] ** 0.5, (1 - a[t]) ** 0.5
-        est = latent_model_input * torch.cat([sigma_t] * 2).view(-1, 1, 1, 1) + est * torch.cat([alpha_t] * 2).view(
-            -1, 1, 1, 1)
-        e_camera, e_uncond = est.chunk(2)
-        est = e_uncond + OFFICIAL_CFG_LORA * (e_camera - e_uncond)
-        w = (1 - self.scheduler.alphas_cumprod[t]).view(-1, 1, 1, 1)
-        return torch.nan_to_num(w * (pretrain - est))
-
-    def lora_loss(self, im, t, noise, text_lora: str, camera, drop: bool):
-        latents = im.detach()
-        noisy = self.scheduler_lora.add_noise(latents, noise, t)
-        target = self.scheduler_lora.get_velocity(latents, noise, t)
-        if drop:
-            camera = torch.zeros_like(camera)
-        pred = self.unet_lora(noisy, t, encoder_hidden_states=self.text(text_lora),
-                              class_labels=camera.view(im.shape[0], -1)).sample
-        return F.mse_loss(pred.float(), target.float(), reduction="mean")
-
-    def lora_optimizer(self, lr, betas, eps, weight_decay):
-        return torch.optim.AdamW([{"params": self.unet_lora.parameters(), "lr": lr}], betas=betas, eps=eps,
-                                 weight_decay=weight_decay)
-
-    def generate_2d(self, im0, draws, lora_first: bool = True):
-        """generate.py's vsd loop from ``im0`` with sdbridge's recorded draws per step; returns images, LoRA losses
-        and the final LoRA vector. ``lora_first=False`` moves the LoRA update after the image step (not official)."""
-        im = im0.clone().requires_grad_(True)
-        im_optimizer = torch.optim.AdamW([im], **IM_ADAMW)
-        lora_optimizer = self.lora_optimizer(**LORA_ADAMW_2D)
-        camera = torch.zeros(1, 4, 4)
-        images, losses = [], []
-
-        def lora_update():
-            loss = self.lora_loss(im, d["lora_t"], d["lora_noise"], PROMPT, camera, d["drop"])
-            loss.backward()
-            lora_optimizer.step()
-            lora_optimizer.zero_grad()
-            losses.append(float(loss))
-
-        for d in draws:
-            grad = self.grad(im.detach(), d["t"], d["noise"], PROMPT, PROMPT, camera)
-            if lora_first:
-                lora_update()
-            im.backward(gradient=grad)
-            im_optimizer.step()
-            im_optimizer.zero_grad()
-            if not lora_first:
-                lora_update()
-            images.append(im.detach().clone())
-        return images, losses, self.lora_vector()
 
 
 # ---------------------------------------------------------------- fixtures and builders
