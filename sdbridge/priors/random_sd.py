@@ -144,13 +144,19 @@ class RandomSDPrior(StableDiffusionPrior):
     def companion(self, model: str) -> StableDiffusionPrior:
         """Any companion model (VSD's LoRA base, SD 2.1 in the official codes) as SD 2.1's UNet with random weights
         (768px config: sample size 96, v-prediction), so the benchmark holds the official second UNet."""
-        from diffusers import UNet2DConditionModel
-
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
-                torch.device(self.device):
-            torch.manual_seed(self.config.seed + 1)
-            unet = UNet2DConditionModel(**{**SD21_BASE_UNET, "sample_size": 96}).to(self.dtype)
+        unet = build_random_sd21_companion_unet(self.device, self.dtype, self.config.seed)
         return self._companion_from(model, unet, {**SD21_BASE_SCHEDULER, "prediction_type": "v_prediction"}, None)
 
 
-__all__ = ["RandomSDConfig", "RandomSDPrior", "build_random_sd21_base"]
+def build_random_sd21_companion_unet(device: torch.device | str, dtype: torch.dtype, seed: int):
+    """SD 2.1's UNet (768px config: sample size 96; v-prediction) with random weights seeded ``seed + 1``: the
+    companion of :class:`RandomSDPrior` and of the benchmark's official VSD loop."""
+    from diffusers import UNet2DConditionModel
+
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+        torch.manual_seed(seed + 1)
+        return UNet2DConditionModel(**{**SD21_BASE_UNET, "sample_size": 96}).to(dtype)
+
+
+__all__ = ["RandomSDConfig", "RandomSDPrior", "build_random_sd21_base", "build_random_sd21_companion_unet"]

@@ -236,14 +236,18 @@ class TinySDPrior(StableDiffusionPrior):
         prediction type, seeded ``seed + 1`` (built offline once)."""
         if Path(os.path.expanduser(model)).is_dir() or model.startswith((".", "/", "~")):
             return super().companion_path(model)
-        if model not in TINY_STAND_INS:
-            raise ValueError(f"prior=tiny_sd has no tiny stand-in for {model!r} (known: {sorted(TINY_STAND_INS)}); "
-                             "give a local diffusers folder or use a real prior")
-        c = self.config
-        stand_in = TinySDConfig(cache_dir=c.cache_dir, seed=c.seed + 1, latent_size=c.latent_size,
-                                prediction_type=TINY_STAND_INS[model])
-        return ensure_tiny_sd(stand_in)
+        return stand_in_folder(self.config, model)
 
 
-__all__ = ["TINY_STAND_INS", "TinySDConfig", "TinySDPrior", "build_tiny_sd", "ensure_tiny_sd", "tiny_sd_folder",
-           "verify_tiny_sd", "asdict"]
+def stand_in_folder(config: TinySDConfig, model: str) -> Path:
+    """The folder of the tiny random SD that stands in for the hub model ``model`` next to the tiny SD of ``config``
+    (:data:`TINY_STAND_INS`: that model's prediction type, seed ``seed + 1``), built offline once."""
+    if model not in TINY_STAND_INS:
+        raise ValueError(f"prior=tiny_sd has no tiny stand-in for {model!r} (known: {sorted(TINY_STAND_INS)}); "
+                         "give a local diffusers folder or use a real prior")
+    return ensure_tiny_sd(TinySDConfig(cache_dir=config.cache_dir, seed=config.seed + 1,
+                                       latent_size=config.latent_size, prediction_type=TINY_STAND_INS[model]))
+
+
+__all__ = ["TINY_STAND_INS", "TinySDConfig", "TinySDPrior", "build_tiny_sd", "ensure_tiny_sd", "stand_in_folder",
+           "tiny_sd_folder", "verify_tiny_sd", "asdict"]

@@ -102,8 +102,9 @@ class OfficialSDI(DiffusersSD):
 
         super().__init__(source, device)
         self.weights_dtype = weights_dtype
-        self.unet.to(weights_dtype)
-        self.vae.to(weights_dtype)
+        if weights_dtype != self.unet.dtype:
+            self.unet.to(weights_dtype)
+            self.vae.to(weights_dtype)
         self.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
         self.scheduler.set_timesteps(OFFICIAL_N_DDIM_STEPS, device=self.device)
         self.inverse_scheduler = DDIMInverseScheduler.from_config(self.pipe.scheduler.config)

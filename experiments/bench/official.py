@@ -1,0 +1,527 @@
+"""Side by side with the official loops: ms per training step of an official-style loop and of sdbridge's own loop.
+
+For one method, one side per process:
+
+* ``--side official``: the official code's loop, re-derived on plain diffusers in ``tests/parity/official/`` (the
+  modules whose gradients the parity tests check against sdbridge's), with the official per-step work: its t and
+  noise draws, its text-feature caching (and re-encoding), its UNet calls with autograd or under ``no_grad`` as the
+  official code makes them, its loss trick and optimizer, its VAE decode + PNG every ``--save-every`` steps;
+* ``--side sdbridge``: ``sdbridge.runner.run``, the path of ``python run.py``, with the method's default config
+  (``conf/guidance/<method>.yaml``) plus what makes the two runs comparable: the same prior, dtype and device, batch
+  1 (one prompt), seed, number of steps, image saving every ``--save-every`` steps (``trainer.save_every``) and no
+  checkpoints during the run (the official loops write none).
+
+Each side times every step (start of a step to the start of the next, CUDA-synchronized) and counts its UNet calls
+and the latents they see (every UNet's ``forward`` is wrapped: VSD's LoRA UNet and its training pass included). It
+prints the median ms per step of the timed steps and writes them with the per-step counts to ``--json``.
+``--match SDBRIDGE.json`` on the official side replays sdbridge's timesteps where a method's work depends on t
+(ISM's inversion length) and checks equal work: per step, the official UNet calls and latents minus the work its code
+does that sdbridge by design does not (:data:`EXTRA_WORK`) must equal sdbridge's.
+
+``--all`` runs every method ``--repeats`` times, official and sdbridge alternately (sdbridge first in even
+repetitions, official first in odd ones), each run a fresh subprocess, checks equal work for every pair and prints
+(``--readme``: writes into experiments/bench/README.md) the table of median ms per step, the ratio sdbridge /
+official and its spread over the repetitions.
+
+    python experiments/bench/official.py --method sds --side official --steps 200 --warmup 5 --json off.json
+    python experiments/bench/official.py --method sds --side sdbridge --steps 200 --warmup 5 --json ours.json
+    python experiments/bench/official.py --all --repeats 3 --readme                # every method, tiny SD
+    python experiments/bench/official.py --all --prior sd21_base_random --latent-size 16 --steps 30 --warmup 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # `python experiments/bench/official.py`: the repository's packages (tests.parity)
+    sys.path.insert(0, str(ROOT))
+
+PROMPT = "a DSLR photo of a dolphin"  # the SDS-Bridge 2D code's default prompt, both sides, every method
+PRIORS = ("tiny_sd", "sd21_base_random")
+SIDES = ("official", "sdbridge")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method of the table: sdbridge's overrides (on top of its default config) and the official loop."""
+
+    overrides: tuple[str, ...]
+    official: str
+
+
+METHODS: dict[str, Method] = {
+    "sds": Method(("guidance=sds",), "SDS-Bridge `generate.py --mode sds`"),
+    "bridge1": Method(("guidance=bridge",), "SDS-Bridge `generate.py --mode bridge` before step 500 (`sds_loss`)"),
+    "bridge2": Method(("guidance=bridge", "guidance.stage_two_start_step=0"),
+                      "SDS-Bridge `generate.py --mode bridge --stage_two_start_step 0` (`bridge_stage_two`)"),
+    "nfsd": Method(("guidance=nfsd",), "SDS-Bridge `generate.py --mode nfsd`"),
+    "vsd": Method(("guidance=vsd",), "SDS-Bridge `generate.py --mode vsd` (LoRA on a second UNet)"),
+    "sdi": Method(("guidance=sdi",), "threestudio SDI guidance called every step (the notebook's loop)"),
+    "ism": Method(("guidance=ism",), "LucidDreamer `train_step` with train.py's iteration on a latent"),
+}
+
+#: method -> (why, UNet calls, latents) per step that the official code evaluates and sdbridge by design does not
+EXTRA_WORK: dict[str, str] = {
+    "nfsd": "two calls of 2 latents, the second's unconditional half evaluated again and discarded "
+            "(sdbridge: one call of 3)",
+    "vsd": "the LoRA evaluated on [x_t, x_t] with two zero cameras (sdbridge: once; the LoRA's CFG scale is 1)",
+    "ism": "at s = 1 (ind_t <= delta_t) the UNet evaluated at timestep 1 twice (sdbridge: once)",
+}
+
+
+def official_extra(method: str, info: dict[str, Any]) -> tuple[int, int]:
+    """The official step's UNet calls and latents beyond sdbridge's (:data:`EXTRA_WORK`), for batch 1."""
+    if method == "nfsd":
+        return 1, 1
+    if method == "vsd":
+        return 0, 1
+    if method == "ism" and info["ind_prev_t"] == 0:
+        return 1, 1
+    return 0, 0
+
+
+# ---------------------------------------------------------------- counting and timing
+class UNetCounter:
+    """Counts calls of the wrapped UNets' ``forward`` and the latents they see (the sample's batch size)."""
+
+    def __init__(self):
+        self.calls = 0
+        self.rows = 0
+
+    def wrap(self, unet) -> None:
+        if getattr(unet, "_bench_counted", False):
+            return
+        forward = unet.forward
+
+        def counted(*args, **kwargs):
+            sample = args[0] if args else kwargs["sample"]
+            self.calls += 1
+            self.rows += int(sample.shape[0])
+            return forward(*args, **kwargs)
+
+        unet.forward = counted  # an instance attribute: both unet(...) and unet.forward(...) go through it
+        unet._bench_counted = True
+
+
+class StepClock:
+    """Marks at the start of every step (after a device sync): per-step durations and UNet counts."""
+
+    def __init__(self, counter: UNetCounter, sync: Callable[[], None], profile: tuple[int, int] | None = None):
+        self.counter, self.sync = counter, sync
+        self.marks: list[tuple[float, int, int]] = []
+        self.profile = profile  # cProfile from the mark of this index to the mark of that one
+        self.profiler = None
+
+    def mark(self) -> None:
+        self.sync()
+        if self.profile is not None and len(self.marks) == self.profile[1] and self.profiler is not None:
+            self.profiler.disable()
+        self.marks.append((time.perf_counter(), self.counter.calls, self.counter.rows))
+        if self.profile is not None and len(self.marks) == self.profile[0] + 1:
+            import cProfile
+
+            self.profiler = cProfile.Profile()
+            self.profiler.enable()
+
+    def steps(self, n: int) -> dict[str, list]:
+        """The first ``n`` steps between consecutive marks: ms, UNet calls, latents."""
+        pairs = list(zip(self.marks[:-1], self.marks[1:]))[:n]
+        return {"ms": [1000 * (b[0] - a[0]) for a, b in pairs], "calls": [b[1] - a[1] for a, b in pairs],
+                "rows": [b[2] - a[2] for a, b in pairs]}
+
+
+def _sync(device) -> Callable[[], None]:
+    import torch
+
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------- the official side
+def official_model(args, device, dtype):
+    """The model as the official codes load it, and VSD's LoRA base: diffusers folders for the tiny SD (the ones
+    sdbridge builds offline and loads), prebuilt modules for the random-weight SD 2.1 base (the same seeds)."""
+    if args.prior == "tiny_sd":
+        from sdbridge.priors.tiny import TinySDConfig, ensure_tiny_sd, stand_in_folder
+        from tests.parity.official.sds_bridge_2d import OFFICIAL_LORA_MODEL
+
+        config = TinySDConfig(**({"cache_dir": args.cache_dir} if args.cache_dir else {}),
+                              **({"latent_size": args.latent_size} if args.latent_size else {}))
+        return ensure_tiny_sd(config), lambda: stand_in_folder(config, OFFICIAL_LORA_MODEL)
+    from sdbridge.priors.random_sd import RandomSDConfig, build_random_sd21_base, build_random_sd21_companion_unet
+
+    seed = RandomSDConfig().seed
+    base = build_random_sd21_base(device, dtype, seed, args.latent_size)
+    return base, lambda: {"unet": build_random_sd21_companion_unet(device, dtype, seed),
+                          "scheduler_config": {"prediction_type": "v_prediction"}}
+
+
+def official_loop(args, device, dtype, counter: UNetCounter, save_dir: Path, plan: list[int] | None):
+    """The method's official loop after its setup: ``step(i) -> {"t", ...}``."""
+    import numpy as np
+    import torch
+
+    method = args.method
+    base, lora = official_model(args, device, dtype)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    if method in ("sds", "bridge1", "bridge2", "nfsd", "vsd"):
+        from tests.parity.official.sds_bridge_2d import GenerateArgs, GenerateLoop, Official2D, OfficialVSD
+
+        if dtype != torch.float32:
+            raise SystemExit(f"{method}: the SDS-Bridge 2D code runs its UNet in float32 (no casts); use --dtype float32")
+        g = OfficialVSD(base, lora(), device) if method == "vsd" else Official2D(base, device)
+        for unet in (g.unet, getattr(g, "unet_lora", None)):
+            if unet is not None:
+                counter.wrap(unet)
+        size = g.unet.config.sample_size
+        im = torch.randn((1, 4, size, size), device=device)  # generate.py: randn((1, 4, 64, 64))
+        mode = {"bridge1": "bridge", "bridge2": "bridge"}.get(method, method)
+        loop = GenerateLoop(g, GenerateArgs(prompt=PROMPT, mode=mode, stage_two_start_step=0 if method == "bridge2"
+                                            else GenerateArgs.stage_two_start_step),
+                            im, save_every=args.save_every, save_dir=save_dir)
+        return lambda i: {"t": int(loop.step(i)["t"].reshape(-1)[0])}
+    if method == "sdi":
+        from tests.parity.official.threestudio_sdi import NotebookLoop, OfficialSDI
+
+        g = OfficialSDI(base, device, weights_dtype=dtype, trainer_max_steps=total_steps(args))
+        counter.wrap(g.unet)
+        size = g.unet.config.sample_size
+        loop = NotebookLoop(g, PROMPT, torch.randn(1, 4, size, size), args.save_every, save_dir)
+        return lambda i: {"t": int(loop.step(i)["t"][0])}
+    if method == "ism":
+        from tests.parity.official.luciddreamer_ism import LatentLoop, OfficialISM
+        from tests.parity.official.sds_bridge_2d import IM_ADAMW
+
+        g = OfficialISM(base, device, precision_t=dtype, noise_seed=args.seed)
+        counter.wrap(g.unet)
+        size = g.unet.config.sample_size
+        # LucidDreamer optimizes Gaussians; the latent gets the Bridge 2D code's AdamW, sdbridge's default here too
+        loop = LatentLoop(g, PROMPT, torch.randn(1, 4, size, size), optimizer=IM_ADAMW,
+                          save_every=args.save_every, save_dir=save_dir)
+
+        def step(i: int) -> dict:
+            last = loop.step(i, None if plan is None else plan[i] - 1)  # official index i = timestep i + 1
+            return {"t": last["t"], "ind_prev_t": last["ind_prev_t"]}
+
+        return step
+    raise SystemExit(f"unknown method {method!r}")
+
+
+def run_official(args, plan: list[int] | None = None) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
+    counter = UNetCounter()
+    with tempfile.TemporaryDirectory() as tmp:
+        step = official_loop(args, device, dtype, counter, Path(tmp), plan)
+        clock = StepClock(counter, _sync(device), profile_window(args))
+        infos = []
+        for i in tqdm(range(total_steps(args))):  # every official loop iterates under a tqdm progress bar
+            clock.mark()
+            infos.append(step(i))
+        clock.mark()
+    extra = [official_extra(args.method, info) for info in infos[:total_steps(args) - 1]]
+    return {**clock.steps(total_steps(args) - 1), "t": [info["t"] for info in infos], "extra_calls": [e[0] for e in extra],
+            "extra_rows": [e[1] for e in extra], "_profiler": clock.profiler}
+
+
+# ---------------------------------------------------------------- the sdbridge side
+def sdbridge_overrides(args, device) -> list[str]:
+    overrides = [f"prior={args.prior}", *METHODS[args.method].overrides, f"prompt.texts=[{PROMPT}]", "prompt.repeat=1",
+                 f"seed={args.seed}", f"trainer.max_steps={total_steps(args)}", f"trainer.save_every={args.save_every}",
+                 "trainer.checkpoint_every=0", f"prior.device={device.type}", f"prior.dtype={args.dtype}"]
+    if args.latent_size:
+        overrides.append(f"prior.latent_size={args.latent_size}")
+    if args.cache_dir and args.prior == "tiny_sd":
+        overrides.append(f"prior.cache_dir={args.cache_dir}")
+    return overrides
+
+
+def run_sdbridge(args) -> dict:
+    import lightning as L
+
+    from sdbridge.eval.protocol import compose_run_config
+    from sdbridge.runner import run
+
+    device = resolve_device(args.device)
+    counter = UNetCounter()
+    clock = StepClock(counter, _sync(device), profile_window(args))
+    t_record: list[int] = []
+
+    class Observer(L.Callback):
+        """Wraps the UNets (the prior's and VSD's LoRA base) and the t draws; marks every step's start."""
+
+        def on_fit_start(self, trainer, pl_module) -> None:
+            counter.wrap(pl_module.prior.unet)
+            source = getattr(pl_module.guidance, "source", None)
+            if getattr(source, "model", None) is not None:
+                counter.wrap(source.model.unet)
+            guidance = pl_module.guidance
+            sample = guidance.sample_timesteps
+
+            def recorded(step: int, batch_size: int):
+                t = sample(step, batch_size)
+                t_record.append(int(t.reshape(-1)[0]))
+                return t
+
+            guidance.sample_timesteps = recorded
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            clock.mark()
+
+    config, _ = compose_run_config(sdbridge_overrides(args, device))
+    with tempfile.TemporaryDirectory() as tmp:
+        run(config, Path(tmp), callbacks=[Observer()])
+    if len(t_record) != total_steps(args):
+        raise RuntimeError(f"recorded {len(t_record)} timesteps for {total_steps(args)} steps")
+    return {**clock.steps(total_steps(args) - 1), "t": t_record, "_profiler": clock.profiler}
+
+
+# ---------------------------------------------------------------- one side
+def total_steps(args) -> int:
+    """Steps run: warm-up + timed + 1 (each timed step is measured up to the start of the next one)."""
+    return args.warmup + args.steps + 1
+
+
+def profile_window(args) -> tuple[int, int] | None:
+    """``--profile``: from the start of the first timed step to the start of the step after the last."""
+    return (args.warmup, args.warmup + args.steps) if args.profile else None
+
+
+def environment(args) -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    device = resolve_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
+    return {"device": name, "torch": torch.__version__, "prior": args.prior, "latent_size": args.latent_size,
+            "dtype": args.dtype, "seed": args.seed, "steps": args.steps, "warmup": args.warmup,
+            "save_every": args.save_every}
+
+
+def run_side(args) -> dict:
+    """Run one side; returns its record (``ms``, ``calls``, ``rows`` of every step but the last, ``t``, medians)."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    match = json.loads(Path(args.match).read_text()) if args.match else None
+    if match is not None and match["side"] != "sdbridge":
+        raise SystemExit(f"--match wants an sdbridge record, {args.match} is {match['side']!r}")
+    if args.side == "official":
+        plan = match["t"] if match is not None and args.method == "ism" else None
+        rec = run_official(args, plan)
+    else:
+        rec = run_sdbridge(args)
+    profiler = rec.pop("_profiler")
+    timed = rec["ms"][args.warmup:]
+    rec.update(method=args.method, side=args.side, **environment(args),
+               median_ms=statistics.median(timed), mean_ms=statistics.fmean(timed),
+               calls_per_step=statistics.fmean(rec["calls"][args.warmup:]),
+               rows_per_step=statistics.fmean(rec["rows"][args.warmup:]))
+    if profiler is not None:
+        profiler.dump_stats(args.profile)
+    if match is not None and args.side == "official":
+        problems = equal_work(rec, match)
+        print(work_line(rec, match, problems))
+        if problems:
+            raise SystemExit("unequal work: " + "; ".join(problems[:5]))
+    return rec
+
+
+def equal_work(official: dict, ours: dict) -> list[str]:
+    """Per timed step: the official calls and latents minus :data:`EXTRA_WORK` equal sdbridge's; the same t where t
+    sets the work (SDI's deterministic anneal, ISM's replayed draws); the same protocol."""
+    problems = [f"{key}: official {official[key]!r}, sdbridge {ours[key]!r}"
+                for key in ("method", "prior", "latent_size", "dtype", "seed", "steps", "warmup", "save_every")
+                if official[key] != ours[key]]
+    if problems:
+        return problems
+    w = official["warmup"]
+    for i in range(w, len(official["calls"])):
+        off = (official["calls"][i] - official["extra_calls"][i], official["rows"][i] - official["extra_rows"][i])
+        mine = (ours["calls"][i], ours["rows"][i])
+        if off != mine:
+            problems.append(f"step {i}: official {official['calls'][i]} calls / {official['rows'][i]} latents "
+                            f"(- extra {official['extra_calls'][i]} / {official['extra_rows'][i]}), sdbridge "
+                            f"{mine[0]} / {mine[1]}")
+    if official["method"] in ("sdi", "ism") and official["t"] != ours["t"]:
+        first = next(i for i, (a, b) in enumerate(zip(official["t"], ours["t"])) if a != b)
+        problems.append(f"t differs from step {first}: official {official['t'][first]}, sdbridge {ours['t'][first]}")
+    return problems
+
+
+def work_line(official: dict, ours: dict, problems: list[str]) -> str:
+    w = official["warmup"]
+    extra = statistics.fmean(official["extra_calls"][w:]), statistics.fmean(official["extra_rows"][w:])
+    why = f"; official extra by design {extra[0]:.2f} calls / {extra[1]:.2f} latents: {EXTRA_WORK[official['method']]}" \
+        if official["method"] in EXTRA_WORK else ""
+    return (f"UNet per step: official {official['calls_per_step']:.2f} calls / {official['rows_per_step']:.2f} latents, "
+            f"sdbridge {ours['calls_per_step']:.2f} / {ours['rows_per_step']:.2f}{why}; equal work: "
+            + ("OK" if not problems else f"NO ({len(problems)} problems)"))
+
+
+# ---------------------------------------------------------------- all methods, interleaved
+def run_all(args, argv: list[str]) -> int:
+    methods = args.methods or list(METHODS)
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_official_"))
+    work.mkdir(parents=True, exist_ok=True)
+    common = ["--prior", args.prior, "--steps", str(args.steps), "--warmup", str(args.warmup), "--save-every",
+              str(args.save_every), "--seed", str(args.seed), "--device", args.device, "--dtype", args.dtype]
+    for flag, value in (("--latent-size", args.latent_size), ("--threads", args.threads), ("--cache-dir", args.cache_dir)):
+        if value:
+            common += [flag, str(value)]
+    records: dict[str, dict[str, list[dict]]] = {m: {s: [] for s in SIDES} for m in methods}
+    log = (work / "runs.log").open("a")
+    start = time.perf_counter()
+    for rep in range(args.repeats):
+        for method in methods:
+            for side in (("sdbridge", "official") if rep % 2 == 0 else ("official", "sdbridge")):
+                out = work / f"{method}-{side}-{rep}.json"
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--method", method, "--side", side, *common,
+                       "--json", str(out)]
+                if side == "official":
+                    cmd += ["--match", str(work / f"{method}-sdbridge-0.json")]  # rep 0 runs sdbridge first
+                log.write(" ".join(cmd) + "\n")
+                log.flush()
+                done = subprocess.run(cmd, stdout=log, stderr=log, cwd=ROOT)
+                if done.returncode != 0:
+                    raise SystemExit(f"{' '.join(cmd)} failed (exit {done.returncode}); see {work / 'runs.log'}")
+                rec = json.loads(out.read_text())
+                records[method][side].append(rec)
+                print(f"rep {rep + 1}/{args.repeats} {method:8s} {side:8s} {rec['median_ms']:9.2f} ms/step "
+                      f"(mean {rec['mean_ms']:.2f}), UNet {rec['calls_per_step']:.2f} calls / "
+                      f"{rec['rows_per_step']:.2f} latents per step", flush=True)
+            official, ours = records[method]["official"][-1], records[method]["sdbridge"][-1]
+            problems = equal_work(official, ours)
+            print("    " + work_line(official, ours, problems), flush=True)
+            if problems:
+                raise SystemExit(f"{method}: unequal work: " + "; ".join(problems[:5]))
+    log.close()
+    rows = summarize(records)
+    command = "python experiments/bench/official.py " + " ".join(argv)
+    first = next(iter(records.values()))["sdbridge"][0]
+    text = table_text(rows, command, first)
+    print("\n" + text)
+    print(f"\n(official bench: {time.perf_counter() - start:.0f} s; records in {work})", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "records": records}, indent=1))
+    if args.readme:
+        from experiments.bench.run import write_readme
+
+        write_readme(Path(__file__).with_name("README.md"), "official", text)
+    return 0
+
+
+def summarize(records: dict[str, dict[str, list[dict]]]) -> list[dict]:
+    """Per method: the median over repetitions of each side's median ms per step, their ratio, and the spread of
+    the per-repetition ratio."""
+    rows = []
+    for method, sides in records.items():
+        official = [r["median_ms"] for r in sides["official"]]
+        ours = [r["median_ms"] for r in sides["sdbridge"]]
+        ratios = [b / a for a, b in zip(official, ours)]
+        rows.append({"method": method, "official_ms": statistics.median(official), "sdbridge_ms": statistics.median(ours),
+                     "ratio": statistics.median(ours) / statistics.median(official), "ratio_min": min(ratios),
+                     "ratio_max": max(ratios), "repeats": len(ratios),
+                     "official_calls": sides["official"][0]["calls_per_step"],
+                     "sdbridge_calls": sides["sdbridge"][0]["calls_per_step"],
+                     "official_rows": sides["official"][0]["rows_per_step"],
+                     "sdbridge_rows": sides["sdbridge"][0]["rows_per_step"]})
+    return rows
+
+
+def table_text(rows: list[dict], command: str, env: dict) -> str:
+    lines = [f"`{command}`", "",
+             f"Device: {env['device']}; torch {env['torch']}; prior `{env['prior']}`"
+             + (f" (latents {env['latent_size']}x{env['latent_size']})" if env.get("latent_size") else "")
+             + f", {env['dtype']}; batch 1; median of {env['steps']} steps after {env['warmup']} warm-up steps, a decode "
+             f"+ PNG every {env['save_every']} steps on both sides; {rows[0]['repeats'] if rows else 0} interleaved "
+             "repetitions, each run a fresh process.", "",
+             "| method | official ms / step (median) | sdbridge ms / step (median) | sdbridge / official "
+             "| spread (min–max) | UNet calls (latents) / step: official, sdbridge |",
+             "|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['official_ms']:,.2f} | {r['sdbridge_ms']:,.2f} | {r['ratio']:.2f} "
+                     f"| {r['ratio_min']:.2f}–{r['ratio_max']:.2f} | {r['official_calls']:.2f} "
+                     f"({r['official_rows']:.2f}), {r['sdbridge_calls']:.2f} ({r['sdbridge_rows']:.2f}) |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+def parse(argv: list[str] | None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", choices=list(METHODS))
+    parser.add_argument("--side", choices=SIDES)
+    parser.add_argument("--all", action="store_true", help="every method (or --methods), both sides, interleaved")
+    parser.add_argument("--methods", nargs="*", choices=list(METHODS), default=None, help="with --all")
+    parser.add_argument("--repeats", type=int, default=3, help="with --all: interleaved repetitions")
+    parser.add_argument("--prior", choices=PRIORS, default="tiny_sd")
+    parser.add_argument("--latent-size", type=int, default=None,
+                        help="latents n x n (tiny_sd: 8; sd21_base_random: 64; e.g. 16 on a CPU)")
+    parser.add_argument("--steps", type=int, default=200, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--save-every", type=int, default=10,
+                        help="decode + PNG every k steps on both sides (the SDS-Bridge loop's 10; 0: none)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="both sides (the SDS-Bridge 2D code runs float32 only)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads on both sides")
+    parser.add_argument("--cache-dir", default=None, help="the tiny SD's cache folder (prior.cache_dir)")
+    parser.add_argument("--json", default=None, help="write the record (--all: every record and the table rows)")
+    parser.add_argument("--match", default=None, help="official side: sdbridge's record (its t; equal-work check)")
+    parser.add_argument("--profile", default=None, help="cProfile the timed steps of this side into a .prof file")
+    parser.add_argument("--readme", action="store_true", help="with --all: write the table into the README")
+    parser.add_argument("--work-dir", default=None, help="with --all: where the per-run records go")
+    args = parser.parse_args(argv)
+    if not args.all and (args.method is None or args.side is None):
+        parser.error("give --method and --side (or --all)")
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.save_every < 0:
+        parser.error("--steps and --repeats must be >= 1, --warmup and --save-every >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    if args.all:
+        return run_all(args, argv)
+    if args.method == "bridge1" and total_steps(args) > 500:
+        print("note: bridge1 runs past step 500, where both sides switch to stage two", file=sys.stderr)
+    rec = run_side(args)
+    print(f"{args.side} {args.method} on {rec['prior']} ({rec['device']}): {rec['median_ms']:.2f} ms/step median "
+          f"(mean {rec['mean_ms']:.2f}) over {args.steps} steps after {args.warmup}; UNet {rec['calls_per_step']:.2f} "
+          f"calls / {rec['rows_per_step']:.2f} latents per step")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rec))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""experiments/bench/official.py: both sides run, time their steps and do the same UNet work (a few steps only; the
+numbers are not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.parametrize("method", ["sds", "ism"])
+def test_official_and_sdbridge_sides_record_equal_work(method, tmp_path, tiny_prior, tiny_cache):
+    """SDS: the same one CFG call per step on both sides. ISM: the official loop replays sdbridge's timesteps, so the
+    inversion lengths match; the official extra call at s = 1 is accounted for."""
+    from experiments.bench.official import equal_work, main, summarize, table_text
+
+    common = ["--method", method, "--steps", "3", "--warmup", "1", "--save-every", "2", "--device", "cpu",
+              "--cache-dir", str(tiny_cache)]
+    ours, official = tmp_path / "sdbridge.json", tmp_path / "official.json"
+    assert main([*common, "--side", "sdbridge", "--json", str(ours)]) == 0
+    assert main([*common, "--side", "official", "--json", str(official), "--match", str(ours)]) == 0
+    b, o = json.loads(ours.read_text()), json.loads(official.read_text())
+    for rec, side in ((b, "sdbridge"), (o, "official")):
+        assert rec["side"] == side and rec["method"] == method
+        assert len(rec["ms"]) == len(rec["calls"]) == len(rec["rows"]) == 4  # warm-up + timed steps
+        assert len(rec["t"]) == 5 and rec["median_ms"] > 0 and rec["mean_ms"] > 0
+    assert equal_work(o, b) == []
+    if method == "sds":
+        assert b["calls"] == o["calls"] == [1] * 4 and b["rows"] == o["rows"] == [2] * 4
+    else:
+        assert o["t"] == b["t"]  # replayed
+        assert all(c >= 2 for c in b["calls"])  # inversion steps below s + the step to t + the CFG call
+    rows = summarize({method: {"official": [o], "sdbridge": [b]}})
+    assert rows[0]["ratio"] == pytest.approx(b["median_ms"] / o["median_ms"])
+    assert f"| {method} |" in table_text(rows, "cmd", b)
+
+
+def test_unequal_work_is_refused(tmp_path):
+    from experiments.bench.official import equal_work
+
+    base = dict(method="sds", prior="tiny_sd", latent_size=None, dtype="float32", seed=0, steps=2, warmup=0,
+                save_every=10, t=[1, 2, 3])
+    official = {**base, "calls": [1, 1], "rows": [2, 2], "extra_calls": [0, 0], "extra_rows": [0, 0]}
+    assert equal_work(official, {**base, "calls": [1, 1], "rows": [2, 2]}) == []
+    assert "step 1" in equal_work(official, {**base, "calls": [1, 2], "rows": [2, 4]})[0]
+    assert "seed" in equal_work(official, {**base, "seed": 1, "calls": [1, 1], "rows": [2, 2]})[0]
