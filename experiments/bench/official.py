@@ -190,7 +190,8 @@ def official_loop(args, device, dtype, counter: UNetCounter, save_dir: Path, pla
         from tests.parity.official.sds_bridge_2d import GenerateArgs, GenerateLoop, Official2D, OfficialVSD
 
         if dtype != torch.float32:
-            raise SystemExit(f"{method}: the SDS-Bridge 2D code runs its UNet in float32 (no casts); use --dtype float32")
+            raise SystemExit(f"{method}: the SDS-Bridge 2D code runs its UNet in float32 (no casts); use --dtype "
+                             f"float32 (half precision: {', '.join(HALF_PRECISION_METHODS)})")
         g = OfficialVSD(base, lora(), device) if method == "vsd" else Official2D(base, device)
         for unet in (g.unet, getattr(g, "unet_lora", None)):
             if unet is not None:
@@ -328,8 +329,16 @@ def run_side(args) -> dict:
     """Run one side; returns its record (``ms``, ``calls``, ``rows`` of every step but the last, ``t``, medians)."""
     import torch
 
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _run_side(args)
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (the tests) keep theirs
+
+
+def _run_side(args) -> dict:
     match = json.loads(Path(args.match).read_text()) if args.match else None
     if match is not None and match["side"] != "sdbridge":
         raise SystemExit(f"--match wants an sdbridge record, {args.match} is {match['side']!r}")
@@ -387,8 +396,12 @@ def work_line(official: dict, ours: dict, problems: list[str]) -> str:
 
 
 # ---------------------------------------------------------------- all methods, interleaved
+#: the methods whose official code runs its UNet in half precision (threestudio's and LucidDreamer's casts)
+HALF_PRECISION_METHODS = ("sdi", "ism")
+
+
 def run_all(args, argv: list[str]) -> int:
-    methods = args.methods or list(METHODS)
+    methods = args.methods or (list(METHODS) if args.dtype == "float32" else list(HALF_PRECISION_METHODS))
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_official_"))
     work.mkdir(parents=True, exist_ok=True)
     common = ["--prior", args.prior, "--steps", str(args.steps), "--warmup", str(args.warmup), "--save-every",
@@ -491,7 +504,7 @@ def parse(argv: list[str] | None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
-                        help="both sides (the SDS-Bridge 2D code runs float32 only)")
+                        help="both sides (the SDS-Bridge 2D code runs float32 only: --all then times sdi and ism)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on both sides")
     parser.add_argument("--cache-dir", default=None, help="the tiny SD's cache folder (prior.cache_dir)")
     parser.add_argument("--json", default=None, help="write the record (--all: every record and the table rows)")

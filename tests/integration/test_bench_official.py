@@ -15,7 +15,7 @@ def test_official_and_sdbridge_sides_record_equal_work(method, tmp_path, tiny_pr
     from experiments.bench.official import equal_work, main, summarize, table_text
 
     common = ["--method", method, "--steps", "3", "--warmup", "1", "--save-every", "2", "--device", "cpu",
-              "--cache-dir", str(tiny_cache)]
+              "--threads", "1", "--cache-dir", str(tiny_cache)]
     ours, official = tmp_path / "sdbridge.json", tmp_path / "official.json"
     assert main([*common, "--side", "sdbridge", "--json", str(ours)]) == 0
     assert main([*common, "--side", "official", "--json", str(official), "--match", str(ours)]) == 0

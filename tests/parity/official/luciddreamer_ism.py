@@ -111,11 +111,8 @@ class OfficialISM(DiffusersSD):
                  noise_seed: int = 0):
         from diffusers import DDIMScheduler
 
-        super().__init__(source, device)
+        super().__init__(source, device, precision_t)
         self.precision_t = precision_t
-        if precision_t != self.unet.dtype:
-            self.unet.to(precision_t)
-            self.vae.to(precision_t)
         self.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
         assert self.scheduler.config.prediction_type == "epsilon" and not self.scheduler.config.thresholding
         assert not self.scheduler.config.clip_sample

@@ -59,12 +59,16 @@ def load_unet(source: ModelSource, device: torch.device | str = "cpu"):
 
 
 class DiffusersSD:
-    """The pipeline's UNet (eval), VAE, tokenizer and text encoder, all frozen, on ``device``."""
+    """The pipeline's UNet (eval), VAE, tokenizer and text encoder, all frozen, on ``device``; the UNet and the VAE
+    in ``dtype`` (``from_pretrained(..., torch_dtype=)`` in threestudio and LucidDreamer)."""
 
-    def __init__(self, source: ModelSource, device: torch.device | str = "cpu"):
+    def __init__(self, source: ModelSource, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.device = torch.device(device)
         self.pipe = load_pipeline(source, self.device)
-        self.unet, self.vae = self.pipe.unet.eval(), self.pipe.vae
+        self.unet, self.vae = self.pipe.unet.eval(), self.pipe.vae.eval()
+        if dtype != self.unet.dtype:
+            self.unet.to(dtype)
+            self.vae.to(dtype)
         self.tokenizer, self.text_encoder = self.pipe.tokenizer, self.pipe.text_encoder
         for module in (self.unet, self.vae, self.text_encoder):
             module.requires_grad_(False)

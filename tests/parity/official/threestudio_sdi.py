@@ -100,15 +100,14 @@ class OfficialSDI(DiffusersSD):
                  trainer_max_steps: int = NOTEBOOK_N_ITERS):
         from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-        super().__init__(source, device)
+        super().__init__(source, device, weights_dtype)
         self.weights_dtype = weights_dtype
-        if weights_dtype != self.unet.dtype:
-            self.unet.to(weights_dtype)
-            self.vae.to(weights_dtype)
         self.scheduler = DDIMScheduler.from_config(self.pipe.scheduler.config)
         self.scheduler.set_timesteps(OFFICIAL_N_DDIM_STEPS, device=self.device)
         self.inverse_scheduler = DDIMInverseScheduler.from_config(self.pipe.scheduler.config)
         self.inverse_scheduler.set_timesteps(NOTEBOOK_INVERSION_N_STEPS, device=self.device)
+        for scheduler in (self.scheduler, self.inverse_scheduler):  # indexed with timesteps on the device
+            scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device=self.device)
         self.inversion_n_steps = NOTEBOOK_INVERSION_N_STEPS
         self.inversion_eta = NOTEBOOK_INVERSION_ETA
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
