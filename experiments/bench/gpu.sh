@@ -18,9 +18,10 @@
 #            512 samples per ray (a 512x512 training step at 512 samples does
 #            not fit one GPU with the PyTorch hash grid: its row says "out of
 #            memory")
-#   official official.py --all --prior sd21_base_random --readme: the side by       ~2 min            150 s
-#            side with the official loop (skipped with a line if the script
-#            is not in this checkout)
+#   official official.py --all --prior sd21_base_random --repeats 2 --steps 15     ~2 min            150 s
+#            --warmup 3 --readme: the side by side with the official loops,
+#            every method, in one process (the table is written after each
+#            repetition; skipped with a line if the script is not here)
 #
 # run.py writes its method rows into the README as soon as they are measured, so a time-out during the speed
 # options keeps them. Every block is one per device (`bench:gpu-sd21_base_random`, `bench_nerf:cuda`, ...).
@@ -122,7 +123,7 @@ official=experiments/bench/official.py
 if [[ ! -f $official ]]; then
     skip official "$official is not in this checkout"
 elif [[ $dry_run -eq 0 ]]; then
-    part official "$PYTHON" "$official" --all --prior sd21_base_random --readme
+    part official "$PYTHON" "$official" --all --prior sd21_base_random --repeats 2 --steps 15 --warmup 3 --readme
 else
     official_help="$("$PYTHON" "$official" --help 2>/dev/null || true)"
     quick=()

@@ -19,13 +19,15 @@ prints the median ms per step of the timed steps and writes them with the per-st
 does that sdbridge by design does not (:data:`EXTRA_WORK`) must equal sdbridge's.
 
 ``--all`` runs every method ``--repeats`` times, official and sdbridge alternately (sdbridge first in even
-repetitions, official first in odd ones), each run a fresh subprocess, checks equal work for every pair and prints
-(``--readme``: writes into experiments/bench/README.md) the table of median ms per step, the ratio sdbridge /
-official and its spread over the repetitions.
+repetitions, official first in odd ones), in one process that builds the model once and hands its modules to both
+sides (``--spawn``: every run in a fresh process instead), checks equal work for every pair and prints (``--readme``:
+writes into experiments/bench/README.md, after every repetition) the table of median ms per step, the ratio
+sdbridge / official and its spread over the repetitions.
 
-    python experiments/bench/official.py --method sds --side official --steps 200 --warmup 5 --json off.json
     python experiments/bench/official.py --method sds --side sdbridge --steps 200 --warmup 5 --json ours.json
-    python experiments/bench/official.py --all --repeats 3 --readme                # every method, tiny SD
+    python experiments/bench/official.py --method sds --side official --steps 200 --warmup 5 --json off.json \
+        --match ours.json
+    python experiments/bench/official.py --all --repeats 5 --readme                # every method, tiny SD
     python experiments/bench/official.py --all --prior sd21_base_random --latent-size 16 --steps 30 --warmup 3
 """
 
@@ -48,6 +50,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # `python experiments/bench/official.py`: the repository's packages (tests.parity)
     sys.path.insert(0, str(ROOT))
+
+from experiments.bench.readme import README_PATH_OPTION  # noqa: E402
 
 PROMPT = "a DSLR photo of a dolphin"  # the SDS-Bridge 2D code's default prompt, both sides, every method
 PRIORS = ("tiny_sd", "sd21_base_random")
@@ -95,25 +99,28 @@ def official_extra(method: str, info: dict[str, Any]) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- counting and timing
 class UNetCounter:
-    """Counts calls of the wrapped UNets' ``forward`` and the latents they see (the sample's batch size)."""
+    """Counts calls of the wrapped UNets' ``forward`` and the latents they see (the sample's batch size). A UNet
+    wrapped again (a model shared by the runs of one process) counts for the counter that wrapped it last."""
 
     def __init__(self):
         self.calls = 0
         self.rows = 0
 
     def wrap(self, unet) -> None:
-        if getattr(unet, "_bench_counted", False):
+        unet._bench_counter = self
+        if getattr(unet, "_bench_wrapped", False):
             return
         forward = unet.forward
 
         def counted(*args, **kwargs):
             sample = args[0] if args else kwargs["sample"]
-            self.calls += 1
-            self.rows += int(sample.shape[0])
+            counter = unet._bench_counter
+            counter.calls += 1
+            counter.rows += int(sample.shape[0])
             return forward(*args, **kwargs)
 
         unet.forward = counted  # an instance attribute: both unet(...) and unet.forward(...) go through it
-        unet._bench_counted = True
+        unet._bench_wrapped = True
 
 
 class StepClock:
@@ -158,31 +165,43 @@ def resolve_device(name: str):
 
 
 # ---------------------------------------------------------------- the official side
-def official_model(args, device, dtype):
-    """The model as the official codes load it, and VSD's LoRA base: diffusers folders for the tiny SD (the ones
-    sdbridge builds offline and loads), prebuilt modules for the random-weight SD 2.1 base (the same seeds)."""
+def official_model(args, device, dtype, prior=None):
+    """The model as the official codes load it, and (a callable) VSD's LoRA base: diffusers folders for the tiny SD
+    (the ones sdbridge builds offline and loads), prebuilt modules for the random-weight SD 2.1 base (the same seeds).
+    With ``prior`` (the model one process shares between its runs), that prior's own modules."""
+    from sdbridge.priors.random_sd import (SD21_BASE_SCHEDULER, RandomSDConfig, build_random_sd21_base,
+                                           build_random_sd21_companion_unet)
+
     if args.prior == "tiny_sd":
         from sdbridge.priors.tiny import TinySDConfig, ensure_tiny_sd, stand_in_folder
         from tests.parity.official.sds_bridge_2d import OFFICIAL_LORA_MODEL
 
-        config = TinySDConfig(**({"cache_dir": args.cache_dir} if args.cache_dir else {}),
-                              **({"latent_size": args.latent_size} if args.latent_size else {}))
-        return ensure_tiny_sd(config), lambda: stand_in_folder(config, OFFICIAL_LORA_MODEL)
-    from sdbridge.priors.random_sd import RandomSDConfig, build_random_sd21_base, build_random_sd21_companion_unet
+        tiny = TinySDConfig(**({"cache_dir": args.cache_dir} if args.cache_dir else {}),
+                            **({"latent_size": args.latent_size} if args.latent_size else {}))
+        lora = lambda: stand_in_folder(tiny, OFFICIAL_LORA_MODEL)  # noqa: E731
+    else:
+        random_sd = RandomSDConfig(**({"latent_size": args.latent_size} if args.latent_size else {}))
+        lora = lambda: {"unet": build_random_sd21_companion_unet(device, dtype, random_sd.seed),  # noqa: E731
+                        "scheduler_config": {"prediction_type": "v_prediction"}}
+    if prior is not None:
+        from diffusers import DDIMScheduler
 
-    seed = RandomSDConfig().seed
-    base = build_random_sd21_base(device, dtype, seed, args.latent_size)
-    return base, lambda: {"unet": build_random_sd21_companion_unet(device, dtype, seed),
-                          "scheduler_config": {"prediction_type": "v_prediction"}}
+        scheduler = (DDIMScheduler.load_config(prior.model_path, subfolder="scheduler") if prior.model_path
+                     else SD21_BASE_SCHEDULER)
+        return {"tokenizer": prior.tokenizer, "text_encoder": prior.text_encoder, "unet": prior.unet,
+                "vae": prior.vae, "scheduler_config": dict(scheduler)}, lora
+    if args.prior == "tiny_sd":
+        return ensure_tiny_sd(tiny), lora
+    return build_random_sd21_base(device, dtype, random_sd.seed, random_sd.latent_size), lora
 
 
-def official_loop(args, device, dtype, counter: UNetCounter, save_dir: Path, plan: list[int] | None):
+def official_loop(args, device, dtype, counter: UNetCounter, save_dir: Path, plan: list[int] | None, prior=None):
     """The method's official loop after its setup: ``step(i) -> {"t", ...}``."""
     import numpy as np
     import torch
 
     method = args.method
-    base, lora = official_model(args, device, dtype)
+    base, lora = official_model(args, device, dtype, prior)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
@@ -230,14 +249,14 @@ def official_loop(args, device, dtype, counter: UNetCounter, save_dir: Path, pla
     raise SystemExit(f"unknown method {method!r}")
 
 
-def run_official(args, plan: list[int] | None = None) -> dict:
+def run_official(args, plan: list[int] | None = None, prior=None) -> dict:
     import torch
     from tqdm import tqdm
 
     device, dtype = resolve_device(args.device), getattr(torch, args.dtype)
     counter = UNetCounter()
     with tempfile.TemporaryDirectory() as tmp:
-        step = official_loop(args, device, dtype, counter, Path(tmp), plan)
+        step = official_loop(args, device, dtype, counter, Path(tmp), plan, prior)
         clock = StepClock(counter, _sync(device), profile_window(args))
         infos = []
         for i in tqdm(range(total_steps(args))):  # every official loop iterates under a tqdm progress bar
@@ -250,10 +269,8 @@ def run_official(args, plan: list[int] | None = None) -> dict:
 
 
 # ---------------------------------------------------------------- the sdbridge side
-def sdbridge_overrides(args, device) -> list[str]:
-    overrides = [f"prior={args.prior}", *METHODS[args.method].overrides, f"prompt.texts=[{PROMPT}]", "prompt.repeat=1",
-                 f"seed={args.seed}", f"trainer.max_steps={total_steps(args)}", f"trainer.save_every={args.save_every}",
-                 "trainer.checkpoint_every=0", f"prior.device={device.type}", f"prior.dtype={args.dtype}"]
+def prior_overrides(args, device) -> list[str]:
+    overrides = [f"prior={args.prior}", f"prior.device={device.type}", f"prior.dtype={args.dtype}"]
     if args.latent_size:
         overrides.append(f"prior.latent_size={args.latent_size}")
     if args.cache_dir and args.prior == "tiny_sd":
@@ -261,7 +278,22 @@ def sdbridge_overrides(args, device) -> list[str]:
     return overrides
 
 
-def run_sdbridge(args) -> dict:
+def sdbridge_overrides(args, device) -> list[str]:
+    return [*prior_overrides(args, device), *METHODS[args.method].overrides, f"prompt.texts=[{PROMPT}]",
+            "prompt.repeat=1", f"seed={args.seed}", f"trainer.max_steps={total_steps(args)}",
+            f"trainer.save_every={args.save_every}", "trainer.checkpoint_every=0"]
+
+
+def build_shared_prior(args):
+    """The prior one process builds once for all its runs (``--all`` without ``--spawn``)."""
+    from sdbridge.eval.protocol import compose_run_config
+    from sdbridge.priors import build_prior
+
+    config, _ = compose_run_config(prior_overrides(args, resolve_device(args.device)))
+    return build_prior(config.prior)
+
+
+def run_sdbridge(args, prior=None) -> dict:
     import lightning as L
 
     from sdbridge.eval.protocol import compose_run_config
@@ -295,7 +327,7 @@ def run_sdbridge(args) -> dict:
 
     config, _ = compose_run_config(sdbridge_overrides(args, device))
     with tempfile.TemporaryDirectory() as tmp:
-        run(config, Path(tmp), callbacks=[Observer()])
+        run(config, Path(tmp), callbacks=[Observer()], prior=prior)
     if len(t_record) != total_steps(args):
         raise RuntimeError(f"recorded {len(t_record)} timesteps for {total_steps(args)} steps")
     return {**clock.steps(total_steps(args) - 1), "t": t_record, "_profiler": clock.profiler}
@@ -325,28 +357,29 @@ def environment(args) -> dict[str, Any]:
             "save_every": args.save_every}
 
 
-def run_side(args) -> dict:
-    """Run one side; returns its record (``ms``, ``calls``, ``rows`` of every step but the last, ``t``, medians)."""
+def run_side(args, match: dict | None = None, prior=None) -> dict:
+    """Run one side; returns its record (``ms``, ``calls``, ``rows`` of every step but the last, ``t``, medians).
+    ``match``: sdbridge's record for the official side (its t, the equal-work check); ``prior``: a model shared by
+    the runs of this process (both sides use its modules)."""
     import torch
 
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return _run_side(args)
+        return _run_side(args, match, prior)
     finally:
         torch.set_num_threads(threads)  # in-process callers (the tests) keep theirs
 
 
-def _run_side(args) -> dict:
-    match = json.loads(Path(args.match).read_text()) if args.match else None
+def _run_side(args, match: dict | None, prior) -> dict:
     if match is not None and match["side"] != "sdbridge":
-        raise SystemExit(f"--match wants an sdbridge record, {args.match} is {match['side']!r}")
+        raise SystemExit(f"the official side matches an sdbridge record, not a {match['side']!r} one")
     if args.side == "official":
         plan = match["t"] if match is not None and args.method == "ism" else None
-        rec = run_official(args, plan)
+        rec = run_official(args, plan, prior)
     else:
-        rec = run_sdbridge(args)
+        rec = run_sdbridge(args, prior)
     profiler = rec.pop("_profiler")
     timed = rec["ms"][args.warmup:]
     rec.update(method=args.method, side=args.side, **environment(args),
@@ -355,11 +388,6 @@ def _run_side(args) -> dict:
                rows_per_step=statistics.fmean(rec["rows"][args.warmup:]))
     if profiler is not None:
         profiler.dump_stats(args.profile)
-    if match is not None and args.side == "official":
-        problems = equal_work(rec, match)
-        print(work_line(rec, match, problems))
-        if problems:
-            raise SystemExit("unequal work: " + "; ".join(problems[:5]))
     return rec
 
 
@@ -401,54 +429,79 @@ HALF_PRECISION_METHODS = ("sdi", "ism")
 
 
 def run_all(args, argv: list[str]) -> int:
+    """Every method, both sides alternately, ``--repeats`` times; the table goes to the terminal, ``--json`` and
+    (``--readme``) the README after every repetition, so an interrupted run keeps the repetitions it finished."""
     methods = args.methods or (list(METHODS) if args.dtype == "float32" else list(HALF_PRECISION_METHODS))
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_official_"))
     work.mkdir(parents=True, exist_ok=True)
-    common = ["--prior", args.prior, "--steps", str(args.steps), "--warmup", str(args.warmup), "--save-every",
-              str(args.save_every), "--seed", str(args.seed), "--device", args.device, "--dtype", args.dtype]
-    for flag, value in (("--latent-size", args.latent_size), ("--threads", args.threads), ("--cache-dir", args.cache_dir)):
-        if value:
-            common += [flag, str(value)]
     records: dict[str, dict[str, list[dict]]] = {m: {s: [] for s in SIDES} for m in methods}
-    log = (work / "runs.log").open("a")
+    prior = None if args.spawn else build_shared_prior(args)
     start = time.perf_counter()
     for rep in range(args.repeats):
         for method in methods:
             for side in (("sdbridge", "official") if rep % 2 == 0 else ("official", "sdbridge")):
-                out = work / f"{method}-{side}-{rep}.json"
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--method", method, "--side", side, *common,
-                       "--json", str(out)]
-                if side == "official":
-                    cmd += ["--match", str(work / f"{method}-sdbridge-0.json")]  # rep 0 runs sdbridge first
-                log.write(" ".join(cmd) + "\n")
-                log.flush()
-                done = subprocess.run(cmd, stdout=log, stderr=log, cwd=ROOT)
-                if done.returncode != 0:
-                    raise SystemExit(f"{' '.join(cmd)} failed (exit {done.returncode}); see {work / 'runs.log'}")
-                rec = json.loads(out.read_text())
+                match = records[method]["sdbridge"][0] if side == "official" else None  # rep 0 runs sdbridge first
+                one = argparse.Namespace(**{**vars(args), "method": method, "side": side, "all": False})
+                rec = spawn_side(one, work, rep, match) if args.spawn else run_side(one, match, prior)
                 records[method][side].append(rec)
                 print(f"rep {rep + 1}/{args.repeats} {method:8s} {side:8s} {rec['median_ms']:9.2f} ms/step "
                       f"(mean {rec['mean_ms']:.2f}), UNet {rec['calls_per_step']:.2f} calls / "
                       f"{rec['rows_per_step']:.2f} latents per step", flush=True)
+                release_memory()
             official, ours = records[method]["official"][-1], records[method]["sdbridge"][-1]
             problems = equal_work(official, ours)
             print("    " + work_line(official, ours, problems), flush=True)
             if problems:
                 raise SystemExit(f"{method}: unequal work: " + "; ".join(problems[:5]))
-    log.close()
+        write_results(args, argv, records)
+    print(f"\n(official bench: {time.perf_counter() - start:.0f} s; per-run records in {work})", file=sys.stderr)
+    return 0
+
+
+def spawn_side(args, work: Path, rep: int, match: dict | None) -> dict:
+    """One side in a fresh process (``--spawn``); its output goes to ``work/runs.log``."""
+    out = work / f"{args.method}-{args.side}-{rep}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--method", args.method, "--side", args.side, "--json",
+           str(out)]
+    for flag in ("prior", "latent_size", "steps", "warmup", "save_every", "seed", "device", "dtype", "threads",
+                 "cache_dir"):
+        value = getattr(args, flag)
+        if value is not None:
+            cmd += ["--" + flag.replace("_", "-"), str(value)]
+    if match is not None:
+        matched = work / f"{args.method}-sdbridge-match.json"
+        matched.write_text(json.dumps(match))
+        cmd += ["--match", str(matched)]
+    with (work / "runs.log").open("a") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        done = subprocess.run(cmd, stdout=log, stderr=log, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed (exit {done.returncode}); see {work / 'runs.log'}")
+    return json.loads(out.read_text())
+
+
+def release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def write_results(args, argv: list[str], records: dict[str, dict[str, list[dict]]]) -> None:
+    from experiments.bench.readme import command_line, write_block
+
     rows = summarize(records)
-    command = "python experiments/bench/official.py " + " ".join(argv)
     first = next(iter(records.values()))["sdbridge"][0]
-    text = table_text(rows, command, first)
-    print("\n" + text)
-    print(f"\n(official bench: {time.perf_counter() - start:.0f} s; records in {work})", file=sys.stderr)
+    text = table_text(rows, command_line("experiments/bench/official.py", argv), first, spawned=args.spawn)
+    print("\n" + text + "\n", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "records": records}, indent=1))
     if args.readme:
-        from experiments.bench.run import write_readme
-
-        write_readme(Path(__file__).with_name("README.md"), "official", text)
-    return 0
+        write_block(args.readme_path, "bench:official", text)
 
 
 def summarize(records: dict[str, dict[str, list[dict]]]) -> list[dict]:
@@ -469,13 +522,14 @@ def summarize(records: dict[str, dict[str, list[dict]]]) -> list[dict]:
     return rows
 
 
-def table_text(rows: list[dict], command: str, env: dict) -> str:
+def table_text(rows: list[dict], command: str, env: dict, spawned: bool = False) -> str:
     lines = [f"`{command}`", "",
              f"Device: {env['device']}; torch {env['torch']}; prior `{env['prior']}`"
              + (f" (latents {env['latent_size']}x{env['latent_size']})" if env.get("latent_size") else "")
              + f", {env['dtype']}; batch 1; median of {env['steps']} steps after {env['warmup']} warm-up steps, a decode "
              f"+ PNG every {env['save_every']} steps on both sides; {rows[0]['repeats'] if rows else 0} interleaved "
-             "repetitions, each run a fresh process.", "",
+             "repetitions, " + ("each run a fresh process." if spawned else "all runs in one process sharing the "
+                                "model."), "",
              "| method | official ms / step (median) | sdbridge ms / step (median) | sdbridge / official "
              "| spread (min–max) | UNet calls (latents) / step: official, sdbridge |",
              "|---|---:|---:|---:|---:|---|"]
@@ -494,6 +548,10 @@ def parse(argv: list[str] | None):
     parser.add_argument("--all", action="store_true", help="every method (or --methods), both sides, interleaved")
     parser.add_argument("--methods", nargs="*", choices=list(METHODS), default=None, help="with --all")
     parser.add_argument("--repeats", type=int, default=3, help="with --all: interleaved repetitions")
+    parser.add_argument("--spawn", action="store_true",
+                        help="with --all: every run in a fresh process (default: one process, the model built once)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: 3 timed steps after 1, a PNG every 2 steps, 1 repetition")
     parser.add_argument("--prior", choices=PRIORS, default="tiny_sd")
     parser.add_argument("--latent-size", type=int, default=None,
                         help="latents n x n (tiny_sd: 8; sd21_base_random: 64; e.g. 16 on a CPU)")
@@ -511,8 +569,12 @@ def parse(argv: list[str] | None):
     parser.add_argument("--match", default=None, help="official side: sdbridge's record (its t; equal-work check)")
     parser.add_argument("--profile", default=None, help="cProfile the timed steps of this side into a .prof file")
     parser.add_argument("--readme", action="store_true", help="with --all: write the table into the README")
+    parser.add_argument(README_PATH_OPTION, type=Path, default=Path(__file__).with_name("README.md"),
+                        help="the README that --readme writes (a copy, for dry runs)")
     parser.add_argument("--work-dir", default=None, help="with --all: where the per-run records go")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup, args.save_every, args.repeats = 3, 1, 2, 1
     if not args.all and (args.method is None or args.side is None):
         parser.error("give --method and --side (or --all)")
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.save_every < 0:
@@ -527,12 +589,18 @@ def main(argv: list[str] | None = None) -> int:
         return run_all(args, argv)
     if args.method == "bridge1" and total_steps(args) > 500:
         print("note: bridge1 runs past step 500, where both sides switch to stage two", file=sys.stderr)
-    rec = run_side(args)
+    match = json.loads(Path(args.match).read_text()) if args.match else None
+    rec = run_side(args, match)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rec))
+    if match is not None and args.side == "official":
+        problems = equal_work(rec, match)
+        print(work_line(rec, match, problems))
+        if problems:
+            raise SystemExit("unequal work: " + "; ".join(problems[:5]))
     print(f"{args.side} {args.method} on {rec['prior']} ({rec['device']}): {rec['median_ms']:.2f} ms/step median "
           f"(mean {rec['mean_ms']:.2f}) over {args.steps} steps after {args.warmup}; UNet {rec['calls_per_step']:.2f} "
           f"calls / {rec['rows_per_step']:.2f} latents per step")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rec))
     return 0
 
 

@@ -35,6 +35,25 @@ def test_official_and_sdbridge_sides_record_equal_work(method, tmp_path, tiny_pr
     assert f"| {method} |" in table_text(rows, "cmd", b)
 
 
+def test_all_in_one_process_writes_the_table(tmp_path, tiny_prior, tiny_cache):
+    """``--all`` (one process, the model shared by both sides) checks equal work per pair and writes its table
+    between the README markers of the copy it is pointed at, without the copy's path in the command line."""
+    from experiments.bench.official import main
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# Benchmarks\n\n<!-- bench:official:start -->\nold\n<!-- bench:official:end -->\n")
+    out = tmp_path / "all.json"
+    assert main(["--all", "--quick", "--methods", "sds", "nfsd", "--device", "cpu", "--threads", "1", "--cache-dir",
+                 str(tiny_cache), "--json", str(out), "--readme", "--readme-path", str(readme)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["sds", "nfsd"]
+    nfsd = rows[1]
+    assert (nfsd["official_calls"], nfsd["official_rows"], nfsd["sdbridge_calls"], nfsd["sdbridge_rows"]) == (2, 4, 1, 3)
+    text = readme.read_text()
+    assert "old" not in text and "| sds |" in text and "| nfsd |" in text and "--readme-path" not in text
+    assert "one process sharing the model" in text
+
+
 def test_unequal_work_is_refused(tmp_path):
     from experiments.bench.official import equal_work
 
