@@ -196,12 +196,20 @@ def test_lora_step_matches_official(drop, preset, tiny_prior, tiny_cache, folder
     after_ours = torch.cat([our_lora_vector(g), our_camera_vector(g)])
     after_ref = torch.cat([ref.lora_vector(), ref.camera_vector()])
     e_params = rel_err(after_ours, after_ref)
-    e_update = rel_err(after_ours - torch.cat([before_ours, before_cam]), after_ref - torch.cat([before_ref, before_cam]))
+    # Adam's first step is lr * g / (|g| + eps) ~ lr * sign(g): a component whose gradient is at the rounding level
+    # of the gradient itself (|g| < 1e-5 max|g|) can flip its sign between two fp32 evaluation orders and move by
+    # 2 lr either way. Which of them flip depends on the CPU's kernels (measured: update alone 6.4e-5 on one machine,
+    # 1.05e-4 on another), so the update alone is compared where it is well conditioned; the updated parameters
+    # (e_params) still compare every component.
+    g_ref = torch.cat([ref.lora_vector("grad"), ref.camera_vector("grad")])
+    sure = g_ref.abs() > 1e-5 * g_ref.abs().max()
+    d_ours = after_ours - torch.cat([before_ours, before_cam])
+    d_ref = after_ref - torch.cat([before_ref, before_cam])
+    e_update = rel_err(d_ours[sure], d_ref[sure])
     print(f"PARITY vsd LoRA step [{preset}, drop={drop}]: loss {e_loss:.1e}, gradient (LoRA + camera) {e_grad:.1e}, "
-          f"updated parameters {e_params:.1e}, update alone {e_update:.1e}")
+          f"updated parameters {e_params:.1e}, update alone {e_update:.1e} (on {int(sure.sum())} of {sure.numel()} "
+          f"components; all of them: {rel_err(d_ours, d_ref):.1e})")
     assert torch.equal(before_ours, before_ref)
-    # Adam's first step is lr * g / (|g| + eps): components with |g| ~ eps (1e-8 in 2D) pass their fp32 rounding
-    # through at full relative size, so the update alone agrees less closely (6.4e-5) than the gradient (2e-6)
     assert e_loss <= TOL and e_grad <= TOL and e_params <= TOL and e_update <= TOL
 
 
