@@ -196,9 +196,9 @@ class Guidance(nn.Module):
     train_before_target_step: bool = True
 
     def train_step(self, x0: torch.Tensor, prompts: Sequence[str], step: int, *,
-                   views: Views | None = None) -> dict[str, float]:
+                   views: Views | None = None) -> dict[str, float | torch.Tensor]:
         """Update trainable parts (VSD's source network) on the detached current samples seen from ``views``;
-        returns log values."""
+        returns log values (0-d tensors are read only on the steps that log them)."""
         return {}
 
     def get_extra_state(self) -> dict[str, Any]:

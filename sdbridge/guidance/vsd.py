@@ -330,7 +330,7 @@ class VSD(Guidance):
         return {"t": t, "noise": noise, "camera_drop": drop, "text_drop": drop}
 
     def train_step(self, x0: torch.Tensor, prompts: Sequence[str], step: int, *, views=None,
-                   draws: dict[str, torch.Tensor | None] | None = None) -> dict[str, float]:
+                   draws: dict[str, torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
         """One diffusion-loss step of the source network on the detached current samples seen from ``views``
         (``lora_steps`` times). ``draws`` (as :meth:`draw_training` returns them) fixes the random numbers of a
         single update."""
@@ -354,8 +354,8 @@ class VSD(Guidance):
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             self.optimizer.step()
-            losses.append(float(loss.detach()))
-        return {"source_loss": sum(losses) / len(losses)}
+            losses.append(loss.detach())  # a tensor: read only on the steps that log it (no device sync per step)
+        return {"source_loss": torch.stack(losses).mean()}
 
     def get_extra_state(self) -> dict[str, Any]:
         if self.source is None:

@@ -198,6 +198,8 @@ class StableDiffusionPrior(DiffusionPrior):
     is_latent = True
     supports_adapters = True
     interpolates_text = True  # token embeddings mix linearly (threestudio's and LucidDreamer's view interpolation)
+    adapters_stay_on = False  # True for a companion (see _companion_from): adapter() then never switches them off
+    _adapter_on: tuple | None = None
 
     def __init__(self, config: StableDiffusionConfig, path: Path | None = None,
                  components: dict[str, Any] | None = None):
@@ -297,6 +299,10 @@ class StableDiffusionPrior(DiffusionPrior):
                       "scheduler_config": dict(scheduler_config)}
         other = StableDiffusionPrior(self.config, components=components)
         other.model_path = path
+        # Nothing but its adapters' owner evaluates a companion (a fresh UNet per call), so adapter() leaves them on:
+        # switching them costs three passes over the UNet's modules (3.3 ms a switch on the tiny UNet, twice a VSD
+        # step; measured with experiments/bench/official.py --profile).
+        other.adapters_stay_on = True
         self.share_nfe_counter(other)  # its evaluations are the run's NFEs
         return other
 
@@ -326,7 +332,15 @@ class StableDiffusionPrior(DiffusionPrior):
         k, B = len(conds), x_t.shape[0]
         x_in = x_t.repeat(k, *([1] * (x_t.dim() - 1)))
         emb = torch.cat([c.value for c in conds])
-        out = self._unet_raw(x_in, t.repeat(k), emb)
+        if torch.is_grad_enabled():
+            out = self._unet_raw(x_in, t.repeat(k), emb)
+        else:
+            # Inference mode skips autograd's version counters and view tracking in every UNet op: 5.9 -> 5.6 ms for
+            # the tiny UNet's CFG pair on this CPU (experiments/bench/README.md). The clone makes the output a normal
+            # tensor again, which callers may modify in place.
+            with torch.inference_mode():
+                out = self._unet_raw(x_in, t.repeat(k), emb)
+            out = out.clone()
         return self.raw_to_eps(out, x_in, t.repeat(k)).view(k, B, *x_t.shape[1:])
 
     def predict_raw(
@@ -379,6 +393,14 @@ class StableDiffusionPrior(DiffusionPrior):
     def adapter(self, name: str, class_embedding: torch.nn.Module | None = None):
         """The UNet with adapters ``name`` on and ``class_embedding`` in place (re-entrant); off again after. Backward
         passes through the LoRA must run inside it too: peft turns ``requires_grad`` off with the adapters."""
+        if self.adapters_stay_on:  # a companion serves only its adapters: switch once, never back
+            if self._adapter_on != (name, class_embedding):
+                self.unet.enable_adapters()
+                self.unet.set_adapter(name)
+                self.unet.class_embedding = class_embedding
+                self._adapter_on = (name, class_embedding)
+            yield
+            return
         self._adapter_depth = getattr(self, "_adapter_depth", 0) + 1
         if self._adapter_depth == 1:
             self.unet.enable_adapters()
