@@ -68,15 +68,19 @@ def invert(
     """
     uncond = guidance.negatives(prompts) if uncond_texts is None else list(uncond_texts)
     views = StepPrompts.of(prompts).perp_neg if perp_neg and scale is not None else None
+    # the whole path's noise levels and moves at once: one host sync per call (on a GPU, `bool(moved.any())` each
+    # step was one each), the same values as per step
+    times = torch.stack([torch.as_tensor(p, device=x0.device) for p in path])  # (L, B)
+    levels = guidance.prior.abar(times).to(x0)
+    from_levels = torch.where(times == 0, torch.ones_like(levels), levels)  # t = 0: the clean sample, level 1
+    moves = times[1:] != times[:-1]  # (L - 1, B)
+    any_moved, all_moved = moves.any(1).tolist(), moves.all(1).tolist()
     x = x0
     eps = torch.zeros_like(x0)
     for i in range(len(path) - 1):
-        moved = per_sample(path[i + 1] != path[i], x0)
-        if not bool(moved.any()) and i < len(path) - 2:
+        if not any_moved[i] and i < len(path) - 2:
             continue  # padding step for the whole batch: no evaluation needed
-        a_from = guidance.alpha_bar(path[i], x0)
-        a_from = torch.where(per_sample(path[i], x0) == 0, torch.ones_like(a_from), a_from)
-        a_to = guidance.alpha_bar(path[i + 1], x0)
+        a_from, a_to = per_sample(from_levels[i], x0), per_sample(levels[i + 1], x0)
         if scale is None:
             eps = guidance.predict(x, path[i], uncond=uncond)["uncond"]
         elif views is not None:
@@ -89,5 +93,5 @@ def invert(
         if eta > 0:
             noise = rng.randn(x.shape, generator).to(x)
             x_next = x_next + eta * ddpm_posterior_std(a_from, a_to) * noise
-        x = torch.where(moved, x_next, x)
+        x = x_next if all_moved[i] else torch.where(per_sample(moves[i], x0), x_next, x)
     return x, eps

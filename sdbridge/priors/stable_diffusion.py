@@ -330,9 +330,12 @@ class StableDiffusionPrior(DiffusionPrior):
     # ------------------------------------------------------------------ denoiser
     def _predict_eps_batched(self, x_t: torch.Tensor, t: torch.Tensor, conds: list[TextEmbedding]) -> torch.Tensor:
         k, B = len(conds), x_t.shape[0]
-        x_in = x_t.repeat(k, *([1] * (x_t.dim() - 1)))
-        emb = torch.cat([c.value for c in conds])
-        t_in = t.repeat(k)
+        if k == 1:  # one conditioning (inversion steps, VSD's LoRA): no copies
+            x_in, emb, t_in = x_t, conds[0].value, t
+        else:
+            x_in = x_t.repeat(k, *([1] * (x_t.dim() - 1)))
+            emb = torch.cat([c.value for c in conds])
+            t_in = t.repeat(k)
         if torch.is_grad_enabled():
             out = self._unet_raw(x_in, t_in, emb)
         else:
