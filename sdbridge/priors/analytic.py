@@ -105,6 +105,22 @@ class AnalyticConfig(PriorConfig):
                          self.renders_per_cluster, seed=self.seed)
 
 
+def float32_normal(v: torch.Tensor) -> torch.Tensor:
+    """``v`` in float32 with its subnormal values (|v| < 1.2e-38, tails of localized components) set to 0.
+
+    A matmul that meets subnormal operands runs at a fraction of its speed on x86 CPUs: 9,418 of the clean basis's
+    4.7 M entries made ``x @ Q`` and the back-projection 2.1x slower (3.4 vs 1.6 ms for a batch of 16 images, this
+    machine); each such value changes a product by less than 1e-38."""
+    out = v.float()
+    return out.masked_fill_(out.abs() < torch.finfo(torch.float32).tiny, 0.0)
+
+
+def to_work(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``v`` in ``like``'s dtype; in float32 without subnormals (posterior weights down to 1e-300, and products of
+    small float32 factors, would be subnormal operands of the next matmul: :func:`float32_normal`)."""
+    return float32_normal(v) if like.dtype == torch.float32 else v.to(like)
+
+
 # --------------------------------------------------------------------------------------------- components
 @dataclass
 class Geometry:
@@ -126,11 +142,11 @@ class Geometry:
     def __post_init__(self) -> None:
         G, P, r = self.Q.shape
         self.Q_all = self.Q.permute(1, 0, 2).reshape(P, G * r).contiguous()
-        self.Q_all32 = self.Q_all.float()
+        self.Q_all32 = float32_normal(self.Q_all)
         self._mean_terms()
 
     def _mean_terms(self) -> None:
-        self.mu32 = self.mu.float()
+        self.mu32 = float32_normal(self.mu)
         self.Qtmu = torch.einsum("gpr,gp->gr", self.Q, self.mu)
         self.mu2 = (self.mu**2).sum(1)
         self.mu_sum = self.mu.sum(1)
@@ -307,12 +323,12 @@ class ComponentSet:
         gproj = terms["gproj"]
         total = rc.sum((1, 2)).view(B, 1, 1)
         coef_mu = self.delta.T @ (rc * terms["amp"])  # (B, 3, G)
-        weighted = (rc.to(gproj).unsqueeze(3) * gproj).reshape(B, 6, -1)  # (B, 6, G r)
+        weighted = (to_work(rc, gproj).unsqueeze(3) * gproj).reshape(B, 6, -1)  # (B, 6, G r)
         coef_q = (self.dhat.T.to(gproj) @ weighted).reshape(B * 3, -1)
         if means is not None:  # sum_g coef_g mu'_g over this (base) set's means
             coef_mu = means.pull_coef(coef_mu)
         coef_mu = coef_mu.reshape(B * 3, -1)
-        mu_part = (coef_mu.float() @ geo.mu32).double() if self.mixed else coef_mu @ geo.mu
+        mu_part = (float32_normal(coef_mu) @ geo.mu32).double() if self.mixed else coef_mu @ geo.mu
         sa = abar.sqrt().view(B, 1, 1)
         return x * total - sa * (self.beta.view(1, 3, 1) * total + mu_part.view(B, 3, P)), coef_q
 
@@ -328,7 +344,7 @@ class ComponentSet:
             P, G, r = Q_all.shape[0], self.geo.num, self.geo.rank
             Q_all = Q_all.view(P, G, r)[:, active].reshape(P, -1)
             coef_q = coef_q.view(-1, G, r)[:, active].reshape(coef_q.shape[0], -1)
-        return (coef_q.to(Q_all) @ Q_all.T).double()
+        return (to_work(coef_q, Q_all) @ Q_all.T).double()
 
 
 @dataclass
