@@ -211,8 +211,8 @@ def write_table(results: dict, readme: Path) -> None:
     text = readme.read_text() if readme.exists() else ""
     block = (f"{start}\n## Calibration: does the world behave like a latent text-to-image model?\n\n"
              f"`python experiments/exact/calibrate.py` (this machine, CPU); the old column comes from "
-             f"`--compare-old c50cb2a` and is kept in calibration.json until measured again (compare the cost rows "
-             f"only within one run: its ms were measured while another job shared the cores).\n\n{table}\n{end}")
+             f"`--compare-old c50cb2a`, both columns measured in one run with nothing else on the cores (the cost rows "
+             f"compare only within one run).\n\n{table}\n{end}")
     if start in text and end in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:
