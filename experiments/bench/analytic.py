@@ -1,9 +1,13 @@
-"""Cost of one exact-eps evaluation per image on the exact prior (a benchmark, not a test).
+"""Cost of one exact-eps evaluation on the exact prior (a benchmark, not a test).
 
     python experiments/bench/analytic.py            # writes the table into experiments/bench/README.md
 
-The exact eps of a K-component mixture of rank-r Gaussians in D dimensions costs O(K D r) per image. This measures
-ms per image for prompts selecting 1, 6 and 36 components, at image sizes 16, 32 and 64, batch 16, on the CPU.
+Every prompt of the exact world uses all of its components (text tilts one shared mixture), so the cost depends on
+the image size and on how many component sets a call evaluates: ms per image, batch 16, t = 500, for one
+conditioning ("a red circle"), a CFG pair ("" and the prompt) and Bridge's stage-2 pair (the prompt with the
+official source and target words: ten corrupted copies on the source side). Each size is measured twice in one run:
+with the float32 operands cleared of subnormal values (``sdbridge.priors.analytic.float32_normal``, the code) and
+with a plain ``.float()`` (before 2026-12-03), interleaved, so the ratio is side by side.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import statistics
 import time
 from pathlib import Path
 
@@ -19,38 +24,78 @@ ROOT = Path(__file__).resolve().parents[2]
 
 import torch
 
+import sdbridge.priors.analytic as analytic
+from sdbridge.guidance.bridge import SOURCE_MODIFIER, TARGET_MODIFIER
 from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior
 
-PROMPTS = {"a red circle": 1, "a circle": 6, "": 36}
+PROMPT = "a red circle"
+CALLS = {"one conditioning": [PROMPT], "CFG pair": ["", PROMPT],
+         "Bridge stage 2 pair": [PROMPT + SOURCE_MODIFIER, PROMPT + TARGET_MODIFIER]}
+SIZES = (16, 32)
+BATCH = 16
 
 
-def bench(prior: AnalyticPrior, prompt: str, batch: int = 16, repeats: int = 10) -> float:
-    x = torch.randn(batch, *prior.sample_shape)
-    t = torch.full((batch,), 500)
-    cond = [prior.encode_text([prompt] * batch)]
-    prior.predict_eps(x, t, cond)  # warm-up
-    start = time.perf_counter()
+def bench(prior: AnalyticPrior, texts: list[str], repeats: int = 5) -> float:
+    """ms per image of one ``predict_eps`` call with the conditionings ``texts`` (median of ``repeats``)."""
+    x = torch.randn(BATCH, *prior.sample_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.full((BATCH,), 500)
+    conds = [prior.encode_text([p] * BATCH) for p in texts]
+    prior.predict_eps(x, t, conds)  # warm-up (builds the prompts' mixtures)
+    times = []
     for _ in range(repeats):
-        prior.predict_eps(x, t, cond)
-    return 1000 * (time.perf_counter() - start) / (repeats * batch)
+        start = time.perf_counter()
+        prior.predict_eps(x, t, conds)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times) / BATCH
+
+
+def build(size: int, subnormals: bool) -> AnalyticPrior:
+    """The size's prior, its float32 operands with (``subnormals``: the old plain cast) or without subnormal values."""
+    normal = analytic.float32_normal
+    if subnormals:
+        analytic.float32_normal = lambda v: v.float()
+    try:
+        return AnalyticPrior(AnalyticConfig(size=size, device="cpu"))
+    finally:
+        analytic.float32_normal = normal
+
+
+def measure(size: int, rounds: int = 3) -> list[tuple[float, float]]:
+    """Per call kind: (ms per image now, ms per image with subnormals), median over interleaved rounds."""
+    priors = {False: build(size, False), True: build(size, True)}
+    results: dict[tuple[str, bool], list[float]] = {}
+    for r in range(rounds):
+        order = (False, True) if r % 2 == 0 else (True, False)
+        for name, texts in CALLS.items():
+            for sub in order:
+                normal = analytic.float32_normal
+                if sub:  # to_work's casts of per-call values, as before
+                    analytic.float32_normal = lambda v: v.float()
+                try:
+                    results.setdefault((name, sub), []).append(bench(priors[sub], texts))
+                finally:
+                    analytic.float32_normal = normal
+    return [(statistics.median(results[(n, False)]), statistics.median(results[(n, True)])) for n in CALLS]
 
 
 def main() -> None:
     rows = []
-    for size in (16, 32, 64):
-        prior = AnalyticPrior(AnalyticConfig(size=size, device="cpu"))
-        cells = [f"{bench(prior, p):.2f}" for p in PROMPTS]
-        rows.append(f"| {size} | {3 * size * size} | " + " | ".join(cells) + " |")
-        print(rows[-1])
+    for size in SIZES:
+        cells = measure(size)
+        rows.append(f"| {size} | {3 * size * size} | "
+                    + " | ".join(f"{now:.2f} ({old:.2f}, {now / old:.2f}x)" for now, old in cells) + " |")
+        print(rows[-1], flush=True)
     table = "\n".join([
-        "| S | D | " + " | ".join(f"K={k} ms/image" for k in PROMPTS.values()) + " |",
-        "| ---: | ---: |" + " ---: |" * len(PROMPTS),
+        "| S | D | " + " | ".join(f"{name}: ms/image (with subnormals, ratio)" for name in CALLS) + " |",
+        "| ---: | ---: |" + " ---: |" * len(CALLS),
         *rows,
     ])
     section = (
         "<!-- bench_analytic:start -->\n"
-        f"Exact eps cost per image (rank 32, batch 16, t = 500; {platform.machine()}, {torch.get_num_threads()} "
-        f"threads, torch {torch.__version__}); `python experiments/bench/analytic.py`:\n\n{table}\n"
+        f"Exact eps cost per image (world v2, batch {BATCH}, t = 500; {platform.machine()}, {torch.get_num_threads()} "
+        f"threads, torch {torch.__version__}); `python experiments/bench/analytic.py`. In parentheses the same call "
+        "with the float32 operands cast plainly, subnormal values kept (the code before 2026-12-03), measured "
+        f"interleaved in the same run, and the ratio:\n\n{table}\n"
         "<!-- bench_analytic:end -->"
     )
     readme = ROOT / "experiments" / "bench" / "README.md"
