@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sdbridge.metrics.exact import frechet_distance
-from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior, contrast_amplitudes, tilt_logits
+from sdbridge.priors.analytic import (AnalyticConfig, AnalyticPrior, contrast_amplitudes, float32_normal,
+                                      tilt_logits, to_work)
 from sdbridge.priors.vocabulary import parse_prompt
 from sdbridge.priors.world import COLORS, SHAPES, WorldSpec, build_world, load_world
 from sdbridge.sampling import ddim_sample
@@ -66,6 +67,24 @@ def test_mixed_precision_matches_float64(analytic_prior, world_cache):
             fast = analytic_prior.predict_eps(x, tt, [analytic_prior.encode_text([prompt] * 8)])[0]
             ref = exact.predict_eps(x, tt, [exact.encode_text([prompt] * 8)])[0]
             assert float((fast - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_float32_operands_carry_no_subnormal_values(analytic_prior):
+    """Subnormal float32 operands make CPU matmuls ~2x slower (experiments/bench/analytic.py): the casts set them to
+    0 and keep every normal value exactly, and the prior's float32 bases and means (clean and corrupted) hold none."""
+    tiny = torch.finfo(torch.float32).tiny
+    v = torch.tensor([1e-300, -1e-40, 1e-45, tiny, -2.5, 0.0], dtype=torch.float64)
+    out = float32_normal(v)
+    assert out.dtype == torch.float32
+    assert out.tolist() == [0.0, 0.0, 0.0, tiny, -2.5, 0.0]
+    assert to_work(v, torch.zeros(1)).tolist() == out.tolist()
+    assert to_work(v, torch.zeros(1, dtype=torch.float64)) is v  # float64 work: unchanged
+    mix = analytic_prior.mixture("a red circle" + SOURCE)
+    assert len({id(s.geo.Q_all) for s in mix.sets}) > 1  # corrupted copies with their own bases
+    for s in mix.sets:
+        for name in ("Q_all32", "mu32"):
+            a = getattr(s.geo, name).abs()
+            assert not bool(((a > 0) & (a < tiny)).any()), (s.key, name)
 
 
 def test_responsibilities_sum_to_one(analytic_prior):
