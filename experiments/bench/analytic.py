@@ -12,12 +12,14 @@ with a plain ``.float()`` (before 2026-12-03), interleaved, so the ratio is side
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
 import statistics
 import time
 from pathlib import Path
+from typing import Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,32 +51,32 @@ def bench(prior: AnalyticPrior, texts: list[str], repeats: int = 5) -> float:
     return 1000 * statistics.median(times) / BATCH
 
 
-def build(size: int, subnormals: bool) -> AnalyticPrior:
-    """The size's prior, its float32 operands with (``subnormals``: the old plain cast) or without subnormal values."""
+@contextlib.contextmanager
+def plain_casts(enabled: bool) -> Iterator[None]:
+    """While ``enabled``: the exact prior's float32 casts as before 2026-12-03 (a plain ``.float()``, subnormal values
+    kept), both the ones made when a prior or a prompt's sets are built and ``to_work``'s per-call ones."""
     normal = analytic.float32_normal
-    if subnormals:
+    if enabled:
         analytic.float32_normal = lambda v: v.float()
     try:
-        return AnalyticPrior(AnalyticConfig(size=size, device="cpu"))
+        yield
     finally:
         analytic.float32_normal = normal
 
 
 def measure(size: int, rounds: int = 3) -> list[tuple[float, float]]:
     """Per call kind: (ms per image now, ms per image with subnormals), median over interleaved rounds."""
-    priors = {False: build(size, False), True: build(size, True)}
+    priors = {}
+    for sub in (False, True):
+        with plain_casts(sub):
+            priors[sub] = AnalyticPrior(AnalyticConfig(size=size, device="cpu"))
     results: dict[tuple[str, bool], list[float]] = {}
     for r in range(rounds):
         order = (False, True) if r % 2 == 0 else (True, False)
         for name, texts in CALLS.items():
             for sub in order:
-                normal = analytic.float32_normal
-                if sub:  # to_work's casts of per-call values, as before
-                    analytic.float32_normal = lambda v: v.float()
-                try:
+                with plain_casts(sub):
                     results.setdefault((name, sub), []).append(bench(priors[sub], texts))
-                finally:
-                    analytic.float32_normal = normal
     return [(statistics.median(results[(n, False)]), statistics.median(results[(n, True)])) for n in CALLS]
 
 
