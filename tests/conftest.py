@@ -123,7 +123,8 @@ def small_analytic_prior(world_cache):
 
 def dense_components(mix):
     """The mixture's components as dense tensors: means (K, D), covariances (K, D, D), log weights (K,), for
-    cross-checks on a small prior (the order is ``mix.sets``, then (geometry, color) as in the responsibilities)."""
+    cross-checks on a small prior (the order is ``mix.sets``, then (geometry, color) as in the responsibilities, then
+    the generic component)."""
     means, covs, logw = [], [], []
     for s, lp, amp in zip(mix.sets, mix.log_pi, mix.amps):
         geo = s.geo
@@ -135,4 +136,9 @@ def dense_components(mix):
                 U = torch.kron(s.dhat[c].view(3, 1), geo.Q[g])  # (3 P, r)
                 covs.append((U * (s.dnorm[c] ** 2 * geo.lam[g])) @ U.T + s.s2 * eye)
                 logw.append(lp[g, c])
+    if mix.generic is not None:  # last, as in the responsibilities
+        gen = mix.generic
+        means.append(gen.m)
+        covs.append((gen.V * gen.lam) @ gen.V.T + gen.s2 * torch.eye(gen.dim, dtype=torch.float64))
+        logw.append(torch.tensor(mix.log_generic, dtype=torch.float64))
     return torch.stack(means), torch.stack(covs), torch.stack(logw)

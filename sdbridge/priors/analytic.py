@@ -32,6 +32,12 @@ and because of the factorization the projections ``U_k^T x`` of all 6 colors of 
 three per-channel projections ``x_ch Q_g``: one evaluation costs O(B 3 P G r) for G geometry components of rank r
 (P pixels), shared by every conditioning of the call (text only changes the weights). Responsibilities use
 log-sum-exp in float64, which keeps t near 0 (small c) and near 999 stable.
+
+**Generic component** (``prior.generic_share``, off by default): every prompt can also hold one shared Gaussian with
+the unconditional data's mean and covariance (``GenericGaussian``). Off the data it takes the posterior (measured:
+responsibility 1.0 for t <= 200 on the blurred average of a prompt's images), so there the exact denoiser is one broad
+Gaussian's (a Wiener filter) rather than a pull toward the nearest stored concept; and since every prompt holds the
+same one, CFG cancels there and acts where the prompt's concepts have mass.
 """
 
 from __future__ import annotations
@@ -74,6 +80,10 @@ class AnalyticConfig(PriorConfig):
     modifier_weight: float = 1.0  # mass of each modifier word's corrupted copy, relative to the clean distribution
     degraded_share: float = 0.0  # share of degraded images (degraded_words' copies) in the unconditional distribution
     degraded_words: list[str] = field(default_factory=lambda: ["blurry", "low contrast"])
+    #: every prompt's mass on one shared generic-image Gaussian, which makes the exact denoiser local off the data (a
+    #: trained network's is); 0 (off) in the measured world until the exact table is re-measured with it (README)
+    generic_share: float = 0.0
+    generic_rank: int = 256  # principal directions of the generic Gaussian's covariance (the rest isotropic)
     seed: int = 0  # the world's seed (not the run's)
     cache_dir: str = "~/.cache/sdbridge/world"
 
@@ -97,6 +107,11 @@ class AnalyticConfig(PriorConfig):
         unknown = [w for w in self.degraded_words if w not in MODIFIERS]
         if unknown:
             raise ValueError(f"prior.degraded_words: {unknown} are not modifier words; modifiers are {list(MODIFIERS)}")
+        if not 0 <= self.generic_share < 1:
+            raise ValueError(f"prior.generic_share={self.generic_share} must be in [0, 1): every prompt's mass on the "
+                             "generic-image Gaussian")
+        if not 1 <= self.generic_rank < 3 * self.size**2:
+            raise ValueError(f"prior.generic_rank={self.generic_rank} must be in [1, {3 * self.size**2})")
         if not self.modifier_weight > 0:
             raise ValueError(f"prior.modifier_weight={self.modifier_weight} must be > 0")
 
@@ -380,10 +395,83 @@ class RowMeans:
 
 
 @dataclass
+class GenericGaussian:
+    """The "generic image" component every prompt shares: ``N(m, V diag(lam) V^T + s2 I)`` in model space, the
+    Gaussian with the unconditional data's mean and (rank-``r`` + isotropic) covariance (``generic_gaussian``).
+
+    Why: a mixture of sharp components snaps any input off the data to its nearest component at small t (its exact
+    x0 prediction is a projection), where a trained network is local (it keeps a blurry input blurry). A broad
+    component with a small weight is far likelier than every sharp one off the data and negligible on it, so it makes
+    the exact denoiser local off the data; and because every prompt holds the same one, ``eps_cond - eps_uncond``
+    vanishes where it dominates (CFG acts on what the prompt describes). Noised, it is ``N(sqrt(a) m, V diag(a lam)
+    V^T + c I)``, ``c = a s2 + 1 - a``, evaluated by Woodbury like the concept components."""
+
+    m: torch.Tensor  # (D,)
+    V: torch.Tensor  # (D, r) orthonormal
+    lam: torch.Tensor  # (r,) >= 0: variance above s2 along V
+    s2: float
+    mixed: bool = False
+    V32: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.V32 = float32_normal(self.V)
+
+    @property
+    def dim(self) -> int:
+        return int(self.m.shape[0])
+
+    def terms(self, x: torch.Tensor, abar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log N(x; sqrt(a) m, Sigma_t) (B,), Sigma_t^-1 (x - sqrt(a) m) (B, D))`` for x (B, D) at levels abar
+        (B,)."""
+        a = abar.view(-1, 1)
+        c = a * self.s2 + 1 - a
+        y = x - a.sqrt() * self.m
+        V = self.V32 if self.mixed else self.V
+        yv = (to_work(y, V) @ V).double()  # (B, r)
+        al = a * self.lam.view(1, -1) / c
+        g = al / (1 + al)
+        maha = ((y * y).sum(1, keepdim=True) - (g * yv * yv).sum(1, keepdim=True)) / c
+        log_n = -0.5 * (maha + torch.log1p(al).sum(1, keepdim=True) + self.dim * torch.log(c)
+                        + self.dim * math.log(2 * math.pi))
+        inv = (y - (to_work(g * yv, V) @ V.T).double()) / c
+        return log_n.view(-1), inv
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        z = torch.randn(n, self.lam.numel(), generator=generator, dtype=torch.float64).to(self.m)
+        e = torch.randn(n, self.dim, generator=generator, dtype=torch.float64).to(self.m)
+        return self.m + (z * self.lam.sqrt()) @ self.V.T + math.sqrt(self.s2) * e
+
+    def second_moment(self) -> torch.Tensor:
+        """E|x|^2."""
+        return (self.m**2).sum() + self.lam.sum() + self.dim * self.s2
+
+    def cov_apply(self, X: torch.Tensor) -> torch.Tensor:
+        """``X E[x x^T]`` (n, D)."""
+        return (X @ self.m).unsqueeze(1) * self.m + ((X @ self.V) * self.lam) @ self.V.T + self.s2 * X
+
+
+def generic_gaussian(mix: "Mixture", rank: int, generator: torch.Generator, mixed: bool) -> GenericGaussian:
+    """The Gaussian with ``mix``'s mean and covariance, the covariance kept as its top ``rank`` eigenpairs plus the
+    rest's mean variance (isotropic, so the trace is exact): randomized subspace iteration (Halko et al. 2011,
+    two power iterations, 64 extra columns) with ``mix.cov_apply``, which never forms the D x D matrix."""
+    D = mix.dim
+    X = torch.randn(rank + 64, D, generator=generator, dtype=torch.float64).to(mix.sets[0].beta)
+    Q = torch.linalg.qr(mix.cov_apply(X).T)[0]
+    for _ in range(2):
+        Q = torch.linalg.qr(mix.cov_apply(Q.T).T)[0]
+    small = mix.cov_apply(Q.T) @ Q
+    ev, W = torch.linalg.eigh(0.5 * (small + small.T))
+    ev, V = ev.flip(0)[:rank], (Q @ W).flip(1)[:, :rank]
+    s2 = float((mix.trace_cov() - ev.sum()) / (D - rank))
+    return GenericGaussian(mix.mean(), V.contiguous(), (ev - s2).clamp(min=0), s2, mixed)
+
+
+@dataclass
 class Mixture:
     """A prompt's exact distribution: component sets with log weights ``log_pi[i]`` (G_i, 6) that sum (exp) to 1
-    over all sets and color amplitudes ``amps[i]`` (G_i, 6) (component (g, c) has mean ``beta + amp delta_c (x)
-    mu_g``; all 1 when None). ``concepts`` are the (shape, color) pairs the prompt names."""
+    over all sets (and the generic component's ``exp(log_generic)``) and color amplitudes ``amps[i]`` (G_i, 6)
+    (component (g, c) has mean ``beta + amp delta_c (x) mu_g``; all 1 when None). ``concepts`` are the (shape,
+    color) pairs the prompt names; ``generic``: the shared generic-image Gaussian (``GenericGaussian``), or None."""
 
     prompt: str
     sets: list[ComponentSet]
@@ -391,6 +479,8 @@ class Mixture:
     concepts: list[tuple[str, str]]
     size: int
     amps: list[torch.Tensor] | None = None
+    generic: GenericGaussian | None = None
+    log_generic: float = -math.inf
 
     def __post_init__(self) -> None:
         if self.amps is None:
@@ -411,6 +501,10 @@ class Mixture:
         terms = [s.terms(s.prepare(x, abar, shared), amp.T.unsqueeze(0).expand(B, -1, -1))
                  for s, amp in zip(self.sets, self.amps)]
         logits = torch.cat([(t["log_prob"] + lp).flatten(1) for t, lp in zip(terms, self.log_pi)], 1)
+        if self.generic is not None:
+            log_n, inv = self.generic.terms(x.reshape(B, -1), abar)
+            terms.append({"inv": inv})
+            logits = torch.cat([logits, (log_n + self.log_generic).unsqueeze(1)], 1)
         return terms, logits
 
     def log_prob(self, x: torch.Tensor, abar: torch.Tensor | None = None) -> torch.Tensor:
@@ -421,7 +515,8 @@ class Mixture:
         return torch.logsumexp(self.log_joint(x, abar.to(x))[1], dim=1)
 
     def responsibilities(self, x: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
-        """Posterior over all components (B, K), in the order of ``sets`` then (geometry, color)."""
+        """Posterior over all components (B, K), in the order of ``sets`` then (geometry, color), the generic
+        component last."""
         x = self._rows(x)
         return torch.softmax(self.log_joint(x, abar.to(x))[1], dim=1)
 
@@ -437,12 +532,17 @@ class Mixture:
             n = lp.numel()
             out = out + s.inv_cov_sum(x, abar, resp[:, start:start + n].view(-1, *lp.shape), t)
             start += n
-        return -out.reshape(x.shape[0], -1)
+        out = out.reshape(x.shape[0], -1)
+        if self.generic is not None:
+            out = out + resp[:, -1:] * terms[-1]["inv"]
+        return -out
 
     # ------------------------------------------------------------------ sampling
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """n exact samples of the clean distribution, (n, D) float64 (draws on the CPU generator's stream)."""
-        flat = torch.cat([lp.flatten() for lp in self.log_pi]).exp().cpu()
+        flat = torch.cat([lp.flatten() for lp in self.log_pi]
+                         + ([torch.tensor([self.log_generic]).to(self.log_pi[0])] if self.generic is not None else [])
+                         ).exp().cpu()
         idx = torch.multinomial(flat.float(), n, replacement=True, generator=generator)
         out = torch.empty(n, 3, self.sets[0].geo.mu.shape[1], dtype=torch.float64)
         r_max = max(s.geo.rank for s in self.sets)
@@ -464,7 +564,11 @@ class Mixture:
             color = amp[g, c].unsqueeze(1) * s.delta[c]  # (n, 3)
             x = s.beta.view(1, 3, 1) + color.unsqueeze(2) * m.unsqueeze(1) + math.sqrt(s.s2) * e[rows].to(s.beta)
             out[rows] = x.cpu()
-        return out.reshape(n, -1).to(self.sets[0].beta.device)
+        out = out.reshape(n, -1)
+        rows = (idx == start).nonzero().flatten()  # the generic component (index after all sets')
+        if rows.numel() > 0:
+            out[rows] = self.generic.sample(rows.numel(), generator).cpu()
+        return out.to(self.sets[0].beta.device)
 
     # ------------------------------------------------------------------ moments (exact metrics)
     def _weights(self) -> Iterator[tuple[ComponentSet, torch.Tensor, torch.Tensor]]:
@@ -476,7 +580,8 @@ class Mixture:
         out = 0
         for s, pi, amp in self._weights():
             out = out + pi.sum() * s.beta.view(3, 1) + torch.einsum("gc,ck,gp->kp", pi * amp, s.delta, s.geo.mu)
-        return out.reshape(-1)
+        out = out.reshape(-1)
+        return out + math.exp(self.log_generic) * self.generic.m if self.generic is not None else out
 
     def trace_cov(self) -> torch.Tensor:
         second = 0
@@ -486,6 +591,8 @@ class Mixture:
                 + amp**2 * (s.dnorm**2).view(1, -1) * s.geo.mu2.view(-1, 1)  # |m_k|^2, (G, 6)
             low = (s.dnorm**2).view(1, -1) * s.geo.lam.sum(1).view(-1, 1)
             second = second + (pi * (m2 + low + s.dim * s.s2)).sum()
+        if self.generic is not None:
+            second = second + math.exp(self.log_generic) * self.generic.second_moment()
         return second - (self.mean() ** 2).sum()
 
     def cov_apply(self, X: torch.Tensor) -> torch.Tensor:
@@ -507,7 +614,10 @@ class Mixture:
             out = out + (coef_q @ geo.Q_all.T).view(n, 3, -1) + pi.sum() * s.s2 * X3
         m = self.mean()
         Xf = X3.reshape(n, -1)
-        return out.reshape(n, -1) - (Xf @ m).unsqueeze(1) * m.unsqueeze(0)
+        out = out.reshape(n, -1)
+        if self.generic is not None:
+            out = out + math.exp(self.log_generic) * self.generic.cov_apply(Xf)
+        return out - (Xf @ m).unsqueeze(1) * m.unsqueeze(0)
 
     def expected_spatial_energy(self, kernel: torch.Tensor) -> float:
         """Exact ``E|H x|^2 / D`` for H a per-channel convolution with ``kernel`` (k x k, circular padding) whose
@@ -523,6 +633,11 @@ class Mixture:
             per = (s.dnorm**2).view(1, -1) * (amp**2 * mean_term.view(-1, 1) + low_term.view(-1, 1)) \
                 + s.s2 * s.dim * float((k**2).sum())
             total = total + (pi * per).sum()
+        if self.generic is not None:
+            gen = self.generic
+            along = (filt(gen.V.T) ** 2).flatten(1).sum(1).view(-1, 3).sum(1)  # |H v_j|^2, (r,)
+            per = (filt(gen.m) ** 2).sum() + (along * gen.lam).sum() + gen.s2 * gen.dim * float((k**2).sum())
+            total = total + math.exp(self.log_generic) * per
         return float(total / self.dim)
 
     def expected_chroma_energy(self, shift: torch.Tensor, scale: float) -> float:
@@ -538,6 +653,11 @@ class Mixture:
             low = (pd**2).sum(1).view(1, -1) * s.geo.lam.sum(1).view(-1, 1)
             total_sq = total_sq + (pi * (m2 + low + 2 * P * s.s2)).sum()
         P = mean_z.shape[1]
+        if self.generic is not None:
+            gen = self.generic
+            chroma = lambda v: (Pc @ v.reshape(-1, 3, P)) ** 2  # noqa: E731  (n, 3, P)
+            second = chroma(gen.m).sum() + (chroma(gen.V.T).sum((1, 2)) * gen.lam).sum() + 2 * P * gen.s2
+            total_sq = total_sq + math.exp(self.log_generic) * second
         ps = Pc @ shift
         cross = 2 * scale * (ps.view(3, 1) * (Pc @ mean_z)).sum()
         return float((scale**2 * total_sq + cross + P * (ps**2).sum()) / P)
@@ -591,6 +711,7 @@ class AnalyticPrior(DiffusionPrior):
         self.to(self._device)
         self._sets: dict[str, ComponentSet] = {}
         self._geometries: dict[tuple, Geometry] = {}
+        self._generic: GenericGaussian | None = None
         self._model_space()
 
     # ------------------------------------------------------------------ model space
@@ -647,10 +768,21 @@ class AnalyticPrior(DiffusionPrior):
         return (3, self.config.size, self.config.size)
 
     # ------------------------------------------------------------------ text = exact distributions
-    def build_mixture(self, prompt: str) -> Mixture:
+    def generic(self) -> GenericGaussian:
+        """The generic-image Gaussian (``GenericGaussian``): the moments of the unconditional distribution without it,
+        computed once per prior (~1 s; randomized eigenpairs with a generator seeded by the world's seed)."""
+        if self._generic is None:
+            uncond = self.build_mixture("", generic=False)
+            gen = torch.Generator().manual_seed(self.config.seed)
+            self._generic = generic_gaussian(uncond, self.config.generic_rank, gen, self.config.precision == "mixed")
+        return self._generic
+
+    def build_mixture(self, prompt: str, generic: bool = True) -> Mixture:
         """The prompt's mixture: the clean sets and its modifier words' copies (``modifier_weight`` each), and the
         degraded copies: ``degraded_share`` of the mass for a prompt that names no concept (the unconditional
-        distribution), ``degraded_share * (1 - text_adherence)`` for one that does (captioned images are clean)."""
+        distribution), ``degraded_share * (1 - text_adherence)`` for one that does (captioned images are clean); and
+        ``generic_share`` of every prompt's mass on the shared generic-image Gaussian (the rest scaled by
+        ``1 - generic_share``; ``generic=False`` leaves it out)."""
         parsed = parse_prompt(prompt)
         concepts = tilt_logits(parsed, self.config.text_adherence)
         amplitude = contrast_amplitudes(parsed, self.config.text_contrast)
@@ -670,7 +802,11 @@ class AnalyticPrior(DiffusionPrior):
             weights[s.key] = (s, torch.logaddexp(weights[s.key][1], lp) if s.key in weights else lp)
         sets = [v[0] for v in weights.values()]
         amps = [amplitude.to(s.geo.log_w)[s.geo.shape] for s in sets]
-        return Mixture(prompt, sets, [v[1] for v in weights.values()], parsed.concepts(), self.config.size, amps)
+        g = self.config.generic_share if generic else 0.0
+        if g == 0:
+            return Mixture(prompt, sets, [v[1] for v in weights.values()], parsed.concepts(), self.config.size, amps)
+        return Mixture(prompt, sets, [v[1] + math.log1p(-g) for v in weights.values()], parsed.concepts(),
+                       self.config.size, amps, self.generic(), math.log(g))
 
     def _encode_prompts(self, prompts: list[str]) -> list[Mixture]:
         return [self.build_mixture(p) for p in prompts]
@@ -700,6 +836,10 @@ class AnalyticPrior(DiffusionPrior):
                     used.setdefault((s.base or s).key, s.base or s)
         shared: dict = {}
         pre = {k: s.shared_terms(x, abar, shared) for k, s in used.items()}
+        generic = {id(mix.generic): mix.generic for cond in conds for mix in cond.value if mix.generic is not None}
+        if len(generic) > 1:
+            raise AssertionError("the prompts of one call hold different generic components")
+        gen_terms = next(iter(generic.values())).terms(x.reshape(B, -1), abar) if generic else None
         out = torch.empty(len(conds), B, x.shape[1] * x.shape[2], dtype=torch.float64, device=x.device)
         for j, cond in enumerate(conds):
             rows: dict[int, list[int]] = {}  # rows grouped by their (cached, hence shared) mixture
@@ -738,8 +878,15 @@ class AnalyticPrior(DiffusionPrior):
                 full = torch.full((B, base.geo.num, 6), -math.inf, dtype=torch.float64, device=x.device)
                 full[where[k]] = terms[k]["log_prob"] + lp_rows
                 logits[k] = full
-            resp = torch.softmax(torch.cat([logits[k].flatten(1) for k in members], 1), dim=1)
+            columns = [logits[k].flatten(1) for k in members]
+            if gen_terms is not None:  # the generic component, last: its log weight per row (-inf: not in the prompt)
+                log_g = torch.tensor([mix.log_generic if mix.generic is not None else -math.inf for mix in cond.value],
+                                     dtype=torch.float64, device=x.device)
+                columns.append((gen_terms[0] + log_g).unsqueeze(1))
+            resp = torch.softmax(torch.cat(columns, 1), dim=1)
             acc = torch.zeros_like(x)
+            if gen_terms is not None:
+                acc = acc + (resp[:, -1:] * gen_terms[1]).view_as(x)
             # per basis: the low-rank coefficients of all rows, and which components carry posterior mass
             coef: dict[int, tuple[ComponentSet, torch.Tensor, torch.Tensor]] = {}
             start = 0

@@ -3,10 +3,12 @@ model space, sampling, determinism."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sdbridge.metrics.exact import frechet_distance
 from sdbridge.priors.analytic import (AnalyticConfig, AnalyticPrior, contrast_amplitudes, float32_normal,
@@ -195,9 +197,11 @@ def test_modifiers_mix_in_corrupted_copies_with_bounded_log_ratio(analytic_prior
         a = p.alphas_cumprod[t].expand(48)
         ratio = clean.log_prob(x, a) - src.log_prob(x, a)
         assert float(ratio.max()) <= bound + 1e-9
-    # on clean samples the bound is reached (the corrupted copies have no mass there), on corrupted ones it is not
+    # on the concept's samples the bound is reached (the corrupted copies have no mass there; the generic component,
+    # which both prompts hold with the same weight, has none either)
     a = torch.ones(16, dtype=torch.float64)
-    assert float((clean.log_prob(x[:16], a) - src.log_prob(x[:16], a)).min()) == pytest.approx(bound, abs=0.05)
+    y = p.sample_concept("circle", "red", 16, g).reshape(16, -1).double()
+    assert float((clean.log_prob(y, a) - src.log_prob(y, a)).min()) == pytest.approx(bound, abs=0.05)
 
 
 def test_model_space_is_in_scale_with_randn(analytic_prior):
@@ -267,8 +271,9 @@ def test_degraded_share_puts_degraded_copies_in_the_unconditional_distribution(w
         mass = {s.key.split("|")[0]: float(torch.logsumexp(lp.flatten(), 0).exp())  # the set, pulled or not
                 for s, lp in zip(mix.sets, mix.log_pi)}
         assert set(mass) == {"clean", "blurry", "low contrast"}
-        assert mass["blurry"] + mass["low contrast"] == pytest.approx(share)
-        assert sum(mass.values()) == pytest.approx(1.0)
+        g = p.config.generic_share  # the generic component holds g of every prompt's mass, the sets the rest
+        assert mass["blurry"] + mass["low contrast"] == pytest.approx(share * (1 - g))
+        assert sum(mass.values()) + math.exp(mix.log_generic) == pytest.approx(1.0)
     both = p.mixture("a red circle, blurry")  # a word in the prompt and in degraded_words: one set, masses added
     assert [s.key.split("|")[0] for s in both.sets].count("blurry") == 1
     with pytest.raises(ValueError, match="degraded_words"):
@@ -287,3 +292,68 @@ def test_text_pull_moves_off_prompt_components_toward_the_prompt(analytic_prior)
     assert torch.equal(pulled.delta, base.delta)  # colors are not pulled (the contrast term carries the color)
     assert p.mixture("a red circle").sets[0] is p.mixture("a blue circle").sets[0]  # one pulled set per shape set
     assert p.mixture("a red").sets[0] is p.mixture("").sets[0]  # a prompt that names no shape pulls nothing
+
+
+@pytest.fixture(scope="module")
+def generic_prior(small_analytic_prior):
+    """The small exact prior with the shared generic-image Gaussian (``prior.generic_share``)."""
+    return AnalyticPrior(dataclasses.replace(small_analytic_prior.config, generic_share=0.1, generic_rank=64))
+
+
+@pytest.mark.parametrize("t", [0, 20, 500, 999])
+def test_generic_component_keeps_eps_exact(generic_prior, t):
+    """With the generic Gaussian, eps is still -sqrt(1 - a) times the autograd score of the log-density, the
+    log-density still matches dense Gaussians, and batched calls of mixed prompts equal single ones."""
+    p = generic_prior
+    for prompt in ("a red circle", "a circle" + SOURCE):
+        mix = p.mixture(prompt)
+        assert mix.generic is p.mixture("").generic and math.exp(mix.log_generic) == pytest.approx(0.1)
+        abar, x = _noised(p, prompt, t, 3, t)
+        x = torch.cat([x, torch.randn(1, mix.dim, dtype=torch.float64)]).requires_grad_(True)
+        logp = mix.log_prob(x, abar.expand(4))
+        (score,) = torch.autograd.grad(logp.sum(), x)
+        eps = p.predict_eps(x.detach().float().reshape(4, *p.sample_shape), torch.full((4,), t),
+                            [p.encode_text([prompt] * 4)])[0].double().reshape(4, -1)
+        expected = -(1 - abar).sqrt() * score
+        torch.testing.assert_close(eps, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+        if t == 500:
+            means, covs, logw = dense_components(mix)
+            noised = abar * covs + (1 - abar) * torch.eye(mix.dim, dtype=torch.float64)
+            mvn = torch.distributions.MultivariateNormal(abar.sqrt() * means, covariance_matrix=noised)
+            dense = torch.logsumexp(mvn.log_prob(x.detach().unsqueeze(1)) + logw, 1)
+            torch.testing.assert_close(logp.detach(), dense, rtol=1e-9, atol=1e-6)
+            assert float(torch.logsumexp(logw, 0)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_generic_component_has_the_data_moments_and_makes_the_denoiser_local(generic_prior, small_analytic_prior):
+    p, plain = generic_prior, small_analytic_prior
+    gen = p.mixture("").generic
+    uncond = plain.mixture("")  # without the generic component: the moments it copies
+    torch.testing.assert_close(gen.m, uncond.mean())
+    assert float(gen.second_moment() - (gen.m**2).sum()) == pytest.approx(float(uncond.trace_cov()), rel=1e-9)
+    # its top directions carry the covariance: X Sigma_gen X^T ~ X Sigma X^T on random probes (rank 64 of D = 768)
+    X = torch.randn(8, gen.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    approx = (gen.cov_apply(X) - (X @ gen.m).unsqueeze(1) * gen.m) @ X.T
+    exact = uncond.cov_apply(X) @ X.T
+    assert float((approx.diagonal() / exact.diagonal() - 1).abs().max()) < 0.2
+    # exact samples: a tenth of them come from it (no concept), moments follow the mixture
+    g = torch.Generator().manual_seed(1)
+    mix = p.mixture("a red circle")
+    z = mix.sample(4000, g)
+    assert float((z.mean(0) - mix.mean()).norm() / mix.mean().norm()) < 0.1
+    assert float(((z - mix.mean()) ** 2).sum(1).mean() / mix.trace_cov()) == pytest.approx(1.0, abs=0.05)
+    # off the data (the blurred average of the prompt's images, where SDS starts from at low CFG) at small t the
+    # generic component takes the posterior, and CFG has nothing to act on there (every prompt holds the same one),
+    # where the sharp mixture alone has a CFG gap of ~10% of eps; on the data it has no mass
+    blob = plain.mixture("a red circle").mean().float().view(1, *p.sample_shape).expand(8, -1, -1, -1)
+    a = p.alphas_cumprod[50]
+    xt = a.sqrt() * blob + (1 - a).sqrt() * torch.randn(blob.shape, generator=g)
+    assert float(mix.responsibilities(xt.reshape(8, -1).double(), a.expand(8))[:, -1].min()) > 0.99
+    x0 = plain.sample_concept("circle", "red", 8, g).reshape(8, -1).double()
+    assert float(mix.responsibilities(a.sqrt() * x0, a.expand(8))[:, -1].max()) < 1e-6
+    gaps = []
+    for prior in (p, plain):
+        eps = prior.predict_eps(xt, torch.full((8,), 50), [prior.encode_text([""] * 8),
+                                                           prior.encode_text(["a red circle"] * 8)])
+        gaps.append(float((eps[1] - eps[0]).norm() / eps[0].norm()))
+    assert gaps[0] < 1e-3 and gaps[1] > 0.05, gaps

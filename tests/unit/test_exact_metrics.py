@@ -3,6 +3,7 @@ the nearest-template classifier."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -21,6 +22,7 @@ from sdbridge.metrics.exact import (
     saturation_ratio,
     sharpness_ratio,
 )
+from sdbridge.priors.analytic import AnalyticPrior
 from sdbridge.priors.world import BACKGROUND, COLORS, SHAPES, render_shapes
 from tests.conftest import dense_components
 
@@ -123,3 +125,18 @@ def test_exact_metrics_groups_by_prompt(analytic_prior):
     assert {"adherence", "recognizable", "saturation"} <= set(m["mean"])
     assert m["mean"]["fd"] == pytest.approx((m["per_prompt"]["a red circle"]["fd"]
                                              + m["per_prompt"]["a blue square"]["fd"]) / 2)
+
+
+def test_moments_and_energies_with_the_generic_component(small_analytic_prior):
+    """The exact moments, Frechet distance and expected energies include the generic component (``prior.
+    generic_share``): dense formulas and Monte Carlo, with the generic Gaussian holding most of the mass."""
+    p = AnalyticPrior(dataclasses.replace(small_analytic_prior.config, generic_share=0.7, generic_rank=64))
+    mix = p.mixture("a circle, hazy")
+    m2, c2 = _dense_moments(mix)
+    torch.testing.assert_close(mix.mean(), m2)
+    probe = torch.randn(3, mix.dim, dtype=torch.float64)
+    torch.testing.assert_close(mix.cov_apply(probe), probe @ c2)
+    assert float(mix.trace_cov()) == pytest.approx(float(torch.trace(c2)), rel=1e-10)
+    z = p.sample("a circle, hazy", 8192, torch.Generator().manual_seed(0)).double()
+    assert float((highpass(z) ** 2).mean()) == pytest.approx(mix.expected_spatial_energy(LAPLACIAN), rel=0.03)
+    assert saturation_ratio(z, mix, p) == pytest.approx(1.0, abs=0.03)
