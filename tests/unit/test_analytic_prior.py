@@ -303,9 +303,9 @@ def generic_prior(small_analytic_prior):
 @pytest.mark.parametrize("t", [0, 20, 500, 999])
 def test_generic_component_keeps_eps_exact(generic_prior, t):
     """With the generic Gaussian, eps is still -sqrt(1 - a) times the autograd score of the log-density, the
-    log-density still matches dense Gaussians, and batched calls of mixed prompts equal single ones."""
+    log-density still matches dense Gaussians (the dense check for one prompt)."""
     p = generic_prior
-    for prompt in ("a red circle", "a circle" + SOURCE):
+    for prompt in ("a red circle", "a circle, blurry, noisy"):
         mix = p.mixture(prompt)
         assert mix.generic is p.mixture("").generic and math.exp(mix.log_generic) == pytest.approx(0.1)
         abar, x = _noised(p, prompt, t, 3, t)
@@ -316,7 +316,7 @@ def test_generic_component_keeps_eps_exact(generic_prior, t):
                             [p.encode_text([prompt] * 4)])[0].double().reshape(4, -1)
         expected = -(1 - abar).sqrt() * score
         torch.testing.assert_close(eps, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
-        if t == 500:
+        if t == 500 and prompt == "a red circle":  # dense (K, D, D) covariances: one prompt is enough
             means, covs, logw = dense_components(mix)
             noised = abar * covs + (1 - abar) * torch.eye(mix.dim, dtype=torch.float64)
             mvn = torch.distributions.MultivariateNormal(abar.sqrt() * means, covariance_matrix=noised)
