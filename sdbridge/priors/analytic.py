@@ -72,6 +72,9 @@ class AnalyticConfig(PriorConfig):
     coarse_clusters: int = 16  # components per shape of the corrupted copies
     coarse_rank: int = 8
     renders_per_cluster: int = 80
+    #: > 0: the translation-equivariant world (``sdbridge/priors/world.py``), this many templates per shape on average,
+    #: each at every integer shift (49 at size 32; prior.clusters then only sets how many renders the coarse copies are fitted to)
+    templates: int = 0
     noise_floor: float = 0.2  # s: isotropic std of every component, model units (sensor noise; keeps eps O(1))
     precision: str = "mixed"  # "float64": all in float64; "mixed": the projections in float32 (measured: README)
     text_adherence: float = 0.9  # share of a prompt's mass on the concepts it names
@@ -117,7 +120,7 @@ class AnalyticConfig(PriorConfig):
 
     def world_spec(self) -> WorldSpec:
         return WorldSpec(self.size, self.clusters, self.rank, self.coarse_clusters, self.coarse_rank,
-                         self.renders_per_cluster, seed=self.seed)
+                         self.renders_per_cluster, templates=self.templates, seed=self.seed)
 
 
 def float32_normal(v: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,13 @@ plus isotropic sensor noise: a mixture of factor analyzers along the rendering m
 continuous local variation (shifts, scalings, rotations of its group), so exact samples are new images, not stored
 renderings, and the posterior at moderate noise spreads over neighbouring components instead of locking onto one.
 
+**Translation-equivariant option** (``templates`` > 0, off by default): instead of clusters over all positions, each
+shape gets ``templates`` clusters of *centred* renders (sub-pixel offsets within half a pixel, every size and
+rotation), each replicated at every integer shift within the position range (``torch.roll``; the shapes stay inside
+the image, so nothing wraps). The component an image's posterior settles on is then always within a pixel of the
+image's own position; with clusters over positions it can sit a few pixels away, and SDS-like averages of such
+components over noise draws superpose shifted edges into rings (measured, experiments/exact/README.md).
+
 A second, coarser model of each shape (``coarse_clusters`` groups) is what corrupted copies are made of (modifier
 words, ``sdbridge/priors/vocabulary.py``): corruption removes detail anyway, and it keeps text-defined sources cheap.
 
@@ -79,13 +86,17 @@ class WorldSpec:
     coarse_clusters: int = 16  # components per shape of the model corrupted copies are made of
     coarse_rank: int = 8
     renders_per_cluster: int = 80
+    templates: int = 0  # > 0: translation-equivariant fine model, templates per shape on average (module docstring)
     seed: int = 0
 
     def key(self) -> str:
         render = {"shapes": SHAPES, "colors": COLORS, "background": BACKGROUND, "position": POSITION_RANGE,
                   "radius": RADIUS_RANGE, "rotation": ROTATION_RANGE, "thickness": THICKNESS_RATIO, "antialias": ANTIALIAS_PX,
                   "share": CLUSTER_SHARE}
-        blob = json.dumps({**asdict(self), "version": WORLD_VERSION, "render": render}, sort_keys=True)
+        spec = asdict(self)
+        if not self.templates:  # the clustered world's key from before the option existed: its caches stay valid
+            del spec["templates"]
+        blob = json.dumps({**spec, "version": WORLD_VERSION, "render": render}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     def check(self) -> None:
@@ -94,6 +105,13 @@ class WorldSpec:
         for name in ("clusters", "rank", "coarse_clusters", "coarse_rank", "renders_per_cluster"):
             if getattr(self, name) < 1:
                 raise ValueError(f"prior.{name}={getattr(self, name)} must be >= 1")
+        if self.templates < 0:
+            raise ValueError(f"prior.templates={self.templates} must be >= 0 (0: clusters over positions)")
+
+    @property
+    def max_shift(self) -> int:
+        """K: the translation-equivariant model's integer shifts span [-K, K]^2 pixels (POSITION_RANGE in pixels)."""
+        return max(1, round(POSITION_RANGE * self.size / 2))
 
 
 @dataclass
@@ -167,10 +185,12 @@ def shape_sdf(shape: str, x: torch.Tensor, y: torch.Tensor, size: torch.Tensor, 
     raise ValueError(f"unknown shape {shape!r}; shapes are {list(SHAPES)}")
 
 
-def render_masks(shape: str, n: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    """``n`` random coverage masks of ``shape``, ``(n, size * size)`` float64 in [0, 1]."""
+def render_masks(shape: str, n: int, size: int, generator: torch.Generator, centred: bool = False) -> torch.Tensor:
+    """``n`` random coverage masks of ``shape``, ``(n, size * size)`` float64 in [0, 1]; ``centred``: the centre
+    within half a pixel of the image's (the translation-equivariant model's templates)."""
     u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, 1, 1, generator=generator, dtype=torch.float64)  # noqa: E731
-    cx, cy = u(-POSITION_RANGE, POSITION_RANGE), u(-POSITION_RANGE, POSITION_RANGE)
+    reach = 1 / size if centred else POSITION_RANGE  # half a pixel is 1 / size in image coordinates
+    cx, cy = u(-reach, reach), u(-reach, reach)
     radius, angle = u(*RADIUS_RANGE), u(-ROTATION_RANGE, ROTATION_RANGE)
     coords = (torch.arange(size, dtype=torch.float64) + 0.5) / size * 2 - 1
     gy, gx = torch.meshgrid(coords, coords, indexing="ij")
@@ -244,13 +264,30 @@ def fit_geometry(per_shape: list[torch.Tensor], clusters: list[int], rank: int, 
                          torch.tensor(log_ws, dtype=torch.float64), torch.tensor(shapes))
 
 
+def shifted(model: GeometryModel, size: int, reach: int) -> GeometryModel:
+    """Every component of ``model`` at every integer shift in [-reach, reach]^2 (``torch.roll`` of its mean and basis),
+    each with 1 / (2 reach + 1)^2 of its weight; shift-major order."""
+    G, P, r = model.V.shape
+    shifts = [(dy, dx) for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1)]
+    roll = lambda v, dy, dx: v.view(G, size, size, -1).roll((dy, dx), (1, 2)).reshape(v.shape)  # noqa: E731
+    return GeometryModel(torch.cat([roll(model.mu, dy, dx) for dy, dx in shifts]),
+                         torch.cat([roll(model.V, dy, dx) for dy, dx in shifts]),
+                         model.lam.repeat(len(shifts), 1), model.log_w.repeat(len(shifts)) - math.log(len(shifts)),
+                         model.shape.repeat(len(shifts)))
+
+
 def build_world(spec: WorldSpec) -> World:
     spec.check()
     gen = torch.Generator().manual_seed(spec.seed)
     masks = [render_masks(shape, k * spec.renders_per_cluster, spec.size, gen)
              for shape, k in zip(SHAPES, clusters_per_shape(spec.clusters))]
-    fine = fit_geometry(masks, clusters_per_shape(spec.clusters), spec.rank, gen)
+    fine = None if spec.templates else fit_geometry(masks, clusters_per_shape(spec.clusters), spec.rank, gen)
     coarse = fit_geometry(masks, clusters_per_shape(spec.coarse_clusters), spec.coarse_rank, gen)
+    if spec.templates:
+        per_shape = clusters_per_shape(spec.templates)
+        centred = [render_masks(shape, k * spec.renders_per_cluster, spec.size, gen, centred=True)
+                   for shape, k in zip(SHAPES, per_shape)]
+        fine = shifted(fit_geometry(centred, per_shape, spec.rank, gen), spec.size, spec.max_shift)
     return World(spec, fine, coarse)
 
 

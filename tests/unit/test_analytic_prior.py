@@ -14,7 +14,8 @@ from sdbridge.metrics.exact import frechet_distance
 from sdbridge.priors.analytic import (AnalyticConfig, AnalyticPrior, contrast_amplitudes, float32_normal,
                                       tilt_logits, to_work)
 from sdbridge.priors.vocabulary import parse_prompt
-from sdbridge.priors.world import COLORS, SHAPES, WorldSpec, build_world, load_world
+from sdbridge.metrics.classify import classifier_for
+from sdbridge.priors.world import COLORS, SHAPES, WorldSpec, build_world, clusters_per_shape, load_world
 from sdbridge.sampling import ddim_sample
 from tests.conftest import dense_components
 
@@ -292,6 +293,58 @@ def test_text_pull_moves_off_prompt_components_toward_the_prompt(analytic_prior)
     assert torch.equal(pulled.delta, base.delta)  # colors are not pulled (the contrast term carries the color)
     assert p.mixture("a red circle").sets[0] is p.mixture("a blue circle").sets[0]  # one pulled set per shape set
     assert p.mixture("a red").sets[0] is p.mixture("").sets[0]  # a prompt that names no shape pulls nothing
+
+
+def test_translation_equivariant_world_is_centred_templates_at_every_shift():
+    spec = WorldSpec(size=16, clusters=4, rank=3, coarse_clusters=2, coarse_rank=2, renders_per_cluster=16,
+                     templates=2, seed=5)
+    world = build_world(spec)
+    K, S = spec.max_shift, spec.size
+    shifts = [(dy, dx) for dy in range(-K, K + 1) for dx in range(-K, K + 1)]
+    G = world.fine.mu.shape[0] // len(shifts)
+    assert G * len(shifts) == world.fine.mu.shape[0] and G == sum(clusters_per_shape(2))
+    mu = world.fine.mu.view(len(shifts), G, S, S)
+    V = world.fine.V.view(len(shifts), G, S, S, -1)
+    template, basis = mu[shifts.index((0, 0))], V[shifts.index((0, 0))]
+    for j, (dy, dx) in enumerate(shifts):  # every component is a rolled template, mean and basis alike
+        assert torch.equal(mu[j], template.roll((dy, dx), (1, 2))) and torch.equal(V[j], basis.roll((dy, dx), (1, 2)))
+    border = torch.ones(S, S, dtype=torch.bool)
+    border[K:S - K, K:S - K] = False
+    assert float(template[:, border].abs().max()) < 1e-9  # the shapes fit: no shift wraps a shape around the image
+    ys = torch.arange(S, dtype=torch.float64) + 0.5 - S / 2
+    mass = template.sum((1, 2))
+    cy, cx = (template.sum(2) @ ys) / mass, (template.sum(1) @ ys) / mass
+    assert float(torch.maximum(cy.abs(), cx.abs()).max()) < 1.0  # centred templates (the triangle's centroid is off)
+    for s in range(len(SHAPES)):  # each shape's weights sum to one over its templates and shifts
+        assert float(world.fine.log_w[world.fine.shape == s].exp().sum()) == pytest.approx(1.0, abs=1e-12)
+    clustered = dataclasses.replace(spec, templates=0)
+    assert spec.key() != clustered.key()
+    assert clustered.key() == WorldSpec(size=16, clusters=4, rank=3, coarse_clusters=2, coarse_rank=2,
+                                        renders_per_cluster=16, seed=5).key()
+
+
+@pytest.mark.parametrize("prompt", ["a red circle", "a blue square, blurry, noisy"])
+@pytest.mark.parametrize("t", [100, 900])
+def test_translation_equivariant_prior_keeps_eps_exact(world_cache, prompt, t):
+    p = AnalyticPrior(AnalyticConfig(size=16, templates=2, rank=3, coarse_clusters=2, coarse_rank=2,
+                                     renders_per_cluster=16, precision="float64", cache_dir=str(world_cache),
+                                     device="cpu"))
+    abar, x = _noised(p, prompt, t, 3, t)
+    x.requires_grad_(True)
+    (score,) = torch.autograd.grad(p.mixture(prompt).log_prob(x, abar.expand(3)).sum(), x)
+    eps = p.predict_eps(x.detach().float().reshape(3, *p.sample_shape), torch.full((3,), t), [p.encode_text([prompt] * 3)])
+    expected = -(1 - abar).sqrt() * score
+    torch.testing.assert_close(eps[0].double().reshape(3, -1), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_translation_equivariant_samples_are_the_concept(world_cache):
+    p = AnalyticPrior(AnalyticConfig(templates=4, rank=6, renders_per_cluster=30, cache_dir=str(world_cache),
+                                     device="cpu"))
+    g = torch.Generator().manual_seed(0)
+    classifier = classifier_for(p)
+    for shape, color in (("circle", "red"), ("star", "green"), ("ring", "white")):
+        adherence, _ = classifier.adherence(p.sample_concept(shape, color, 32, g), [(shape, color)])
+        assert adherence >= 0.95, (shape, color, adherence)
 
 
 @pytest.fixture(scope="module")
