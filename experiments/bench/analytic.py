@@ -5,9 +5,10 @@
 Every prompt of the exact world uses all of its components (text tilts one shared mixture), so the cost depends on
 the image size and on how many component sets a call evaluates: ms per image, batch 16, t = 500, for one
 conditioning ("a red circle"), a CFG pair ("" and the prompt) and Bridge's stage-2 pair (the prompt with the
-official source and target words: ten corrupted copies on the source side). Each size is measured twice in one run:
-with the float32 operands cleared of subnormal values (``sdbridge.priors.analytic.float32_normal``, the code) and
-with a plain ``.float()`` (before 2026-12-03), interleaved, so the ratio is side by side.
+official source and target words: ten corrupted copies on the source side). Each size is measured for every variant
+in ``VARIANTS`` in one run, interleaved, so the ratios are side by side: the code (float32 operands cleared of
+subnormal values by ``sdbridge.priors.analytic.float32_normal``), a plain ``.float()`` (before 2026-12-03), and the
+translation-equivariant world option ``prior.templates=8``.
 """
 
 from __future__ import annotations
@@ -64,40 +65,49 @@ def plain_casts(enabled: bool) -> Iterator[None]:
         analytic.float32_normal = normal
 
 
-def measure(size: int, rounds: int = 3) -> list[tuple[float, float]]:
-    """Per call kind: (ms per image now, ms per image with subnormals), median over interleaved rounds."""
+#: The variants measured side by side: the code, its float32 casts as before 2026-12-03 (subnormal values kept), and
+#: the translation-equivariant world option (``prior.templates``, sdbridge/priors/world.py).
+VARIANTS = {"default": ({}, False), "float32 casts with subnormals": ({}, True),
+            "prior.templates=8": ({"templates": 8}, False)}
+
+
+def measure(size: int, rounds: int = 3) -> dict[str, list[float]]:
+    """Per variant, per call kind: ms per image, median over rounds that interleave the variants."""
     priors = {}
-    for sub in (False, True):
+    for name, (overrides, sub) in VARIANTS.items():
         with plain_casts(sub):
-            priors[sub] = AnalyticPrior(AnalyticConfig(size=size, device="cpu"))
-    results: dict[tuple[str, bool], list[float]] = {}
+            priors[name] = AnalyticPrior(AnalyticConfig(size=size, device="cpu", **overrides))
+    results: dict[tuple[str, str], list[float]] = {}
     for r in range(rounds):
-        order = (False, True) if r % 2 == 0 else (True, False)
-        for name, texts in CALLS.items():
-            for sub in order:
-                with plain_casts(sub):
-                    results.setdefault((name, sub), []).append(bench(priors[sub], texts))
-    return [(statistics.median(results[(n, False)]), statistics.median(results[(n, True)])) for n in CALLS]
+        order = list(VARIANTS) if r % 2 == 0 else list(reversed(VARIANTS))
+        for kind, texts in CALLS.items():
+            for name in order:
+                with plain_casts(VARIANTS[name][1]):
+                    results.setdefault((name, kind), []).append(bench(priors[name], texts))
+    return {name: [statistics.median(results[(name, kind)]) for kind in CALLS] for name in VARIANTS}
 
 
 def main() -> None:
     rows = []
     for size in SIZES:
         cells = measure(size)
-        rows.append(f"| {size} | {3 * size * size} | "
-                    + " | ".join(f"{now:.2f} ({old:.2f}, {now / old:.2f}x)" for now, old in cells) + " |")
-        print(rows[-1], flush=True)
+        for name, values in cells.items():
+            ratio = lambda v, ref: "" if name == "default" else f" ({v / ref:.2f}x)"  # noqa: E731
+            rows.append(f"| {size} | {3 * size * size} | {name} | "
+                        + " | ".join(f"{v:.2f}{ratio(v, ref)}" for v, ref in zip(values, cells["default"])) + " |")
+            print(rows[-1], flush=True)
     table = "\n".join([
-        "| S | D | " + " | ".join(f"{name}: ms/image (with subnormals, ratio)" for name in CALLS) + " |",
-        "| ---: | ---: |" + " ---: |" * len(CALLS),
+        "| S | D | variant | " + " | ".join(f"{kind}: ms/image" for kind in CALLS) + " |",
+        "| ---: | ---: | --- |" + " ---: |" * len(CALLS),
         *rows,
     ])
     section = (
         "<!-- bench_analytic:start -->\n"
         f"Exact eps cost per image (world v2, batch {BATCH}, t = 500; {platform.machine()}, {torch.get_num_threads()} "
-        f"threads, torch {torch.__version__}); `python experiments/bench/analytic.py`. In parentheses the same call "
-        "with the float32 operands cast plainly, subnormal values kept (the code before 2026-12-03), measured "
-        f"interleaved in the same run, and the ratio:\n\n{table}\n"
+        f"threads, torch {torch.__version__}); `python experiments/bench/analytic.py`. The variants are measured "
+        "interleaved in the same run; in parentheses the ratio to the default: the float32 operands cast plainly, "
+        "subnormal values kept (the code before 2026-12-03), and the translation-equivariant world option "
+        f"(`prior.templates=8`):\n\n{table}\n"
         "<!-- bench_analytic:end -->"
     )
     readme = ROOT / "experiments" / "bench" / "README.md"
