@@ -72,8 +72,9 @@ class AnalyticConfig(PriorConfig):
     coarse_clusters: int = 16  # components per shape of the corrupted copies
     coarse_rank: int = 8
     renders_per_cluster: int = 80
-    #: > 0: the translation-equivariant world (``sdbridge/priors/world.py``), this many templates per shape on average,
-    #: each at every integer shift (49 at size 32; prior.clusters then only sets how many renders the coarse copies are fitted to)
+    #: > 0: the translation-equivariant world (``sdbridge/priors/world.py``), this many templates per shape on
+    #: average, each at every integer shift (49 at size 32); prior.clusters then only sets how many renders the
+    #: coarse copies are fitted to. Off: 6.4x the eps cost, and no method adheres more (experiments/exact/README.md)
     templates: int = 0
     noise_floor: float = 0.2  # s: isotropic std of every component, model units (sensor noise; keeps eps O(1))
     precision: str = "mixed"  # "float64": all in float64; "mixed": the projections in float32 (measured: README)

@@ -249,6 +249,8 @@ def test_config_ranges_are_checked():
         AnalyticConfig(precision="half")
     with pytest.raises(ValueError, match="prior.noise_floor"):
         AnalyticConfig(noise_floor=0)
+    with pytest.raises(ValueError, match="prior.templates"):
+        AnalyticConfig(templates=-1)
 
 
 def test_exact_samples_and_ddim_land_near_the_true_distribution(analytic_prior):
