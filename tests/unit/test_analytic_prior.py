@@ -30,17 +30,26 @@ def _noised(p, prompt, t, n, seed):
     return abar, abar.sqrt() * x0 + (1 - abar).sqrt() * torch.randn(x0.shape, generator=g, dtype=torch.float64)
 
 
+def _assert_eps_is_autograd_score(p, prompt, t, x, abar):
+    """eps of ``prompt`` at (x, t) equals -sqrt(1 - abar) times the float64 autograd score of the mixture's log-density;
+    returns ``(eps (B, D), log p_t(x) (B,))``."""
+    B = x.shape[0]
+    x = x.detach().requires_grad_(True)
+    logp = p.mixture(prompt).log_prob(x, abar.expand(B))
+    (score,) = torch.autograd.grad(logp.sum(), x)
+    eps = p.predict_eps(x.detach().float().reshape(B, *p.sample_shape), torch.full((B,), t),
+                        [p.encode_text([prompt] * B)])[0].double().reshape(B, -1)
+    expected = -(1 - abar).sqrt() * score
+    torch.testing.assert_close(eps, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    return eps, logp.detach()
+
+
 @pytest.mark.parametrize("prompt", PROMPTS)
 @pytest.mark.parametrize("t", [0, 1, 100, 500, 900, 999])
 def test_eps_is_minus_sqrt_one_minus_abar_times_autograd_score(small_analytic_prior, prompt, t):
     p = small_analytic_prior
     abar, x = _noised(p, prompt, t, 3, t)
-    x.requires_grad_(True)
-    logp = p.mixture(prompt).log_prob(x, abar.expand(3)).sum()
-    (score,) = torch.autograd.grad(logp, x)
-    eps = p.predict_eps(x.detach().float().reshape(3, *p.sample_shape), torch.full((3,), t), [p.encode_text([prompt] * 3)])
-    expected = -(1 - abar).sqrt() * score
-    torch.testing.assert_close(eps[0].double().reshape(3, -1), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    eps, _ = _assert_eps_is_autograd_score(p, prompt, t, x, abar)
     assert torch.isfinite(eps).all()
 
 
@@ -325,18 +334,19 @@ def test_translation_equivariant_world_is_centred_templates_at_every_shift():
                                         renders_per_cluster=16, seed=5).key()
 
 
+@pytest.fixture(scope="module")
+def small_templates_prior(world_cache):
+    """A 16 x 16 exact prior on the translation-equivariant world (``prior.templates``)."""
+    return AnalyticPrior(AnalyticConfig(size=16, templates=2, rank=3, coarse_clusters=2, coarse_rank=2,
+                                        renders_per_cluster=16, precision="float64", cache_dir=str(world_cache),
+                                        device="cpu"))
+
+
 @pytest.mark.parametrize("prompt", ["a red circle", "a blue square, blurry, noisy"])
 @pytest.mark.parametrize("t", [100, 900])
-def test_translation_equivariant_prior_keeps_eps_exact(world_cache, prompt, t):
-    p = AnalyticPrior(AnalyticConfig(size=16, templates=2, rank=3, coarse_clusters=2, coarse_rank=2,
-                                     renders_per_cluster=16, precision="float64", cache_dir=str(world_cache),
-                                     device="cpu"))
-    abar, x = _noised(p, prompt, t, 3, t)
-    x.requires_grad_(True)
-    (score,) = torch.autograd.grad(p.mixture(prompt).log_prob(x, abar.expand(3)).sum(), x)
-    eps = p.predict_eps(x.detach().float().reshape(3, *p.sample_shape), torch.full((3,), t), [p.encode_text([prompt] * 3)])
-    expected = -(1 - abar).sqrt() * score
-    torch.testing.assert_close(eps[0].double().reshape(3, -1), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+def test_translation_equivariant_prior_keeps_eps_exact(small_templates_prior, prompt, t):
+    abar, x = _noised(small_templates_prior, prompt, t, 3, t)
+    _assert_eps_is_autograd_score(small_templates_prior, prompt, t, x, abar)
 
 
 def test_translation_equivariant_samples_are_the_concept(world_cache):
@@ -364,19 +374,14 @@ def test_generic_component_keeps_eps_exact(generic_prior, t):
         mix = p.mixture(prompt)
         assert mix.generic is p.mixture("").generic and math.exp(mix.log_generic) == pytest.approx(0.1)
         abar, x = _noised(p, prompt, t, 3, t)
-        x = torch.cat([x, torch.randn(1, mix.dim, dtype=torch.float64)]).requires_grad_(True)
-        logp = mix.log_prob(x, abar.expand(4))
-        (score,) = torch.autograd.grad(logp.sum(), x)
-        eps = p.predict_eps(x.detach().float().reshape(4, *p.sample_shape), torch.full((4,), t),
-                            [p.encode_text([prompt] * 4)])[0].double().reshape(4, -1)
-        expected = -(1 - abar).sqrt() * score
-        torch.testing.assert_close(eps, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+        x = torch.cat([x, torch.randn(1, mix.dim, dtype=torch.float64)])
+        _, logp = _assert_eps_is_autograd_score(p, prompt, t, x, abar)
         if t == 500 and prompt == "a red circle":  # dense (K, D, D) covariances: one prompt is enough
             means, covs, logw = dense_components(mix)
             noised = abar * covs + (1 - abar) * torch.eye(mix.dim, dtype=torch.float64)
             mvn = torch.distributions.MultivariateNormal(abar.sqrt() * means, covariance_matrix=noised)
-            dense = torch.logsumexp(mvn.log_prob(x.detach().unsqueeze(1)) + logw, 1)
-            torch.testing.assert_close(logp.detach(), dense, rtol=1e-9, atol=1e-6)
+            dense = torch.logsumexp(mvn.log_prob(x.unsqueeze(1)) + logw, 1)
+            torch.testing.assert_close(logp, dense, rtol=1e-9, atol=1e-6)
             assert float(torch.logsumexp(logw, 0)) == pytest.approx(0.0, abs=1e-12)
 
 
