@@ -250,6 +250,21 @@ def official_loop(args, device, dtype, counter: UNetCounter, save_dir: Path, pla
 
 
 def run_official(args, plan: list[int] | None = None, prior=None) -> dict:
+    """The official side. A shared ``prior``'s modules run diffusers' stock attention forward here, as the official
+    codes load them (sdbridge's prior routes its attention layers to their processors directly)."""
+    from sdbridge.priors.stable_diffusion import direct_attention
+
+    shared = [] if prior is None else [prior.unet, prior.vae]
+    for module in shared:
+        direct_attention(module, on=False)
+    try:
+        return _run_official(args, plan, prior)
+    finally:
+        for module in shared:
+            direct_attention(module)
+
+
+def _run_official(args, plan: list[int] | None, prior) -> dict:
     import torch
     from tqdm import tqdm
 
@@ -354,7 +369,7 @@ def environment(args) -> dict[str, Any]:
         f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)")
     return {"device": name, "torch": torch.__version__, "prior": args.prior, "latent_size": args.latent_size,
             "dtype": args.dtype, "seed": args.seed, "steps": args.steps, "warmup": args.warmup,
-            "save_every": args.save_every}
+            "save_every": args.save_every, "stub_unet": args.stub_unet}
 
 
 def run_side(args, match: dict | None = None, prior=None) -> dict:
@@ -468,6 +483,8 @@ def spawn_side(args, work: Path, rep: int, match: dict | None) -> dict:
         value = getattr(args, flag)
         if value is not None:
             cmd += ["--" + flag.replace("_", "-"), str(value)]
+    if args.stub_unet:
+        cmd.append("--stub-unet")
     if match is not None:
         matched = work / f"{args.method}-sdbridge-match.json"
         matched.write_text(json.dumps(match))
@@ -526,7 +543,8 @@ def table_text(rows: list[dict], command: str, env: dict, spawned: bool = False)
     lines = [f"`{command}`", "",
              f"Device: {env['device']}; torch {env['torch']}; prior `{env['prior']}`"
              + (f" (latents {env['latent_size']}x{env['latent_size']})" if env.get("latent_size") else "")
-             + f", {env['dtype']}; batch 1; median of {env['steps']} steps after {env['warmup']} warm-up steps, a decode "
+             + f", {env['dtype']}" + ("; the UNet a zero-cost stub (sample * 0.5): framework cost only"
+                                      if env.get("stub_unet") else "") + f"; batch 1; median of {env['steps']} steps after {env['warmup']} warm-up steps, a decode "
              f"+ PNG every {env['save_every']} steps on both sides; {rows[0]['repeats'] if rows else 0} interleaved "
              "repetitions, " + ("each run a fresh process." if spawned else "all runs in one process sharing the "
                                 "model."), "",
@@ -569,6 +587,8 @@ def parse(argv: list[str] | None):
     parser.add_argument("--match", default=None, help="official side: sdbridge's record (its t; equal-work check)")
     parser.add_argument("--profile", default=None, help="cProfile the timed steps of this side into a .prof file")
     parser.add_argument("--readme", action="store_true", help="with --all: write the table into the README")
+    parser.add_argument("--stub-unet", action="store_true",
+                        help="replace every UNet's forward by sample * 0.5 (same shapes): the framework's own cost")
     parser.add_argument(README_PATH_OPTION, type=Path, default=Path(__file__).with_name("README.md"),
                         help="the README that --readme writes (a copy, for dry runs)")
     parser.add_argument("--work-dir", default=None, help="with --all: where the per-run records go")
@@ -579,12 +599,28 @@ def parse(argv: list[str] | None):
         parser.error("give --method and --side (or --all)")
     if args.steps < 1 or args.warmup < 0 or args.repeats < 1 or args.save_every < 0:
         parser.error("--steps and --repeats must be >= 1, --warmup and --save-every >= 0")
+    if args.stub_unet and args.readme:
+        parser.error("--stub-unet times the framework alone: its table is not the README's side by side")
     return args
+
+
+def stub_unet() -> None:
+    """Every ``UNet2DConditionModel`` of this process returns ``sample * 0.5`` (same shapes, no compute): what is left
+    of a step is the loop's own cost, on both sides alike."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, **kwargs):
+        return UNet2DConditionOutput(sample=sample * 0.5)
+
+    UNet2DConditionModel.forward = forward
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
+    if args.stub_unet:
+        stub_unet()
     if args.all:
         return run_all(args, argv)
     if args.method == "bridge1" and total_steps(args) > 500:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -191,6 +192,33 @@ class StableDiffusionConfig(PriorConfig):
 ATTENTION = {"sdpa": "AttnProcessor2_0", "classic": "AttnProcessor"}
 
 
+def _attention_forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **cross_attention_kwargs):
+    """diffusers' ``Attention.forward`` without its per-call ``inspect.signature`` of the processor (0.45 of a 5.5 ms
+    tiny-SD UNet call on this CPU, one per attention layer per call; experiments/bench/README.md). With no extra
+    keyword arguments (sdbridge passes none) the stock forward filters an empty dict and makes exactly this call;
+    with any, it runs the stock forward."""
+    if cross_attention_kwargs:
+        return type(self).forward(self, hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs)
+    return self.processor(self, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                          attention_mask=attention_mask)
+
+
+def direct_attention(module: torch.nn.Module, on: bool = True) -> int:
+    """Route every diffusers ``Attention`` layer of ``module`` (whose class keeps the stock ``forward``) straight to
+    its processor (:func:`_attention_forward`, an instance attribute), or back to the stock ``forward`` (``on=False``,
+    e.g. for a benchmark's official side sharing the modules). Outputs are bitwise the same
+    (tests/unit/test_speed_options.py). Returns the number of layers."""
+    from diffusers.models.attention_processor import Attention
+
+    layers = [m for m in module.modules() if isinstance(m, Attention) and type(m).forward is Attention.forward]
+    for layer in layers:
+        if on:
+            layer.forward = types.MethodType(_attention_forward, layer)
+        else:
+            layer.__dict__.pop("forward", None)
+    return len(layers)
+
+
 @builds("prior", "stable_diffusion", StableDiffusionConfig)
 class StableDiffusionPrior(DiffusionPrior):
     """Stable Diffusion latent prior. ``sample_shape`` is ``(4, H/8, W/8)`` (4x64x64 for SD 2.1 base)."""
@@ -261,12 +289,15 @@ class StableDiffusionPrior(DiffusionPrior):
 
     def set_speed_options(self, config: StableDiffusionConfig) -> None:
         """Memory format, attention kernel and compilation of the UNet (the module stays the same object, so
-        adapters (VSD's LoRA) and attribute access keep working)."""
+        adapters (VSD's LoRA) and attribute access keep working); the attention layers of the UNet and the VAE always
+        call their processor directly (:func:`direct_attention`: the same outputs, less Python per call)."""
         import diffusers.models.attention_processor as processors
 
         if config.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         self.unet.set_attn_processor(getattr(processors, ATTENTION[config.attention])())
+        for module in (self.unet, self.vae):
+            direct_attention(module)
         if config.compile:
             self.unet.compile(mode=config.compile_mode)
 

@@ -63,3 +63,37 @@ def test_unequal_work_is_refused(tmp_path):
     assert equal_work(official, {**base, "calls": [1, 1], "rows": [2, 2]}) == []
     assert "step 1" in equal_work(official, {**base, "calls": [1, 2], "rows": [2, 4]})[0]
     assert "seed" in equal_work(official, {**base, "seed": 1, "calls": [1, 1], "rows": [2, 2]})[0]
+
+
+def test_the_official_side_runs_diffusers_stock_attention_on_shared_modules(tiny_prior, monkeypatch):
+    """sdbridge's prior routes its attention layers to their processors (``direct_attention``); a shared prior's
+    modules run the stock ``Attention.forward`` while the official side runs, and sdbridge's routing after."""
+    from diffusers.models.attention_processor import Attention
+
+    from experiments.bench import official
+
+    layers = [m for module in (tiny_prior.unet, tiny_prior.vae) for m in module.modules() if isinstance(m, Attention)]
+    routed = lambda: [("forward" in m.__dict__) for m in layers]  # noqa: E731
+    assert layers and all(routed())
+    seen = []
+    monkeypatch.setattr(official, "_run_official", lambda args, plan, prior: seen.append(routed()) or {})
+    assert official.run_official(None, None, tiny_prior) == {}
+    assert seen and not any(seen[0]) and all(routed())
+
+
+def test_stub_unet_times_the_framework_alone(tmp_path, tiny_cache):
+    """``--stub-unet`` (in its own process: it replaces the UNet class's forward) runs both sides with equal work and
+    says so in its table; it refuses to write the README."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "stub.json"
+    cmd = [sys.executable, "experiments/bench/official.py", "--all", "--quick", "--methods", "sds", "--device", "cpu",
+           "--threads", "1", "--cache-dir", str(tiny_cache), "--stub-unet"]
+    done = subprocess.run([*cmd, "--json", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "zero-cost stub" in done.stdout and json.loads(out.read_text())["rows"][0]["method"] == "sds"
+    refused = subprocess.run([*cmd, "--readme"], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--stub-unet" in refused.stderr

@@ -72,6 +72,48 @@ def test_torch_compile_gives_the_plain_gradient(tiny_cache, tiny_prior):
     assert _relative_error(fast, _sds_grad(tiny_prior)) <= 1e-4
 
 
+def test_direct_attention_gives_the_stock_outputs_and_lora_gradients(tiny_cache):
+    """The prior's attention layers skip diffusers' per-call signature inspection (``direct_attention``): UNet outputs
+    (LoRA adapters on, non-zero), the LoRA gradients and VAE decodes are bitwise those of the stock forward, and a
+    call with extra attention keyword arguments still runs the stock forward."""
+    from diffusers.models.attention_processor import Attention
+
+    from sdbridge.priors.stable_diffusion import direct_attention
+
+    prior = _prior(tiny_cache)
+    routed = [m for m in prior.unet.modules() if isinstance(m, Attention)]
+    assert routed and all("forward" in m.__dict__ for m in routed)
+    assert any("forward" in m.__dict__ for m in prior.vae.modules() if isinstance(m, Attention))
+    params = prior.add_lora("check", rank=2, gaussian_init=True)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    g = torch.Generator().manual_seed(0)
+    x, emb = torch.randn(2, *prior.sample_shape, generator=g), torch.randn(2, 77, 32, generator=g)
+    t, z = torch.tensor([300, 700]), torch.randn(2, *prior.sample_shape, generator=g)
+
+    def outputs():
+        for p in params:
+            p.grad = None
+        with prior.adapter("check"):
+            out = prior.unet(x, t, encoder_hidden_states=emb).sample
+            out.square().sum().backward()
+        with torch.no_grad():
+            image = prior.vae.decode(z).sample
+        return [out.detach(), image, *(p.grad for p in params)]
+
+    direct = outputs()
+    assert direct_attention(prior.unet, on=False) == len(routed) and direct_attention(prior.vae, on=False) > 0
+    assert not any("forward" in m.__dict__ for m in routed)
+    stock = outputs()
+    assert all(torch.equal(a, b) for a, b in zip(direct, stock))
+    direct_attention(prior.unet)
+    layer = routed[0]
+    h = torch.randn(1, 4, layer.to_q.in_features, generator=g)
+    with torch.no_grad():
+        assert torch.equal(layer(h, ip_adapter_masks=None), Attention.forward(layer, h))
+
+
 @pytest.mark.parametrize("method", ["sds", "nfsd", "csd", "bridge", "sdi", "ism", "vsd"])
 def test_batched_multi_caption_step_equals_the_per_caption_steps(tiny_prior, method):
     """With one generator per caption, one step on 3 captions gives each caption the gradient of its own step
