@@ -12,7 +12,8 @@ on the detached x0 (t ~ U{0..999}, 10% condition dropout). Two source networks:
   and it is trained on the v target), as in both official codes; ``lora_base=prior`` puts the adapters on the
   prior's own UNet instead (switched off for the pretrained prediction: no second UNet in memory).
 * **Residual eps network** (pixel priors such as the exact prior): eps_src = eps_prior(x_t; y) + r(x_t, t, y) with
-  r a small diffusers ``UNet2DModel`` whose output layer starts at zero. It has no camera.
+  r a small diffusers ``UNet2DModel`` whose output layer starts at zero, trained on the v target like the official
+  LoRA base (``residual_target``; its eps error weighted by 1 / abar). It has no camera.
 
 Official sources (the defaults reproduce them; tests/parity/test_vsd_parity.py re-derives their math):
 
@@ -53,7 +54,7 @@ from torch import nn
 
 from sdbridge import rng
 from sdbridge.guidance.base import Guidance, GuidanceConfig, as_enum
-from sdbridge.priors.base import attach_prior
+from sdbridge.priors.base import attach_prior, per_sample
 from sdbridge.priors.stable_diffusion import StableDiffusionPrior
 from sdbridge.views import StepPrompts
 from sdbridge.registry import builds
@@ -112,6 +113,9 @@ class VSDConfig(GuidanceConfig):
     # width of the residual eps network (pixel priors; ours, the stand-in for the official rank-4 LoRA): 16 runs
     # the exact table's VSD rows in half the time of 32 at equal FD (experiments/exact/README.md)
     residual_channels: int = 16
+    # what the residual source is trained to predict: "v" (sqrt(abar) eps - sqrt(1 - abar) x0), as the official LoRA
+    # base (SD 2.1, v-prediction) is, i.e. its eps error weighted by 1 / abar; "eps": the plain eps target
+    residual_target: str = "v"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -132,6 +136,8 @@ class VSDConfig(GuidanceConfig):
             raise ValueError("guidance.lora_eps must be > 0 and guidance.lora_weight_decay >= 0")
         if not 0 <= self.condition_dropout <= 1:
             raise ValueError(f"guidance.condition_dropout={self.condition_dropout} must be in [0, 1]")
+        if self.residual_target not in ("v", "eps"):
+            raise ValueError(f"guidance.residual_target={self.residual_target!r} is not one of ['v', 'eps']")
         if not 0 <= self.train_min_step < self.train_max_step <= 1000:
             raise ValueError("guidance.train_min_step / train_max_step must satisfy 0 <= min < max <= 1000")
 
@@ -223,8 +229,9 @@ class ResidualEpsSource(Source):
     The prompt enters as a class label (0 = dropped condition). Camera conditioning is the LoRA source's only.
     """
 
-    def __init__(self, prior, prompts: Sequence[str], channels: int):
+    def __init__(self, prior, prompts: Sequence[str], channels: int, target: str = "v"):
         super().__init__()
+        self.target = target
         from diffusers import UNet2DModel
 
         attach_prior(self, prior)
@@ -246,14 +253,20 @@ class ResidualEpsSource(Source):
             labels = torch.where(drop, torch.zeros_like(labels), labels)
         with torch.no_grad():
             base = self.prior.predict_eps(x_t, t, [self.prior.encode_text(kept_texts(prompts, drop))])[0]
-        out = base + self.net(x_t, t, class_labels=labels).sample
-        return out, out
+        eps = base + self.net(x_t, t, class_labels=labels).sample
+        if self.target == "eps":
+            return eps, eps
+        a = per_sample(self.prior.abar(t).to(x_t), x_t)
+        return eps, (eps - (1 - a).sqrt() * x_t) / a.sqrt()  # v of the same prediction
 
     def add_noise(self, x0, noise, t):
         return self.prior.add_noise(x0, noise, t)
 
     def training_target(self, x0, noise, t):
-        return noise
+        if self.target == "eps":
+            return noise
+        a = per_sample(self.prior.abar(t).to(x0), x0)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
 @builds("guidance", "vsd", VSDConfig)
@@ -284,7 +297,8 @@ class VSD(Guidance):
                 if self.prior.supports_adapters:
                     self.source = LoRASource(self.prior, self.config)
                 else:
-                    self.source = ResidualEpsSource(self.prior, prompts, self.config.residual_channels)
+                    self.source = ResidualEpsSource(self.prior, prompts, self.config.residual_channels,
+                                                    self.config.residual_target)
             c = self.config
             self.optimizer = torch.optim.AdamW(self.source.trainable_parameters(), lr=c.lora_lr,
                                                betas=tuple(c.lora_betas), eps=c.lora_eps,
