@@ -54,7 +54,7 @@ from torch import nn
 
 from sdbridge import rng
 from sdbridge.guidance.base import Guidance, GuidanceConfig, as_enum
-from sdbridge.priors.base import attach_prior, per_sample
+from sdbridge.priors.base import attach_prior
 from sdbridge.priors.stable_diffusion import StableDiffusionPrior
 from sdbridge.views import StepPrompts
 from sdbridge.registry import builds
@@ -254,19 +254,13 @@ class ResidualEpsSource(Source):
         with torch.no_grad():
             base = self.prior.predict_eps(x_t, t, [self.prior.encode_text(kept_texts(prompts, drop))])[0]
         eps = base + self.net(x_t, t, class_labels=labels).sample
-        if self.target == "eps":
-            return eps, eps
-        a = per_sample(self.prior.abar(t).to(x_t), x_t)
-        return eps, (eps - (1 - a).sqrt() * x_t) / a.sqrt()  # v of the same prediction
+        return eps, (eps if self.target == "eps" else self.prior.eps_to_v(eps, x_t, t))
 
     def add_noise(self, x0, noise, t):
         return self.prior.add_noise(x0, noise, t)
 
     def training_target(self, x0, noise, t):
-        if self.target == "eps":
-            return noise
-        a = per_sample(self.prior.abar(t).to(x0), x0)
-        return a.sqrt() * noise - (1 - a).sqrt() * x0
+        return noise if self.target == "eps" else self.prior.v_target(x0, noise, t)
 
 
 @builds("guidance", "vsd", VSDConfig)

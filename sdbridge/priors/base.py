@@ -202,6 +202,17 @@ class DiffusionPrior(nn.Module, abc.ABC):
         abar = per_sample(self.abar(t), x0).to(x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
+    def v_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0 (Salimans & Ho 2022), the v-prediction training target."""
+        abar = per_sample(self.abar(t), x0).to(x0)
+        return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+
+    def eps_to_v(self, eps: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The v of an eps prediction at x_t: (eps - sqrt(1 - abar_t) x_t) / sqrt(abar_t), so that
+        ``eps_to_v(eps) - v_target(x0, noise)`` = (eps - noise) / sqrt(abar_t)."""
+        abar = per_sample(self.abar(t), x_t).to(x_t)
+        return (eps - (1 - abar).sqrt() * x_t) / abar.sqrt()
+
     # ------------------------------------------------------------------ text
     def encode_text(self, prompts: Sequence[str | TextMix]) -> TextEmbedding:
         """Encode a list of prompts (one per sample). Each distinct string is encoded once per run (cached); a

@@ -468,8 +468,7 @@ class StableDiffusionPrior(DiffusionPrior):
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the UNet is trained to output: eps, or v = sqrt(abar) eps - sqrt(1 - abar) x0."""
         if self.prediction_type == "v_prediction":
-            abar = per_sample(self.abar(t).float(), x0)
-            return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+            return self.v_target(x0.float(), noise.float(), t)
         return noise
 
     # ------------------------------------------------------------------ sample space
