@@ -24,7 +24,8 @@
 #            repetition; skipped with a line if the script is not here)
 #
 # run.py writes its method rows into the README as soon as they are measured, so a time-out during the speed
-# options keeps them. Every block is one per device (`bench:gpu-sd21_base_random`, `bench_nerf:cuda`, ...).
+# options keeps them. Every block is one per device (`bench:gpu-sd21_base_random`, `bench_nerf:cuda`,
+# `bench:official-gpu-sd21_base_random`, ...): a GPU run never replaces a CPU table.
 #
 # --dry-run runs the same parts on the CPU at toy scale (tiny_sd prior, batch 1 and 2, 1 warm-up + 2 timed steps,
 # the speed options but torch.compile, NeRF renders of 8x8 and 16x16 at 4 samples) and writes the tables into a

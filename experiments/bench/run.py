@@ -44,7 +44,7 @@ if not __package__:  # run as a script: the repository root makes `experiments` 
 import lightning as L
 import torch
 
-from experiments.bench.readme import README_PATH_OPTION, command_line, write_block
+from experiments.bench.readme import README_PATH_OPTION, block_key, command_line, write_block
 
 ALL_METHODS = ["sds", "nfsd", "csd", "bridge", "sdi", "ism", "vsd", "vsd_full_bridge"]  # VSD last: adapters stay
 PROMPTS = ["a photo of a dog", "a red car on a street", "a bowl of fruit", "a wooden chair", "a cozy cabin",
@@ -244,8 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     command = command_line("experiments/bench/run.py", argv if argv is not None else sys.argv[1:])
     prior_overrides = [] if args.latent_size is None else [f"prior.latent_size={args.latent_size}"]
     scale = "" if args.latent_size is None else f", latents 4x{args.latent_size}x{args.latent_size}"
-    key = (("gpu-" if torch.cuda.is_available() else "cpu-") + args.prior
-           + ("" if args.latent_size is None else f"-latent{args.latent_size}") + ("-quick" if args.quick else ""))
+    key = block_key("cuda" if torch.cuda.is_available() else "cpu", args.prior, args.latent_size, args.quick)
     start = time.perf_counter()
 
     def publish(text: str, rows: list[dict], variants: list[dict]) -> None:

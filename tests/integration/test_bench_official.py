@@ -41,7 +41,8 @@ def test_all_in_one_process_writes_the_table(tmp_path, tiny_prior, tiny_cache):
     from experiments.bench.official import main
 
     readme = tmp_path / "README.md"
-    readme.write_text("# Benchmarks\n\n<!-- bench:official:start -->\nold\n<!-- bench:official:end -->\n")
+    readme.write_text("# Benchmarks\n\n<!-- bench:official-cpu-tiny_sd-quick:start -->\nold\n"
+                      "<!-- bench:official-cpu-tiny_sd-quick:end -->\n")
     out = tmp_path / "all.json"
     assert main(["--all", "--quick", "--methods", "sds", "nfsd", "--device", "cpu", "--threads", "1", "--cache-dir",
                  str(tiny_cache), "--json", str(out), "--readme", "--readme-path", str(readme)]) == 0

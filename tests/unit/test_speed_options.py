@@ -180,9 +180,10 @@ def test_sd21_base_random_serves_a_reduced_latent_size():
 
 
 def test_bench_readme_blocks_are_replaced_in_place(tmp_path):
-    """The benchmark scripts' --readme: a block is replaced where it stands (or appended), and the command shown
-    above it leaves out where a copy was written (gpu.sh --dry-run's temporary README)."""
-    from experiments.bench.readme import command_line, write_block
+    """The benchmark scripts' --readme: a block is replaced where it stands (or appended), the command shown above it
+    leaves out where a copy or a record was written (gpu.sh --dry-run's temporary README, --json), and each block is
+    keyed by device, prior and scale, so that a GPU table never replaces a CPU one."""
+    from experiments.bench.readme import block_key, command_line, write_block
 
     readme = tmp_path / "README.md"
     readme.write_text("# Bench\n\n<!-- bench:a:start -->\nold\n<!-- bench:a:end -->\n\ntail\n")
@@ -190,9 +191,13 @@ def test_bench_readme_blocks_are_replaced_in_place(tmp_path):
     write_block(readme, "bench:b", "appended")
     assert readme.read_text() == ("# Bench\n\n<!-- bench:a:start -->\nnew\n<!-- bench:a:end -->\n\ntail\n\n"
                                   "<!-- bench:b:start -->\nappended\n<!-- bench:b:end -->\n")
-    argv = ["--readme", "--readme-path", "/tmp/x/README.md", "--variants", "classic attention", "--readme-path=/tmp/y"]
+    argv = ["--readme", "--readme-path", "/tmp/x/README.md", "--variants", "classic attention", "--readme-path=/tmp/y",
+            "--json", "/tmp/rows.json", "--out=/tmp/o.json", "--steps", "12"]
     assert command_line("experiments/bench/run.py", argv) == \
-        "python experiments/bench/run.py --readme --variants 'classic attention'"
+        "python experiments/bench/run.py --readme --variants 'classic attention' --steps 12"
+    assert block_key("cpu", "tiny_sd") == "cpu-tiny_sd"
+    assert block_key("cuda", "sd21_base_random") == "gpu-sd21_base_random"
+    assert block_key("cpu", "sd21_base_random", 16, quick=True) == "cpu-sd21_base_random-latent16-quick"
 
 
 def test_vsd_on_the_prior_and_sdi_keep_no_second_unet(tiny_prior):
