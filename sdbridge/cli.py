@@ -253,7 +253,7 @@ def _main(cfg: DictConfig, hc: Any) -> dict[str, Any] | None:
         from sdbridge.callbacks.exact_metrics import format_metrics
 
         print("\nExact metrics against the true distributions (sdbridge/metrics/exact.py):")
-        print(format_metrics(summary["exact_metrics"]))
+        print(format_metrics(summary["exact_metrics"], summary.get("exact_metrics_reference")))
     print(f"\nsdbridge: {summary['steps']} steps in {summary['wall_clock_s']:.1f} s, "
           f"{summary['nfe_per_step']} NFEs/step, final loss {summary['final_loss']:.4g}")
     images = run_dir / ("batches/*/images/final" if summary.get("batches") else "images/final")

@@ -563,25 +563,34 @@ def _optimize(
         with atomic_open(run_dir / "model_samples.pt") as f:
             torch.save(target.model_samples().cpu(), f)
         if isinstance(config.target, ImageTargetConfig):
-            extra["compare"] = str(_compare_with_exact_samples(prior, target, samples, run_dir, config.seed))
+            compare, reference = _compare_with_exact_samples(prior, target, samples, run_dir, config.seed)
+            extra["compare"] = str(compare)
+            extra["exact_metrics_reference"] = reference
     if exact_cb is not None and exact_cb.final is not None:
         extra["exact_metrics"] = exact_cb.final
     return summary_cb.finish(trainer, system, extra)
 
 
-def _compare_with_exact_samples(prior: Any, target: Any, samples: list[dict], run_dir: Path, seed: int) -> Path:
+def _compare_with_exact_samples(prior: Any, target: Any, samples: list[dict], run_dir: Path,
+                                seed: int) -> tuple[Path, dict]:
     """``images/final/compare.png``: per prompt, a row of the run's images and below it a row of exact samples of the
-    same prompt (as many, drawn with the run's seed), each image upsampled to >= 128 px."""
+    same prompt (as many, drawn with the run's seed), each image upsampled to >= 128 px; and the exact metrics of
+    those exact samples (the reference row of the printed table: what the truth itself scores at this count, e.g.
+    the finite-sample FD)."""
     from sdbridge.media import comparison_grid, save_png
+    from sdbridge.metrics.exact import exact_metrics
 
     images = target.preview()
-    rows = []
+    rows, true, prompts = [], [], []
     gen = torch.Generator().manual_seed(seed)
     for prompt in dict.fromkeys(r["prompt"] for r in samples):
         index = [i for i, r in enumerate(samples) if r["prompt"] == prompt]
-        rows.append(images[index])
-        rows.append(prior.decode(prior.sample(prompt, len(index), gen).to(prior.device)).cpu())
-    return save_png(comparison_grid(rows), run_dir / "images" / "final" / "compare.png")
+        drawn = prior.sample(prompt, len(index), gen).to(prior.device)
+        rows += [images[index], prior.decode(drawn).cpu()]
+        true.append(drawn)
+        prompts += [prompt] * len(index)
+    path = save_png(comparison_grid(rows), run_dir / "images" / "final" / "compare.png")
+    return path, exact_metrics(prior, torch.cat(true), prompts)
 
 
 def protocol_of(config: RunConfig, prior: Any, prompt_set: Any, choices: dict[str, Any]) -> dict[str, Any]:

@@ -35,12 +35,39 @@ class ExactMetricsCallback(L.Callback):
         self._log(trainer, self.final)
 
 
-def format_metrics(metrics: dict[str, Any]) -> str:
-    """A small text table: one row per prompt and the mean."""
+#: how the printed table shows each metric: (column header, format); others print with 4 significant digits
+METRIC_COLUMNS = {
+    "fd": ("FD", "{:.0f}"),
+    "nll_bpd": ("NLL bpd", "{:.2f}"),
+    "collapse": ("collapse", "{:.2f}"),
+    "sharpness": ("sharpness", "{:.2f}"),
+    "saturation": ("saturation", "{:.2f}"),
+    "adherence": ("adherence", "{:.2f}"),
+    "recognizable": ("recognizable", "{:.2f}"),
+}
+METRIC_LEGEND = ("FD (Frechet distance), NLL (bits/dim) and collapse: lower is better; sharpness and saturation: 1 = as\n"
+                 "the true distribution; adherence and recognizable: share of images, higher is better")
+
+
+def format_metrics(metrics: dict[str, Any], reference: dict[str, Any] | None = None) -> str:
+    """A small text table: one row per prompt and the mean, each metric at a precision a person can read, then (when
+    given) the ``reference`` metrics' mean, those of as many exact samples of the same prompts (what the truth
+    itself scores at this count: FD is biased upward by few images), and a legend that says which way is better."""
     names = list(metrics["mean"])
-    width = max(12, *(len(p) for p in metrics["per_prompt"]))
-    lines = [f"{'prompt':<{width}}  " + "  ".join(f"{n:>9}" for n in names)]
-    for prompt, values in metrics["per_prompt"].items():
-        lines.append(f"{prompt or '(empty)':<{width}}  " + "  ".join(f"{values.get(n, float('nan')):9.4f}" for n in names))
-    lines.append(f"{'mean':<{width}}  " + "  ".join(f"{metrics['mean'][n]:9.4f}" for n in names))
+    headers = [METRIC_COLUMNS.get(n, (n, ""))[0] for n in names]
+    widths = [max(9, len(h)) for h in headers]
+    first = max(13, *(len(p) for p in metrics["per_prompt"]))
+
+    def cell(name: str, value: float, width: int) -> str:
+        fmt = METRIC_COLUMNS.get(name, (name, "{:.4g}"))[1]
+        return f"{fmt.format(value):>{width}}"
+
+    lines = [f"{'prompt':<{first}}  " + "  ".join(f"{h:>{w}}" for h, w in zip(headers, widths))]
+    rows = [*metrics["per_prompt"].items(), ("mean", metrics["mean"])]
+    if reference is not None:
+        rows.append(("exact samples", reference["mean"]))
+    for prompt, values in rows:
+        lines.append(f"{prompt or '(empty)':<{first}}  "
+                     + "  ".join(cell(n, values.get(n, float("nan")), w) for n, w in zip(names, widths)))
+    lines.append(METRIC_LEGEND)
     return "\n".join(lines)

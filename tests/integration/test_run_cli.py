@@ -89,6 +89,16 @@ def test_default_run_on_the_exact_prior_reports_exact_metrics(tmp_path, world_ca
     assert set(metrics["per_prompt"]) == {"a red circle", "a blue square", "a yellow triangle", "a green ring"}
     assert set(metrics["mean"]) == {"fd", "nll_bpd", "collapse", "sharpness", "saturation", "adherence", "recognizable"}
     assert iio.imread(summary["images"][0]).shape == (32, 32, 3)
+    # the printed table reads at a person's precision and ends with the reference row: as many exact samples of the
+    # same prompts (those of compare.png), which after 20 steps from noise score far better than the images
+    table = res.stdout[res.stdout.index("Exact metrics against"):]
+    mean_row = next(line for line in table.splitlines() if line.startswith("mean "))
+    assert mean_row.split()[1] == f"{metrics['mean']['fd']:.0f}"
+    reference = summary["exact_metrics_reference"]
+    assert set(reference["per_prompt"]) == set(metrics["per_prompt"])
+    assert reference["mean"]["fd"] < metrics["mean"]["fd"] and reference["mean"]["recognizable"] >= 0.5
+    exact_row = next(line for line in table.splitlines() if line.startswith("exact samples "))
+    assert exact_row.split()[2] == f"{reference['mean']['fd']:.0f}" and "lower is better" in table
 
 
 def test_unknown_prompt_word_on_the_exact_prior_fails_cleanly(tmp_path, world_cache):
