@@ -563,20 +563,22 @@ def _optimize(
         with atomic_open(run_dir / "model_samples.pt") as f:
             torch.save(target.model_samples().cpu(), f)
         if isinstance(config.target, ImageTargetConfig):
-            compare, reference = _compare_with_exact_samples(prior, target, samples, run_dir, config.seed)
+            scored = exact_cb is not None  # eval.exact=false: no metrics, so no reference row either
+            compare, reference = _compare_with_exact_samples(prior, target, samples, run_dir, config.seed, scored)
             extra["compare"] = str(compare)
-            extra["exact_metrics_reference"] = reference
+            if reference is not None:
+                extra["exact_metrics_reference"] = reference
     if exact_cb is not None and exact_cb.final is not None:
         extra["exact_metrics"] = exact_cb.final
     return summary_cb.finish(trainer, system, extra)
 
 
-def _compare_with_exact_samples(prior: Any, target: Any, samples: list[dict], run_dir: Path,
-                                seed: int) -> tuple[Path, dict]:
+def _compare_with_exact_samples(prior: Any, target: Any, samples: list[dict], run_dir: Path, seed: int,
+                                scored: bool = True) -> tuple[Path, dict | None]:
     """``images/final/compare.png``: per prompt, a row of the run's images and below it a row of exact samples of the
-    same prompt (as many, drawn with the run's seed), each image upsampled to >= 128 px; and the exact metrics of
-    those exact samples (the reference row of the printed table: what the truth itself scores at this count, e.g.
-    the finite-sample FD)."""
+    same prompt (as many, drawn with the run's seed), each image upsampled to >= 128 px; and (``scored``) the exact
+    metrics of those exact samples (the reference row of the printed table: what the truth itself scores at this
+    count, e.g. the finite-sample FD), else None."""
     from sdbridge.media import comparison_grid, save_png
     from sdbridge.metrics.exact import exact_metrics
 
@@ -590,7 +592,7 @@ def _compare_with_exact_samples(prior: Any, target: Any, samples: list[dict], ru
         true.append(drawn)
         prompts += [prompt] * len(index)
     path = save_png(comparison_grid(rows), run_dir / "images" / "final" / "compare.png")
-    return path, exact_metrics(prior, torch.cat(true), prompts)
+    return path, exact_metrics(prior, torch.cat(true), prompts) if scored else None
 
 
 def protocol_of(config: RunConfig, prior: Any, prompt_set: Any, choices: dict[str, Any]) -> dict[str, Any]:

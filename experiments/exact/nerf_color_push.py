@@ -52,9 +52,8 @@ def color_push(overrides: list[str], ts: list[int], draws: int, seed: int = 1) -
             push, x0c, x0u = torch.zeros(3), torch.zeros(3), torch.zeros(3)
             for _ in range(draws):
                 x_t = prior.add_noise(x0, torch.randn(x0.shape, generator=generator), tt)
-                eps_c, eps_u = prior.predict_eps(x_t, tt, [cond, uncond])
-                xc = (x_t - (1 - abar).sqrt() * eps_c) / abar.sqrt()
-                xu = (x_t - (1 - abar).sqrt() * eps_u) / abar.sqrt()
+                eps = prior.predict_eps(x_t, tt, [cond, uncond])  # (2, n, ...): conditional, unconditional
+                xc, xu = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()  # the two x0 predictions
                 push += (xc - xu)[CENTRE].mean((0, 2, 3)).cpu() / draws
                 x0c += prior.decode(xc)[CENTRE].mean((0, 2, 3)).cpu() / draws
                 x0u += prior.decode(xu)[CENTRE].mean((0, 2, 3)).cpu() / draws

@@ -54,20 +54,15 @@ def format_metrics(metrics: dict[str, Any], reference: dict[str, Any] | None = N
     given) the ``reference`` metrics' mean, those of as many exact samples of the same prompts (what the truth
     itself scores at this count: FD is biased upward by few images), and a legend that says which way is better."""
     names = list(metrics["mean"])
-    headers = [METRIC_COLUMNS.get(n, (n, ""))[0] for n in names]
-    widths = [max(9, len(h)) for h in headers]
+    columns = [METRIC_COLUMNS.get(n, (n, "{:.4g}")) for n in names]  # (header, format) per metric
+    widths = [max(9, len(header)) for header, _ in columns]
     first = max(13, *(len(p) for p in metrics["per_prompt"]))
-
-    def cell(name: str, value: float, width: int) -> str:
-        fmt = METRIC_COLUMNS.get(name, (name, "{:.4g}"))[1]
-        return f"{fmt.format(value):>{width}}"
-
-    lines = [f"{'prompt':<{first}}  " + "  ".join(f"{h:>{w}}" for h, w in zip(headers, widths))]
+    lines = [f"{'prompt':<{first}}  " + "  ".join(f"{h:>{w}}" for (h, _), w in zip(columns, widths))]
     rows = [*metrics["per_prompt"].items(), ("mean", metrics["mean"])]
     if reference is not None:
         rows.append(("exact samples", reference["mean"]))
     for prompt, values in rows:
-        lines.append(f"{prompt or '(empty)':<{first}}  "
-                     + "  ".join(cell(n, values.get(n, float("nan")), w) for n, w in zip(names, widths)))
+        cells = (fmt.format(values.get(n, float("nan"))) for n, (_, fmt) in zip(names, columns))
+        lines.append(f"{prompt or '(empty)':<{first}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
     lines.append(METRIC_LEGEND)
     return "\n".join(lines)
