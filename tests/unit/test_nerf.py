@@ -33,6 +33,7 @@ from sdbridge.targets.nerf.renderer import (
     ray_sphere,
     sample_pdf,
     stratified,
+    visible_samples,
 )
 
 
@@ -280,6 +281,46 @@ def test_renderer_shading_modes_and_regularizers():
     assert set(losses) == {"sparsity", "opaque", "orient", "z_variance", "convexity"}
     assert losses["orient"] < 0.05  # a ball seen from outside faces the camera
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize("normal_type", list(NormalType))
+@pytest.mark.parametrize("shading", [Shading.albedo, Shading.diffuse])
+def test_evaluation_renders_skip_only_normals_that_cannot_show(normal_type, shading):
+    """Evaluation renders skip the normals of each ray's lowest-weight samples up to eval_normal_skip_weight of
+    weight: every pixel's normal and lit color moves by at most that budget."""
+    torch.manual_seed(0)
+    f = ball_field(normal_type, blob_scale=20.0)
+    with torch.no_grad():  # a textured field (random albedo and density detail), not only the blob
+        for p in f.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    cams = turntable_cameras(CameraConfig(eval_views=3))
+    o, d = camera_rays(cams["c2w"], cams["fovy"], 12, 12)
+    lights = cams["light_positions"][:, None, None].expand(3, 12, 12, 3)
+    outs = {}
+    for budget in (0.0, 1e-3, 0.2):
+        r = VolumeRenderer(RendererConfig(num_samples=32, background="solid", eval_normal_skip_weight=budget), f)
+        with torch.no_grad():
+            outs[budget] = r(o, d, lights, shading, need_normals=True)
+    full = outs[0.0]
+    assert full["opacity"][:, 6, 6].min() > 0.9 and full["opacity"][:, 0, 0].max() < 0.5  # a ball on empty space
+    for budget in (1e-3, 0.2):
+        assert torch.equal(outs[budget]["opacity"], full["opacity"])
+        for key in ("rgb", "normal"):  # |normal| <= 1; a lit color moves by at most the light's share (<= 1)
+            assert (outs[budget][key] - full[key]).abs().max() <= budget + 1e-6, (budget, key)
+    assert (outs[0.2]["normal"] - full["normal"]).abs().max() > 1e-3  # the budget is what is being tested
+    with torch.enable_grad():  # training renders compute every sample's normal (the regularizers use them all)
+        r = VolumeRenderer(RendererConfig(num_samples=32, background="solid", eval_normal_skip_weight=0.2), f)
+        trained = r(o, d, lights, shading, need_normals=True)
+    assert torch.allclose(trained["normal"].detach(), full["normal"], atol=1e-5)
+    with pytest.raises(ValueError, match="eval_normal_skip_weight"):
+        RendererConfig(eval_normal_skip_weight=1.0)
+
+
+def test_visible_samples_skip_the_lightest_up_to_the_budget():
+    w = torch.tensor([[0.5, 0.0004, 0.3, 0.0003, 0.0002], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    assert visible_samples(w, 1e-3).tolist() == [[True, False, True, False, False], [False] * 5]
+    assert visible_samples(w, 5e-4).tolist() == [[True, True, True, False, False], [False] * 5]
+    assert visible_samples(w, 0.0).tolist() == [[True, True, True, True, True], [False] * 5]
 
 
 def test_shading_choice_follows_the_probabilities():
