@@ -416,7 +416,8 @@ def test_random_flip_mirrors_the_whole_batch_with_its_probability(stub_prior):
     from sdbridge.targets.nerf.cameras import CameraStream
     from sdbridge.targets.nerf.target import NeRFTarget, NeRFTargetConfig
 
-    cfg = dict(resolutions=[16], eval_resolution=16, mesh_resolution=0, cameras=CameraConfig(batch_size=2))
+    cfg = dict(resolutions=[16], eval_resolution=16, mesh_resolution=0, cameras=CameraConfig(batch_size=2),
+               renderer=RendererConfig(num_samples=32))  # the flip, not the sampling, is under test
     plain = NeRFTarget(NeRFTargetConfig(**cfg), stub_prior, 1, torch.Generator().manual_seed(0), ["a cat"])
     always = NeRFTarget(NeRFTargetConfig(**cfg, random_flip=1.0), stub_prior, 1, torch.Generator().manual_seed(0),
                         ["a cat"])
