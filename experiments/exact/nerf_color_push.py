@@ -48,12 +48,11 @@ def color_push(overrides: list[str], ts: list[int], draws: int, seed: int = 1) -
         out = {"prompt": prompts[0], "initial": prior.decode(x0)[CENTRE].mean((0, 2, 3)).tolist(), "push": {}}
         for t in ts:
             tt = torch.full((n,), t, dtype=torch.long)
-            abar = prior.abar(tt)[0]
             push, x0c, x0u = torch.zeros(3), torch.zeros(3), torch.zeros(3)
             for _ in range(draws):
                 x_t = prior.add_noise(x0, torch.randn(x0.shape, generator=generator), tt)
                 eps = prior.predict_eps(x_t, tt, [cond, uncond])  # (2, n, ...): conditional, unconditional
-                xc, xu = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()  # the two x0 predictions
+                xc, xu = (prior.eps_to_x0(e, x_t, tt) for e in eps)  # the two x0 predictions
                 push += (xc - xu)[CENTRE].mean((0, 2, 3)).cpu() / draws
                 x0c += prior.decode(xc)[CENTRE].mean((0, 2, 3)).cpu() / draws
                 x0u += prior.decode(xu)[CENTRE].mean((0, 2, 3)).cpu() / draws

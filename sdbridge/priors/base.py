@@ -213,6 +213,12 @@ class DiffusionPrior(nn.Module, abc.ABC):
         abar = per_sample(self.abar(t), x_t).to(x_t)
         return (eps - (1 - abar).sqrt() * x_t) / abar.sqrt()
 
+    def eps_to_x0(self, eps: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The x0 prediction of an eps prediction at x_t: (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), the inverse of
+        :meth:`add_noise` in x0."""
+        abar = per_sample(self.abar(t), x_t).to(x_t)
+        return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+
     # ------------------------------------------------------------------ text
     def encode_text(self, prompts: Sequence[str | TextMix]) -> TextEmbedding:
         """Encode a list of prompts (one per sample). Each distinct string is encoded once per run (cached); a

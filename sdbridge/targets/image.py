@@ -30,7 +30,7 @@ from torch import nn
 
 from sdbridge import rng
 from sdbridge.media import load_image, make_grid, save_png, slug
-from sdbridge.priors.base import DiffusionPrior, attach_prior, per_sample
+from sdbridge.priors.base import DiffusionPrior, attach_prior
 from sdbridge.targets.base import Render, Target, TargetConfig
 from sdbridge.registry import builds
 from sdbridge.views import ViewPrompting
@@ -119,8 +119,7 @@ class ImageTarget(Target):
             x_T = self.prior.sample_x_T(list(texts), generator).to(self.prior.device)
             t = torch.full((shape[0],), self.prior.num_train_timesteps - 1, device=self.prior.device)
             eps = guided_eps(self.prior, x_T, t, list(cfg.view_prompting().resolve(texts)), cfg.init_cfg, "")
-            a = per_sample(self.prior.abar(t).float(), x_T)
-            x0 = (x_T - (1 - a).sqrt() * eps) / a.sqrt()
+            x0 = self.prior.eps_to_x0(eps, x_T, t)
             if self.parameterization == Parameterization.latent:
                 self._initial_noise = eps.cpu()
                 return x0.cpu()

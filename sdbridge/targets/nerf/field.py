@@ -108,6 +108,13 @@ class RadianceField(nn.Module):
             out["normals"] = self.finite_difference_normals(x)
         return out
 
+    def normals(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 3)`` points -> unit normals alone (the configured kind; finite differences skip density and albedo
+        at x itself): what evaluation renders ask for at the samples that show."""
+        if self.config.normal_type == NormalType.analytic:
+            return self(x, with_normals=True)["normals"]
+        return self.finite_difference_normals(x)
+
     def finite_difference_normals(self, x: torch.Tensor) -> torch.Tensor:
         eps = self.config.normal_eps
         offsets = torch.eye(3, device=x.device, dtype=x.dtype) * eps  # (3, 3)

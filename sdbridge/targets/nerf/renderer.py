@@ -239,7 +239,7 @@ class VolumeRenderer(nn.Module):
             visible = visible_samples(weights, c.eval_normal_skip_weight).reshape(-1)
             normals = pts.new_zeros(R * N, 3)
             if visible.any():
-                normals[visible] = self.field(pts.reshape(-1, 3)[visible], with_normals=True)["normals"]
+                normals[visible] = self.field.normals(pts.reshape(-1, 3)[visible])
             normals = normals.view(R, N, 3)
         else:
             normals = out["normals"].view(R, N, 3) if need_normals else None
