@@ -34,7 +34,8 @@ class ScheduleConfig:
 
 @dataclass
 class UniformConfig(ScheduleConfig):
-    """t ~ U{min_step, ..., max_step} with min_step = int(min_ratio * 1000), max_step = int(max_ratio * 1000)."""
+    """t ~ U{min_step, ..., max_step} with min_step = int(min_step_ratio * 1000), max_step = int(max_step_ratio *
+    1000)."""
 
 
 @dataclass
@@ -57,9 +58,9 @@ class DDIMGridConfig(ScheduleConfig):
 @dataclass
 class AnnealConfig(ScheduleConfig):
     """Deterministic linear anneal, one t for the whole batch (SDI, Lukoianov et al. 2024):
-    ``t(i) = int(1000 * ((max_ratio - min_ratio) * (1 - i / N) + min_ratio))`` with N = ``steps``, by default the
-    trainer's real max_steps (the SDI code reads its own ``trainer_max_steps`` field instead, a pitfall avoided here).
-    The SDI notebook anneals over N = 1000 and runs 1001 iterations (steps 0..1000), so its last step is at t = 20:
+    ``t(i) = int(1000 * ((max_step_ratio - min_step_ratio) * (1 - i / N) + min_step_ratio))`` with N = ``steps``, by
+    default the trainer's real max_steps (the SDI code reads its own ``trainer_max_steps`` field instead, a pitfall
+    avoided here). The SDI notebook anneals over N = 1000 and runs 1001 iterations (steps 0..1000), so its last step is at t = 20:
     ``scheduler.steps=1000 trainer.max_steps=1001`` (``guidance=sdi_cached`` sets both)."""
 
     per_sample: bool = False

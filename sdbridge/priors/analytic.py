@@ -76,6 +76,10 @@ class AnalyticConfig(PriorConfig):
     #: average, each at every integer shift (49 at size 32); prior.clusters then only sets how many renders the
     #: coarse copies are fitted to. Off: 6.4x the eps cost, and no method adheres more (experiments/exact/README.md)
     templates: int = 0
+    #: > 0: every component also varies in contrast (lighting), ``m -> (1 + a) m`` with ``a ~ N(0, contrast_std^2)``
+    #: to first order: its mean becomes one more direction of its basis. Off in the measured world: it stops dim
+    #: discs reading as rings, but its table is not re-measured (experiments/exact/README.md, 2026-12-04)
+    contrast_std: float = 0.0
     noise_floor: float = 0.2  # s: isotropic std of every component, model units (sensor noise; keeps eps O(1))
     precision: str = "mixed"  # "float64": all in float64; "mixed": the projections in float32 (measured: README)
     text_adherence: float = 0.9  # share of a prompt's mass on the concepts it names
@@ -104,6 +108,9 @@ class AnalyticConfig(PriorConfig):
         if not 0 <= self.text_pull < 1:
             raise ValueError(f"prior.text_pull={self.text_pull} must be in [0, 1): how far a prompt moves every component "
                              "toward the nearest component of a shape it names")
+        if not 0 <= self.contrast_std < 1:
+            raise ValueError(f"prior.contrast_std={self.contrast_std} must be in [0, 1): the std of each component's "
+                             "contrast relative to its mean (0: none)")
         if self.precision not in ("float64", "mixed"):
             raise ValueError(f"prior.precision={self.precision!r} is not one of ['float64', 'mixed']")
         if not 0 <= self.degraded_share < 1:
@@ -187,8 +194,17 @@ class Geometry:
         return torch.where(allowed, own, idx)
 
     @classmethod
-    def from_model(cls, model: GeometryModel, modifier: Modifier | None, size: int, device) -> "Geometry":
-        """The model's components, pushed through the modifier's spatial maps (re-orthonormalized by SVD)."""
+    def from_model(cls, model: GeometryModel, modifier: Modifier | None, size: int, device,
+                   contrast_std: float = 0.0) -> "Geometry":
+        """The model's components, pushed through the modifier's spatial maps (re-orthonormalized by SVD).
+        ``contrast_std`` > 0: each component also varies in contrast, ``m -> (1 + a) m`` with ``a ~ N(0,
+        contrast_std^2)`` to first order (one more direction, its mean, in its basis)."""
+        if contrast_std > 0:
+            G, P, r = model.V.shape
+            F_ = torch.cat([model.V.double() * model.lam.double().sqrt().unsqueeze(1),
+                            contrast_std * model.mu.double().unsqueeze(2)], 2)
+            V, sv, _ = torch.linalg.svd(F_, full_matrices=False)
+            model = GeometryModel(model.mu, V, sv**2, model.log_w, model.shape)
         mu, V, lam = model.mu.double(), model.V.double(), model.lam.double()
         if modifier is not None and modifier.spatial:
             G, P, r = V.shape
@@ -723,7 +739,7 @@ class AnalyticPrior(DiffusionPrior):
         """shift (per channel) and scale: the exact mean and RMS deviation of the data (every concept equally likely,
         full contrast; the unconditional distribution is the same at ``1 - text_contrast`` of the contrast)."""
         b, d = color_vectors()
-        geo = Geometry.from_model(self.world.fine, None, self.config.size, "cpu")
+        geo = Geometry.from_model(self.world.fine, None, self.config.size, "cpu", self.config.contrast_std)
         pixel = ComponentSet("pixels", geo, b, d, 0.0)
         uncond = self._weights(geo, tilt_logits(parse_prompt(""), self.config.text_adherence))
         mix = Mixture("", [pixel], [uncond], [], self.config.size)
@@ -749,7 +765,8 @@ class AnalyticPrior(DiffusionPrior):
             model = self.world.coarse if mod else self.world.fine
             spatial = ("coarse", mod.spatial) if mod else ("fine",)  # corruptions of one spatial map share a basis
             if spatial not in self._geometries:
-                self._geometries[spatial] = Geometry.from_model(model, mod, self.config.size, self._device)
+                self._geometries[spatial] = Geometry.from_model(model, mod, self.config.size, self._device,
+                                                                    self.config.contrast_std)
             geo = self._geometries[spatial]
             b, d = color_vectors()
             extra = 0.0

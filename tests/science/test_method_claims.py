@@ -80,7 +80,11 @@ def test_sdi_beats_sds(metrics):
     "sharpening one that does not vanish on sharp images at t >= 600 (40 RMS(eps_tgt - eps_src) = 0.59 at t = 600 on "
     "exact samples, 0 for t <= 400), so 500 steps at scale 40 overshoot into an unsharp mask's rings: source ', "
     "noisy' alone gives discs without rings (2043), ', smooth' alone rings (2545); corrupted copies from the fine "
-    "geometry change nothing (2476). Whether SD's sharpening direction on sharp images is as large is not measured "
+    "geometry change nothing (2476). Upstream (2026-12-04): the target's own posterior reads SDS's dim discs as rings "
+    "(0.88 of the mass on ring components at t = 50-400, circles 0): this world's components have no contrast "
+    "variation, so an exact disc at half contrast reads as a ring too, where SD reads a dimly lit ball as a ball; "
+    "with contrast variation (prior.contrast_std=0.35) they read as circles, but stage 2 then dims them (source "
+    "words 'oversaturated', 'cartoon' acting on SDS's under-saturated images) and Bridge still loses (2750 vs 2230) "
     "(experiments/exact/README.md, open in issue #12)"))
 def test_bridge_second_stage_beats_sds_only(metrics):
     assert fd(metrics, "bridge") < fd(metrics, "sds")

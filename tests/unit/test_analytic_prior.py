@@ -260,6 +260,34 @@ def test_config_ranges_are_checked():
         AnalyticConfig(noise_floor=0)
     with pytest.raises(ValueError, match="prior.templates"):
         AnalyticConfig(templates=-1)
+    with pytest.raises(ValueError, match="prior.contrast_std"):
+        AnalyticConfig(contrast_std=-0.1)
+
+
+@pytest.fixture(scope="module")
+def contrast_prior(world_cache):
+    """The 16 x 16 prior of ``small_analytic_prior`` with contrast variation (``prior.contrast_std``)."""
+    return AnalyticPrior(AnalyticConfig(size=16, clusters=4, rank=4, coarse_clusters=2, coarse_rank=3,
+                                        renders_per_cluster=24, precision="float64", contrast_std=0.3,
+                                        cache_dir=str(world_cache), device="cpu"))
+
+
+@pytest.mark.parametrize("prompt", ["a red circle", "a circle" + SOURCE])
+@pytest.mark.parametrize("t", [1, 300, 900])
+def test_contrast_variation_keeps_eps_exact(contrast_prior, prompt, t):
+    abar, x = _noised(contrast_prior, prompt, t, 3, t)
+    _assert_eps_is_autograd_score(contrast_prior, prompt, t, x, abar)
+
+
+def test_contrast_variation_is_the_mean_direction_with_the_configured_variance(small_analytic_prior, contrast_prior):
+    """Each clean component's covariance gains exactly ``contrast_std^2 mu mu^T`` (mask units): along its mean it has
+    the old variance plus ``0.3^2 |mu|^2``, and orthogonally to the old basis and the mean nothing changes."""
+    old, new = small_analytic_prior._component_set(None).geo, contrast_prior._component_set(None).geo
+    torch.testing.assert_close(new.mu, old.mu)
+    cov = lambda geo: torch.einsum("gpr,gr,gqr->gpq", geo.Q, geo.lam, geo.Q)  # noqa: E731
+    torch.testing.assert_close(cov(new), cov(old) + 0.3**2 * torch.einsum("gp,gq->gpq", old.mu, old.mu),
+                               rtol=1e-9, atol=1e-9)
+    assert new.rank == old.rank + 1
 
 
 def test_exact_samples_and_ddim_land_near_the_true_distribution(analytic_prior):
