@@ -60,8 +60,8 @@ class AnnealConfig(ScheduleConfig):
     """Deterministic linear anneal, one t for the whole batch (SDI, Lukoianov et al. 2024):
     ``t(i) = int(1000 * ((max_step_ratio - min_step_ratio) * (1 - i / N) + min_step_ratio))`` with N = ``steps``, by
     default the trainer's real max_steps (the SDI code reads its own ``trainer_max_steps`` field instead, a pitfall
-    avoided here). The SDI notebook anneals over N = 1000 and runs 1001 iterations (steps 0..1000), so its last step is at t = 20:
-    ``scheduler.steps=1000 trainer.max_steps=1001`` (``guidance=sdi_cached`` sets both)."""
+    avoided here). The SDI notebook anneals over N = 1000 and runs 1001 iterations (steps 0..1000), so its last step
+    is at t = 20: ``scheduler.steps=1000 trainer.max_steps=1001`` (``guidance=sdi_cached`` sets both)."""
 
     per_sample: bool = False
     steps: Optional[int] = None  # N of the anneal; None: the trainer's max_steps

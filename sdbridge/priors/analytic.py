@@ -200,7 +200,6 @@ class Geometry:
         ``contrast_std`` > 0: each component also varies in contrast, ``m -> (1 + a) m`` with ``a ~ N(0,
         contrast_std^2)`` to first order (one more direction, its mean, in its basis)."""
         if contrast_std > 0:
-            G, P, r = model.V.shape
             F_ = torch.cat([model.V.double() * model.lam.double().sqrt().unsqueeze(1),
                             contrast_std * model.mu.double().unsqueeze(2)], 2)
             V, sv, _ = torch.linalg.svd(F_, full_matrices=False)
