@@ -66,9 +66,9 @@ def test_sds_at_high_cfg_over_smooths(sds_and_ddim):
     "(above) keeps the discs mottled and dim. From exact samples SDS at CFG 100 brightens them (chroma 0.28 -> 0.30 "
     "in 500 steps) and from randn the chroma keeps rising past the data's (0.20 at 1,000 steps, 0.24 at 4,000, data "
     "0.22), so the over-saturation is there, only slower than 1,000 steps; from a zero init the discs are as dim "
-    "(saturation 0.47 at CFG 100, 2026-12-04); with contrast variation (prior.contrast_std=0.35) SDS at CFG 40 passes "
-    "the data's brightest red after ~2,000 steps (1.49 vs 1.14), not within 1,000 (experiments/exact/README.md, open in "
-    "issue #12)"))
+    "(saturation 0.47 at CFG 100, 2026-12-04); with contrast variation (prior.contrast_std=0.35) SDS at CFG 40 reaches "
+    "the data's brightest red by 1,000 steps (0.88 vs 0.89) and passes it at 2,000 (1.49), the disc's mean still dim "
+    "(experiments/exact/README.md, open in issue #12)"))
 def test_sds_at_high_cfg_over_saturates(sds_and_ddim):
     sds, ddim = sds_and_ddim
     assert sds["saturation"] > 1.1 * ddim["saturation"]
