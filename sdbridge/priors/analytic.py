@@ -199,19 +199,19 @@ class Geometry:
         """The model's components, pushed through the modifier's spatial maps (re-orthonormalized by SVD).
         ``contrast_std`` > 0: each component also varies in contrast, ``m -> (1 + a) m`` with ``a ~ N(0,
         contrast_std^2)`` to first order (one more direction, its mean, in its basis)."""
-        if contrast_std > 0:
-            F_ = torch.cat([model.V.double() * model.lam.double().sqrt().unsqueeze(1),
-                            contrast_std * model.mu.double().unsqueeze(2)], 2)
-            V, sv, _ = torch.linalg.svd(F_, full_matrices=False)
-            model = GeometryModel(model.mu, V, sv**2, model.log_w, model.shape)
         mu, V, lam = model.mu.double(), model.V.double(), model.lam.double()
-        if modifier is not None and modifier.spatial:
-            G, P, r = V.shape
-            as_img = lambda v: v.reshape(-1, 1, size, size)  # noqa: E731
-            mu = modifier.apply_spatial(as_img(mu)).reshape(G, P)
-            cols = (V * lam.sqrt().unsqueeze(1)).transpose(1, 2).reshape(G * r, P)
-            F_ = modifier.apply_spatial(as_img(cols)).reshape(G, r, P).transpose(1, 2)
-            V, sv, _ = torch.linalg.svd(F_, full_matrices=False)
+        spatial = modifier is not None and bool(modifier.spatial)
+        if contrast_std > 0 or spatial:  # covariance factor (G, P, r'): changed, then re-orthonormalized once
+            factor = V * lam.sqrt().unsqueeze(1)
+            if contrast_std > 0:
+                factor = torch.cat([factor, contrast_std * mu.unsqueeze(2)], 2)
+            if spatial:
+                G, P, r = factor.shape
+                as_img = lambda v: v.reshape(-1, 1, size, size)  # noqa: E731
+                mu = modifier.apply_spatial(as_img(mu)).reshape(G, P)
+                cols = modifier.apply_spatial(as_img(factor.transpose(1, 2).reshape(G * r, P)))
+                factor = cols.reshape(G, r, P).transpose(1, 2)
+            V, sv, _ = torch.linalg.svd(factor, full_matrices=False)
             lam = sv**2
         return cls(mu.to(device), V.contiguous().to(device), lam.to(device), model.log_w.double().to(device),
                    model.shape.to(device))

@@ -265,11 +265,9 @@ def test_config_ranges_are_checked():
 
 
 @pytest.fixture(scope="module")
-def contrast_prior(world_cache):
+def contrast_prior(small_analytic_prior):
     """The 16 x 16 prior of ``small_analytic_prior`` with contrast variation (``prior.contrast_std``)."""
-    return AnalyticPrior(AnalyticConfig(size=16, clusters=4, rank=4, coarse_clusters=2, coarse_rank=3,
-                                        renders_per_cluster=24, precision="float64", contrast_std=0.3,
-                                        cache_dir=str(world_cache), device="cpu"))
+    return AnalyticPrior(dataclasses.replace(small_analytic_prior.config, contrast_std=0.3))
 
 
 @pytest.mark.parametrize("prompt", ["a red circle", "a circle" + SOURCE])
