@@ -11,7 +11,10 @@ Parameterizations:
 Initialization: ``randn`` (N(0, 1) in parameter space, as the Bridge paper's 2D code starts its latents),
 ``zeros``, ``image`` (an image file, resized and, for latents, VAE-encoded), or ``denoised``: the prior's one-step
 x0 prediction ``(x_T - sqrt(1 - abar_T) eps_7.5(x_T)) / sqrt(abar_T)`` from pure noise x_T for each image's prompt,
-with CFG ``init_cfg`` (7.5: the SDI notebook's initialization).
+with CFG ``init_cfg`` (7.5: the SDI notebook's initialization), or ``samples``: an exact sample of each image's
+prompt (priors with a true distribution), to measure what a method does to images that already are the truth
+(exactly so in the latent parameterization, the exact prior's default; a pixel parameter starts at the decoded
+image, clamped to [0, 1] as saved).
 
 View: ``view=front`` conditions every text on ``"<prompt>, front view"`` (the denoised init too), as threestudio's
 2D notebooks do: their prompt processor applies view-dependent prompting at the fixed camera (elevation 0, azimuth 0).
@@ -47,6 +50,7 @@ class Init(Enum):
     zeros = "zeros (mid-gray pixels)"
     image = "an image file (target.init_image)"
     denoised = "the prior's one-step x0 prediction from pure noise (CFG 7.5)"
+    samples = "exact samples of each image's prompt (priors with a true distribution: prior=analytic)"
 
 
 class View(Enum):
@@ -122,11 +126,14 @@ class ImageTarget(Target):
             x0 = self.prior.eps_to_x0(eps, x_T, t)
             if self.parameterization == Parameterization.latent:
                 self._initial_noise = eps.cpu()
-                return x0.cpu()
-            pixels = 2 * self.prior.decode(x0) - 1 if self.prior.is_latent else x0
-            if pixels.shape[-2:] != shape[-2:]:
-                pixels = F.interpolate(pixels, shape[-2:], mode="bilinear", antialias=True)
-            return pixels.cpu()
+            return self._from_model_space(x0, shape)
+        if cfg.init == Init.samples:  # what a method does to images that already are the truth
+            if not self.prior.has_true_distribution:
+                raise ValueError(f"target.init=samples needs a prior with a true distribution (prior=analytic); "
+                                 f"{type(self.prior).__name__} has none: use target.init=randn, zeros, image or denoised")
+            texts = list(cfg.view_prompting().resolve(prompts or [""] * shape[0]))
+            x0 = torch.cat([self.prior.sample(text, 1, generator) for text in texts]).to(self.prior.device)
+            return self._from_model_space(x0, shape)
         if cfg.init == Init.randn:
             return rng.randn(shape, generator) * cfg.init_scale
         if cfg.init == Init.zeros:
@@ -137,6 +144,15 @@ class ImageTarget(Target):
         if self.parameterization == Parameterization.latent:
             return self.prior.encode(images).cpu()
         return (2 * images - 1).cpu()
+
+    def _from_model_space(self, x0: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """The parameter that renders the prior's sample-space images ``x0``."""
+        if self.parameterization == Parameterization.latent:
+            return x0.cpu()
+        pixels = 2 * self.prior.decode(x0) - 1 if self.prior.is_latent else x0
+        if pixels.shape[-2:] != shape[-2:]:
+            pixels = F.interpolate(pixels, shape[-2:], mode="bilinear", antialias=True)
+        return pixels.cpu()
 
     def forward(self, batch: dict[str, Any] | None = None) -> Render:
         if self.parameterization == Parameterization.latent:

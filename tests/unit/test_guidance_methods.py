@@ -353,6 +353,25 @@ def test_sdi_cached_first_kappa_is_the_eps_the_denoised_init_came_from(stub_prio
     assert randn_init.initial_noise() is None
 
 
+def test_samples_init_is_one_exact_sample_of_each_images_prompt(small_analytic_prior, stub_prior):
+    """target.init=samples: image i starts at an exact sample of its own prompt (drawn in order from the run's
+    generator): exactly in the latent parameterization (the exact prior's default), as its decoded image in pixels;
+    a prior without a true distribution refuses it by name."""
+    from sdbridge.targets.image import ImageTarget, ImageTargetConfig, Init, Parameterization
+
+    prior, prompts = small_analytic_prior, ["a red circle", "a blue square", "a red circle"]
+    gen = torch.Generator().manual_seed(3)
+    expected = torch.cat([prior.sample(p, 1, gen) for p in prompts])
+    latent = ImageTarget(ImageTargetConfig(init=Init.samples), prior, 3, torch.Generator().manual_seed(3), prompts)
+    torch.testing.assert_close(latent.param.detach(), expected)
+    assert not torch.equal(expected[0], expected[2])  # one draw per image, not one per prompt
+    pixel = ImageTarget(ImageTargetConfig(init=Init.samples, parameterization=Parameterization.pixel), prior, 3,
+                        torch.Generator().manual_seed(3), prompts)
+    torch.testing.assert_close(pixel.param.detach(), 2 * prior.decode(expected) - 1)  # pixels in range, as saved
+    with pytest.raises(ValueError, match="init=samples needs a prior with a true distribution"):
+        ImageTarget(ImageTargetConfig(init=Init.samples), stub_prior, B, torch.Generator(), PROMPTS)
+
+
 def test_full_bridge_needs_a_model_source(stub_prior):
     with pytest.raises(ValueError, match="model source"):
         make(SDS, SDSConfig(full_bridge=True), stub_prior)
