@@ -3,6 +3,11 @@
     python experiments/exact/make_table.py            # the full protocol (a few minutes on a laptop CPU)
     python experiments/exact/make_table.py --quick    # 2 prompts x 8 images x 200 steps, to try it out
     python experiments/exact/make_table.py --methods sdi vsd   # rerun two methods, keep the others' results
+    python experiments/exact/make_table.py --from-truth   # the same, every image starting at an exact sample
+
+``--from-truth`` (``target.init=samples``) measures what each method does to images that already are the truth (a
+method whose fixed point is the data keeps them); its table is a section of its own in the README, kept when the
+main table is regenerated and vice versa.
 
 Each method's summary is kept in ``results.json`` beside the README, keyed by the protocol, so a table can be
 rebuilt method by method (an interrupted run loses only the method it was on) and a rerun of some methods keeps
@@ -27,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 import torch
 
+from sdbridge.files import write_text
 from sdbridge.eval.protocol import ExactProtocol, markdown_table, per_prompt_table, reference_rows, run_method
 from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior
 
@@ -52,11 +58,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "exact" / "README.md")
     parser.add_argument("--fresh", action="store_true", help="rerun every method, ignoring results.json")
     parser.add_argument("--no-run", action="store_true", help="only rewrite the README from results.json")
+    parser.add_argument("--from-truth", action="store_true",
+                        help="start every image at an exact sample of its prompt (target.init=samples)")
     args = parser.parse_args()
 
-    protocol = ExactProtocol()
+    overrides = [FROM_TRUTH] if args.from_truth else []
+    protocol = ExactProtocol(overrides=overrides)
     if args.quick:
-        protocol = ExactProtocol(prompts=["a red circle", "a circle"], images_per_prompt=8, steps=200)
+        protocol = ExactProtocol(prompts=["a red circle", "a circle"], images_per_prompt=8, steps=200,
+                                 overrides=overrides)
     store_path = args.out.with_name("results.json")
     try:
         store = json.loads(store_path.read_text(encoding="utf-8")) if store_path.exists() and not args.fresh else {}
@@ -66,8 +76,8 @@ def main() -> None:
     stored = store.get(protocol.describe(), {})
     to_run = [] if args.no_run else args.methods or [n for n in names if n not in stored]
     prior = AnalyticPrior(AnalyticConfig(device="cpu"))
-    rows = reference_rows(prior, protocol)
-    grids = args.out.parent / "grids"
+    rows = reference_rows(prior, protocol, scales=() if args.from_truth else (1.0, 7.5))
+    grids = args.out.parent / "grids" / ("from_truth" if args.from_truth else "")
     for name, row in rows.items():
         save_grid(prior, row.pop("samples"), protocol, grids / f"{slug(name)}.png")
     for name in to_run:
@@ -78,14 +88,19 @@ def main() -> None:
         stored[name] = {k: summary[k] for k in ("exact_metrics", "nfe_per_step", "wall_clock_s", "overrides")
                         if k in summary}
         store[protocol.describe()] = stored
-        store_path.write_text(json.dumps(store, indent=1, sort_keys=True))
+        write_text(store_path, json.dumps(store, indent=1, sort_keys=True))  # atomic: a kill keeps the old file
     for name in names:
         if name in stored:
             rows[name] = stored[name]
     missing = [n for n in names if n not in stored]
     pending = (f"\n**Not yet measured with this protocol:** {', '.join(missing)} (the script runs only these "
                "next time).\n") if missing else ""
-    command = "python experiments/exact/make_table.py" + (" --quick" if args.quick else "")
+    command = "python experiments/exact/make_table.py" + (" --quick" if args.quick else "") + (
+        " --from-truth" if args.from_truth else "")
+    old = args.out.read_text() if args.out.exists() else ""
+    if args.from_truth:
+        write_section(args.out, old, "from_truth", from_truth_section(rows, protocol, command, pending))
+        return
     text = f"""# The exact-prior table
 
 Every implemented guidance optimizes images on the exact prior (`prior=analytic`), whose true distribution is known,
@@ -120,16 +135,55 @@ Images (one row per prompt: {', '.join(repr(p) for p in protocol.prompts)}; the 
 
 Overrides of each method run: `{' '.join(next(iter(v for k, v in rows.items() if 'overrides' in v))['overrides']) if len(rows) > 2 else ''}`
 """
-    # keep the calibration table (experiments/exact/calibrate.py) and the hand-written analysis of the previous
-    # version (between their markers) below the regenerated numbers
-    old = args.out.read_text() if args.out.exists() else ""
-    kept = []
-    for name in ("calibration", "analysis"):
-        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-        kept.append(old[old.index(start): old.index(end) + len(end)] if start in old and end in old
-                    else f"{start}\n{end}")
-    args.out.write_text(text + "\n" + "\n\n".join(kept) + "\n")
+    # keep the from-truth table, the calibration table (experiments/exact/calibrate.py) and the hand-written
+    # analysis of the previous version (between their markers) below the regenerated numbers
+    kept = [section(old, name) for name in SECTIONS]
+    write_text(args.out, text + "\n" + "\n\n".join(kept) + "\n")
     print(f"wrote {args.out}")
+
+
+FROM_TRUTH = "target.init=samples"
+SECTIONS = ("from_truth", "calibration", "analysis")  # the README's parts below the main table, in order
+
+
+def section(text: str, name: str) -> str:
+    """The README's ``name`` section with its markers (empty markers when it has none yet)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    return text[text.index(start): text.index(end) + len(end)] if start in text and end in text else f"{start}\n{end}"
+
+
+def write_section(path: Path, text: str, name: str, body: str) -> None:
+    """Replace section ``name`` of the README (or put it before the next section that exists, else at the end)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    new = f"{start}\n{body.strip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + new + text[text.index(end) + len(end):]
+    else:
+        later = [f"<!-- {n}:start -->" for n in SECTIONS[SECTIONS.index(name) + 1:] if f"<!-- {n}:start -->" in text]
+        at = text.index(later[0]) if later else len(text)
+        text = text[:at] + new + "\n\n" + text[at:]
+    write_text(path, text)
+    print(f"wrote section {name} of {path}")
+
+
+def from_truth_section(rows: dict, protocol: ExactProtocol, command: str, pending: str) -> str:
+    return f"""## From the truth: what each method does to exact samples
+
+Regenerate with `{command}`. The same protocol as the table above, except that every image starts at an exact
+sample of its own prompt (`target.init=samples`; the first row is other exact draws: what keeping the truth scores):
+a method whose fixed point is the data keeps them, one that over-saturates or over-smooths shows it
+here without the time it takes to form a shape from randn. **Protocol.** {protocol.describe()}.
+
+{markdown_table(rows)}
+{pending}
+FD per prompt:
+
+{per_prompt_table(rows, 'fd')}
+
+Images (one row per prompt: {', '.join(repr(p) for p in protocol.prompts)}; the first 8 of each):
+
+{chr(10).join(f"**{name}**{chr(10)}{chr(10)}![{name}](grids/from_truth/{slug(name)}.png){chr(10)}" for name in rows)}
+"""
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ class ExactProtocol:
             f"prior=analytic (32x32, world v{WORLD_VERSION}, text contrast {text.text_contrast:g}, shape pull "
             f"{text.text_pull:g}), prompts {self.prompts}, {self.images_per_prompt} images per prompt, "
             f"{self.steps} steps, seed {self.seed}, each method with its conf/guidance defaults"
+            + (f", overrides {' '.join(self.overrides)}" if self.overrides else "")
         )
 
 
