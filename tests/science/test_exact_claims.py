@@ -50,8 +50,9 @@ def test_sds_at_high_cfg_collapses_compared_with_ddim(sds_and_ddim):
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "measured sharpness 0.81 for SDS at CFG 100 vs 0.79 for DDIM: from randn SDS's discs keep the init's pixel "
-    "texture for ~1,000 steps. Measured: from exact samples SDS at CFG 100 does smooth (the sensor noise goes, "
-    "chroma 0.28 -> 0.30 in 500 steps), and at CFG 7.5 the texture is gone by step 500; on a sample plus texture the "
+    "texture for ~1,000 steps. Measured: from exact samples (target.init=samples) SDS wipes the sensor noise "
+    "(sharpness 0.70 at CFG 40, a passing check in test_method_claims.py; 1.07 at CFG 100, where the over-bright "
+    "edges and their dark halos add Laplacian energy back), and at CFG 7.5 the texture is gone by step 500; on a sample plus texture the "
     "expected gradient restores the texture at 0.13-0.46 x its amplitude while the CFG-100 push is 0.6-1.2 RMS, so "
     "Adam's per-coordinate steps move the whole disc at one rate and carry the texture along. Whether SD's restoring "
     "drift is larger is not measured. From a zero init (no texture) it does over-smooth: sharpness 0.13, the test "
@@ -63,9 +64,12 @@ def test_sds_at_high_cfg_over_smooths(sds_and_ddim):
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "measured saturation 0.50 for SDS at CFG 100 vs 1.18 for DDIM within 1,000 steps from randn: the init's texture "
-    "(above) keeps the discs mottled and dim. From exact samples SDS at CFG 100 brightens them (chroma 0.28 -> 0.30 "
-    "in 500 steps) and from randn the chroma keeps rising past the data's (0.20 at 1,000 steps, 0.24 at 4,000, data "
-    "0.22), so the over-saturation is there, only slower than 1,000 steps; from a zero init the discs are as dim "
+    "(above) keeps the discs mottled and dim. From exact samples (target.init=samples) SDS does over-saturate: "
+    "saturation 3.66 at CFG 100 and 2.97 at CFG 40 after 1,000 steps (the latter a passing check in "
+    "test_method_claims.py), contrast 1.00 -> 1.36 in 400 steps, linearly; from randn the chroma keeps rising past "
+    "the data's (0.20 at 1,000 steps, 0.24 at 4,000, data 0.22), so what is slow is forming the shape from randn, "
+    "not the CFG push: a text contrast that hides it (prior.text_contrast=0.5 with contrast variation: SDS "
+    "saturation 1.12 at 1,000 steps) makes DDIM at CFG 7.5 3x too saturated (3.05); from a zero init the discs are as dim "
     "(saturation 0.47 at CFG 100, 2026-12-04); with contrast variation (prior.contrast_std=0.35) SDS at CFG 40 reaches "
     "the data's brightest red by 1,000 steps (0.88 vs 0.89) and passes it at 2,000 (1.49), the disc's mean still dim "
     "(experiments/exact/README.md, open in issue #12)"))

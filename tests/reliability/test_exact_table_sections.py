@@ -1,0 +1,55 @@
+"""experiments/exact/make_table.py rewrites one part of its README and keeps the others: regenerating the main table
+keeps the from-truth table, the calibration and the hand-written analysis; ``--from-truth`` replaces only its own
+section (or adds it before the calibration the first time)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from tests.conftest import ROOT
+
+
+def _table_module():
+    spec = importlib.util.spec_from_file_location("exact_make_table", ROOT / "experiments" / "exact" / "make_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+README = """# The exact-prior table
+
+main table
+
+<!-- calibration:start -->
+calibration rows
+<!-- calibration:end -->
+
+<!-- analysis:start -->
+hand-written analysis
+<!-- analysis:end -->
+"""
+
+
+def test_from_truth_section_goes_before_the_calibration_then_is_replaced_in_place(tmp_path):
+    table = _table_module()
+    path = tmp_path / "README.md"
+    path.write_text(README)
+    table.write_section(path, README, "from_truth", "first from-truth table")
+    first = path.read_text()
+    assert first.index("first from-truth table") < first.index("<!-- calibration:start -->")
+    assert "main table" in first and "calibration rows" in first and "hand-written analysis" in first
+    table.write_section(path, first, "from_truth", "second from-truth table")
+    second = path.read_text()
+    assert "second from-truth table" in second and "first from-truth table" not in second
+    assert second.count("<!-- from_truth:start -->") == 1
+    assert second.replace("second", "first") == first  # nothing else changed
+
+
+def test_every_kept_section_survives_with_its_markers(tmp_path):
+    table = _table_module()
+    path = tmp_path / "README.md"
+    table.write_section(path, README, "from_truth", "the from-truth table")
+    text = path.read_text()
+    kept = [table.section(text, name) for name in table.SECTIONS]
+    assert [k.splitlines()[1] for k in kept] == ["the from-truth table", "calibration rows", "hand-written analysis"]
+    assert table.section("no markers here", "analysis") == "<!-- analysis:start -->\n<!-- analysis:end -->"
