@@ -185,14 +185,17 @@ def _run(config: RunConfig, run_dir: Path, resolved: dict[str, Any], callbacks: 
 def check_run(config: RunConfig) -> None:
     """Everything about ``config`` that can be refused without building anything, as ``ValueError`` /
     ``FileNotFoundError`` naming the option: the devices (``prior.device``, ``trainer.accelerator``), the prompt set
-    (``prompt.file`` readable as UTF-8, the COCO files) and a local ``prior.model`` folder's weights (not empty, not
-    truncated). The CLI calls it before it writes anything, so such a mistake leaves no run directory behind."""
+    (``prompt.file`` readable as UTF-8, the COCO files), a local ``prior.model`` folder's weights (not empty, not
+    truncated) and an init the prior cannot give (``target.init=samples``). The CLI calls it before it writes
+    anything, so such a mistake leaves no run directory behind."""
     from sdbridge.priors import check_prior_files
     from sdbridge.prompts import load_prompt_set
+    from sdbridge.targets.image import check_init
 
     check_devices(config)
     _check_batching(config, load_prompt_set(config.prompt), warn=False)
     check_prior_files(config.prior)
+    check_init(config.target, getattr(type(config.prior), "builds", object))
 
 
 def check_devices(config: RunConfig) -> None:

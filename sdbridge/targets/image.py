@@ -60,6 +60,14 @@ class View(Enum):
     overhead = "overhead"
 
 
+def check_init(config: Any, prior_type: type) -> None:
+    """Refuse ``target.init=samples`` for a prior (class) without a true distribution; called before anything is
+    built (``runner.check_run``) and again by the target."""
+    if getattr(config, "init", None) == Init.samples and not getattr(prior_type, "has_true_distribution", False):
+        raise ValueError(f"target.init=samples needs a prior with a true distribution (prior=analytic); "
+                         f"{prior_type.__name__} has none: use target.init=randn, zeros, image or denoised")
+
+
 @dataclass
 class ImageTargetConfig(TargetConfig):
     parameterization: Parameterization = Parameterization.auto
@@ -128,9 +136,7 @@ class ImageTarget(Target):
                 self._initial_noise = eps.cpu()
             return self._from_model_space(x0, shape)
         if cfg.init == Init.samples:  # what a method does to images that already are the truth
-            if not self.prior.has_true_distribution:
-                raise ValueError(f"target.init=samples needs a prior with a true distribution (prior=analytic); "
-                                 f"{type(self.prior).__name__} has none: use target.init=randn, zeros, image or denoised")
+            check_init(cfg, type(self.prior))
             texts = list(cfg.view_prompting().resolve(prompts or [""] * shape[0]))
             x0 = torch.cat([self.prior.sample(text, 1, generator) for text in texts]).to(self.prior.device)
             return self._from_model_space(x0, shape)

@@ -70,6 +70,20 @@ def test_a_device_this_machine_cannot_use_is_refused_before_anything_runs(overri
         assert needle in str(err.value), str(err.value)
 
 
+def test_samples_init_on_a_prior_without_a_true_distribution_is_refused_before_anything_is_built():
+    """``target.init=samples`` on Stable Diffusion: refused by ``check_run`` (what the CLI calls before it writes
+    anything), naming the option and the inits that work; the exact prior accepts it."""
+    from sdbridge.config import to_objects
+    from sdbridge.runner import check_run
+    from tests.conftest import compose
+
+    with pytest.raises(ValueError) as err:
+        check_run(to_objects(compose(["prior=tiny_sd", "target.init=samples", "logger=none"])))
+    for needle in ["target.init=samples", "true distribution", "prior=analytic", "randn, zeros, image or denoised"]:
+        assert needle in str(err.value), str(err.value)
+    check_run(to_objects(compose([*BASE, "target.init=samples"])))
+
+
 @pytest.mark.parametrize("override, needles", [
     ("prior.device=tpu", ["prior.device='tpu'", "not a device torch knows", "auto, cpu"]),
     pytest.param("trainer.accelerator=gpu", ["trainer.accelerator='gpu'", "CUDA is not available"],
