@@ -146,20 +146,24 @@ FROM_TRUTH = "target.init=samples"
 SECTIONS = ("from_truth", "calibration", "analysis")  # the README's parts below the main table, in order
 
 
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
 def section(text: str, name: str) -> str:
     """The README's ``name`` section with its markers (empty markers when it has none yet)."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    start, end = markers(name)
     return text[text.index(start): text.index(end) + len(end)] if start in text and end in text else f"{start}\n{end}"
 
 
 def write_section(path: Path, text: str, name: str, body: str) -> None:
     """Replace section ``name`` of the README (or put it before the next section that exists, else at the end)."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    start, end = markers(name)
     new = f"{start}\n{body.strip()}\n{end}"
     if start in text and end in text:
         text = text[: text.index(start)] + new + text[text.index(end) + len(end):]
     else:
-        later = [f"<!-- {n}:start -->" for n in SECTIONS[SECTIONS.index(name) + 1:] if f"<!-- {n}:start -->" in text]
+        later = [markers(n)[0] for n in SECTIONS[SECTIONS.index(name) + 1:] if markers(n)[0] in text]
         at = text.index(later[0]) if later else len(text)
         text = text[:at] + new + "\n\n" + text[at:]
     write_text(path, text)
