@@ -4,10 +4,13 @@
     python experiments/exact/make_table.py --quick    # 2 prompts x 8 images x 200 steps, to try it out
     python experiments/exact/make_table.py --methods sdi vsd   # rerun two methods, keep the others' results
     python experiments/exact/make_table.py --from-truth   # the same, every image starting at an exact sample
+    python experiments/exact/make_table.py --world contrast_std=0.35 text_adherence=0.99   # on a variant world
 
 ``--from-truth`` (``target.init=samples``) measures what each method does to images that already are the truth (a
 method whose fixed point is the data keeps them); its table is a section of its own in the README, kept when the
-main table is regenerated and vice versa.
+main table is regenerated and vice versa. ``--world KEY=VALUE ...`` runs the table's protocol on a variant of the
+exact world (``prior.KEY=VALUE`` for every method run and for the reference rows; keys are ``AnalyticConfig``'s), in
+a README section of its own: how to measure a world change side by side with the table before making it the default.
 
 Each method's summary is kept in ``results.json`` beside the README, keyed by the protocol, so a table can be
 rebuilt method by method (an interrupted run loses only the method it was on) and a rerun of some methods keeps
@@ -58,11 +61,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "exact" / "README.md")
     parser.add_argument("--fresh", action="store_true", help="rerun every method, ignoring results.json")
     parser.add_argument("--no-run", action="store_true", help="only rewrite the README from results.json")
-    parser.add_argument("--from-truth", action="store_true",
-                        help="start every image at an exact sample of its prompt (target.init=samples)")
+    variant = parser.add_mutually_exclusive_group()
+    variant.add_argument("--from-truth", action="store_true",
+                         help="start every image at an exact sample of its prompt (target.init=samples)")
+    variant.add_argument("--world", nargs="+", metavar="KEY=VALUE", default=None,
+                         help="a variant of the exact world (AnalyticConfig fields), e.g. contrast_std=0.35")
     args = parser.parse_args()
 
-    overrides = [FROM_TRUTH] if args.from_truth else []
+    world = world_config(args.world or [], parser)
+    overrides = [FROM_TRUTH] if args.from_truth else [f"prior.{kv}" for kv in args.world or []]
     protocol = ExactProtocol(overrides=overrides)
     if args.quick:
         protocol = ExactProtocol(prompts=["a red circle", "a circle"], images_per_prompt=8, steps=200,
@@ -75,9 +82,10 @@ def main() -> None:
                  f"{store_path}` or rerun every method with --fresh")
     stored = store.get(protocol.describe(), {})
     to_run = [] if args.no_run else args.methods or [n for n in names if n not in stored]
-    prior = AnalyticPrior(AnalyticConfig(device="cpu"))
+    prior = AnalyticPrior(AnalyticConfig(device="cpu", **world))
     rows = reference_rows(prior, protocol, scales=() if args.from_truth else (1.0, 7.5))
-    grids = args.out.parent / "grids" / ("from_truth" if args.from_truth else "")
+    kind = "from_truth" if args.from_truth else "world" if args.world else ""
+    grids = args.out.parent / "grids" / kind
     for name, row in rows.items():
         save_grid(prior, row.pop("samples"), protocol, grids / f"{slug(name)}.png")
     for name in to_run:
@@ -96,10 +104,10 @@ def main() -> None:
     pending = (f"\n**Not yet measured with this protocol:** {', '.join(missing)} (the script runs only these "
                "next time).\n") if missing else ""
     command = "python experiments/exact/make_table.py" + (" --quick" if args.quick else "") + (
-        " --from-truth" if args.from_truth else "")
+        " --from-truth" if args.from_truth else "") + (" --world " + " ".join(args.world) if args.world else "")
     old = args.out.read_text() if args.out.exists() else ""
-    if args.from_truth:
-        write_section(args.out, old, "from_truth", from_truth_section(rows, protocol, command, pending))
+    if kind:
+        write_section(args.out, old, kind, variant_section(kind, rows, protocol, command, pending))
         return
     text = f"""# The exact-prior table
 
@@ -143,7 +151,7 @@ Overrides of each method run: `{' '.join(next(iter(v for k, v in rows.items() if
 
 
 FROM_TRUTH = "target.init=samples"
-SECTIONS = ("from_truth", "calibration", "analysis")  # the README's parts below the main table, in order
+SECTIONS = ("from_truth", "world", "calibration", "analysis")  # the README's parts below the main table, in order
 
 
 def markers(name: str) -> tuple[str, str]:
@@ -170,13 +178,44 @@ def write_section(path: Path, text: str, name: str, body: str) -> None:
     print(f"wrote section {name} of {path}")
 
 
-def from_truth_section(rows: dict, protocol: ExactProtocol, command: str, pending: str) -> str:
-    return f"""## From the truth: what each method does to exact samples
+def world_config(pairs: list[str], parser: argparse.ArgumentParser) -> dict:
+    """``KEY=VALUE`` strings -> AnalyticConfig keyword arguments, typed like the field's default; an unknown key, a
+    malformed pair or a bad value stops the script before anything runs, naming the key."""
+    defaults = AnalyticConfig()
+    fields = sorted(f for f, v in vars(defaults).items()
+                    if isinstance(v, (bool, int, float, str)) and f not in ("device", "cache_dir"))
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            parser.error(f"--world {pair!r}: expected KEY=VALUE with KEY one of {fields}")
+        try:
+            kind = type(getattr(defaults, key))
+            out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+        except ValueError:
+            parser.error(f"--world {pair!r}: {value!r} is not a {kind.__name__}")
+    try:
+        AnalyticConfig(**out)
+    except ValueError as err:
+        parser.error(f"--world: {err}")
+    return out
 
-Regenerate with `{command}`. The same protocol as the table above, except that every image starts at an exact
+
+def variant_section(kind: str, rows: dict, protocol: ExactProtocol, command: str, pending: str) -> str:
+    if kind == "from_truth":
+        title = "From the truth: what each method does to exact samples"
+        intro = """The same protocol as the table above, except that every image starts at an exact
 sample of its own prompt (`target.init=samples`; the first row is other exact draws: what keeping the truth scores):
 a method whose fixed point is the data keeps them, one that over-saturates or over-smooths shows it
-here without the time it takes to form a shape from randn. **Protocol.** {protocol.describe()}.
+here without the time it takes to form a shape from randn."""
+    else:
+        title = "A variant of the world, side by side with the table"
+        intro = """The same protocol as the table above on a variant of the exact world (the overrides below,
+for every method run and for the reference rows, so each row is scored against this world's own truth): a world
+change measured before it becomes the default."""
+    return f"""## {title}
+
+Regenerate with `{command}`. {intro} **Protocol.** {protocol.describe()}.
 
 {markdown_table(rows)}
 {pending}
@@ -186,7 +225,7 @@ FD per prompt:
 
 Images (one row per prompt: {', '.join(repr(p) for p in protocol.prompts)}; the first 8 of each):
 
-{chr(10).join(f"**{name}**{chr(10)}{chr(10)}![{name}](grids/from_truth/{slug(name)}.png){chr(10)}" for name in rows)}
+{chr(10).join(f"**{name}**{chr(10)}{chr(10)}![{name}](grids/{kind}/{slug(name)}.png){chr(10)}" for name in rows)}
 """
 
 

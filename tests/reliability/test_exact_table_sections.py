@@ -1,10 +1,12 @@
 """experiments/exact/make_table.py rewrites one part of its README and keeps the others: regenerating the main table
 keeps the from-truth table, the calibration and the hand-written analysis; ``--from-truth`` replaces only its own
-section (or adds it before the calibration the first time)."""
+section (or adds it before the calibration the first time), and so does ``--world`` (after the from-truth table)."""
 
 from __future__ import annotations
 
 import importlib.util
+
+import pytest
 
 from tests.conftest import ROOT
 
@@ -49,7 +51,23 @@ def test_every_kept_section_survives_with_its_markers(tmp_path):
     table = _table_module()
     path = tmp_path / "README.md"
     table.write_section(path, README, "from_truth", "the from-truth table")
+    table.write_section(path, path.read_text(), "world", "the world-variant table")
     text = path.read_text()
     kept = [table.section(text, name) for name in table.SECTIONS]
-    assert [k.splitlines()[1] for k in kept] == ["the from-truth table", "calibration rows", "hand-written analysis"]
+    assert [k.splitlines()[1] for k in kept] == ["the from-truth table", "the world-variant table", "calibration rows",
+                                                 "hand-written analysis"]
+    assert text.index("the from-truth table") < text.index("the world-variant table") < text.index("calibration rows")
     assert table.section("no markers here", "analysis") == "<!-- analysis:start -->\n<!-- analysis:end -->"
+
+
+def test_world_variant_keys_are_typed_and_a_bad_one_stops_before_anything_runs(capsys):
+    import argparse
+
+    table = _table_module()
+    parser = argparse.ArgumentParser(prog="make_table")
+    assert table.world_config(["contrast_std=0.35", "clusters=32"], parser) == {"contrast_std": 0.35, "clusters": 32}
+    for bad, says in [(["contrast_sd=0.35"], "contrast_sd=0.35"), (["clusters=many"], "'many' is not a int"),
+                      (["text_adherence=1.5"], "text_adherence"), (["contrast_std"], "KEY=VALUE")]:
+        with pytest.raises(SystemExit):
+            table.world_config(bad, parser)
+        assert says in capsys.readouterr().err
