@@ -85,6 +85,12 @@ class AnalyticConfig(PriorConfig):
     text_adherence: float = 0.9  # share of a prompt's mass on the concepts it names
     text_contrast: float = 0.03  # b: color contrast a concept loses when the prompt does not name it (CFG's parallel part)
     text_pull: float = 0.05  # k: how far a prompt moves every component toward the nearest one of a named shape
+    #: what ``text_contrast`` takes from the concepts a prompt does not name: "contrast" (their whole color offset
+    #: ``d_c``, as a scalar amplitude) or "chroma" (only its chroma, the luminance offset kept). With contrast variation
+    #: (``contrast_std``) lighting scales the whole offset, so "contrast" is absorbed at small t and CFG vanishes on
+    #: settled images; "chroma" differs from lighting in color and is not (experiments/exact/README.md, 2026-12-05).
+    #: "chroma" holds one recolored copy of a set per contrast level (up to 3x the eps cost of a named prompt)
+    text_contrast_on: str = "contrast"
     modifier_weight: float = 1.0  # mass of each modifier word's corrupted copy, relative to the clean distribution
     degraded_share: float = 0.0  # share of degraded images (degraded_words' copies) in the unconditional distribution
     degraded_words: list[str] = field(default_factory=lambda: ["blurry", "low contrast"])
@@ -111,6 +117,8 @@ class AnalyticConfig(PriorConfig):
         if not 0 <= self.contrast_std < 1:
             raise ValueError(f"prior.contrast_std={self.contrast_std} must be in [0, 1): the std of each component's "
                              "contrast relative to its mean (0: none)")
+        if self.text_contrast_on not in ("contrast", "chroma"):
+            raise ValueError(f"prior.text_contrast_on={self.text_contrast_on!r} is not one of ['contrast', 'chroma']")
         if self.precision not in ("float64", "mixed"):
             raise ValueError(f"prior.precision={self.precision!r} is not one of ['float64', 'mixed']")
         if not 0 <= self.degraded_share < 1:
@@ -820,13 +828,41 @@ class AnalyticPrior(DiffusionPrior):
             s = self._component_set(modifier, parsed)
             lp = self._weights(s.geo, concepts) + log_mass
             weights[s.key] = (s, torch.logaddexp(weights[s.key][1], lp) if s.key in weights else lp)
-        sets = [v[0] for v in weights.values()]
-        amps = [amplitude.to(s.geo.log_w)[s.geo.shape] for s in sets]
+        if self.config.text_contrast_on == "chroma":  # one recolored copy per contrast level, amplitudes all 1
+            sets, log_pi = self._chroma_levels(list(weights.values()), amplitude)
+            amps = [torch.ones_like(lp) for lp in log_pi]
+        else:
+            sets, log_pi = [v[0] for v in weights.values()], [v[1] for v in weights.values()]
+            amps = [amplitude.to(s.geo.log_w)[s.geo.shape] for s in sets]
         g = self.config.generic_share if generic else 0.0
         if g == 0:
-            return Mixture(prompt, sets, [v[1] for v in weights.values()], parsed.concepts(), self.config.size, amps)
-        return Mixture(prompt, sets, [v[1] + math.log1p(-g) for v in weights.values()], parsed.concepts(),
+            return Mixture(prompt, sets, log_pi, parsed.concepts(), self.config.size, amps)
+        return Mixture(prompt, sets, [lp + math.log1p(-g) for lp in log_pi], parsed.concepts(),
                        self.config.size, amps, self.generic(), math.log(g))
+
+    def _chroma_levels(self, weighted: list[tuple[ComponentSet, torch.Tensor]], amplitude: torch.Tensor
+                       ) -> tuple[list[ComponentSet], list[torch.Tensor]]:
+        """``text_contrast_on="chroma"``: each set split by the concepts' contrast level ``l`` (``contrast_amplitudes``);
+        the concepts at level ``l`` < 1 live in a copy whose color vectors keep their gray part and ``l`` of their
+        chroma, ``d_c -> l d_c + (1 - l) mean(d_c) 1`` (the background is gray, so this is the shape's chroma)."""
+        sets, log_pi = [], []
+        for s, lp in weighted:
+            level_of = amplitude.to(s.geo.log_w)[s.geo.shape]  # (G, 6)
+            for level in sorted(set(amplitude.flatten().tolist()), reverse=True):
+                mask = level_of == level
+                if not bool(mask.any()):
+                    continue
+                sets.append(s if level == 1 else self._recolored(s, level))
+                log_pi.append(lp.masked_fill(~mask, -math.inf))
+        return sets, log_pi
+
+    def _recolored(self, s: ComponentSet, level: float) -> ComponentSet:
+        key = f"{s.key}|chroma {level:.6g}"
+        if key not in self._sets:
+            gray = torch.full((3, 3), 1 / 3, dtype=s.delta.dtype, device=s.delta.device)
+            M = level * torch.eye(3, dtype=s.delta.dtype, device=s.delta.device) + (1 - level) * gray
+            self._sets[key] = ComponentSet(key, s.geo, s.beta, s.delta @ M.T, s.s2, s.mixed)
+        return self._sets[key]
 
     def _encode_prompts(self, prompts: list[str]) -> list[Mixture]:
         return [self.build_mixture(p) for p in prompts]

@@ -108,9 +108,11 @@ def test_responsibilities_sum_to_one(analytic_prior):
         assert (r >= 0).all()
 
 
-def test_batched_mixed_prompts_equal_per_prompt_calls(analytic_prior):
+@pytest.mark.parametrize("text_contrast_on", ["contrast", "chroma"])
+def test_batched_mixed_prompts_equal_per_prompt_calls(analytic_prior, text_contrast_on):
     """Batching logic, in float64 (the mixed precision's float32 projections differ by blocking, ~1e-5 relative)."""
-    p = AnalyticPrior(AnalyticConfig(cache_dir=analytic_prior.config.cache_dir, device="cpu", precision="float64"))
+    p = AnalyticPrior(AnalyticConfig(cache_dir=analytic_prior.config.cache_dir, device="cpu", precision="float64",
+                                     text_contrast_on=text_contrast_on, text_contrast=0.15))
     prompts = ["a red circle", "a circle", "a red circle" + SOURCE, ""]
     x = torch.randn(4, *p.sample_shape, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([10, 500, 999, 250])
@@ -260,6 +262,8 @@ def test_config_ranges_are_checked():
         AnalyticConfig(noise_floor=0)
     with pytest.raises(ValueError, match="prior.templates"):
         AnalyticConfig(templates=-1)
+    with pytest.raises(ValueError, match="prior.text_contrast_on"):
+        AnalyticConfig(text_contrast_on="luma")
     with pytest.raises(ValueError, match="prior.contrast_std"):
         AnalyticConfig(contrast_std=-0.1)
 
@@ -275,6 +279,57 @@ def contrast_prior(small_analytic_prior):
 def test_contrast_variation_keeps_eps_exact(contrast_prior, prompt, t):
     abar, x = _noised(contrast_prior, prompt, t, 3, t)
     _assert_eps_is_autograd_score(contrast_prior, prompt, t, x, abar)
+
+
+@pytest.fixture(scope="module")
+def chroma_prior(small_analytic_prior):
+    """``contrast_prior`` with the text contrast on the chroma only (``prior.text_contrast_on=chroma``)."""
+    return AnalyticPrior(dataclasses.replace(small_analytic_prior.config, contrast_std=0.3, text_contrast=0.3,
+                                             text_contrast_on="chroma"))
+
+
+@pytest.mark.parametrize("prompt", ["a red circle", "a red", "", "a circle" + SOURCE])
+@pytest.mark.parametrize("t", [1, 300, 900])
+def test_chroma_text_contrast_keeps_eps_exact(chroma_prior, prompt, t):
+    abar, x = _noised(chroma_prior, prompt, t, 3, t)
+    _assert_eps_is_autograd_score(chroma_prior, prompt, t, x, abar)
+
+
+def test_chroma_text_contrast_keeps_luminance_and_scales_chroma(chroma_prior):
+    """An unnamed concept's mean keeps its gray level per pixel and ``1 - b`` of its chroma (``1 - b/2`` for a concept
+    with one of the two named attributes); named ones are the clean ones; the masses are the plain text tilt's."""
+    p, b = chroma_prior, chroma_prior.config.text_contrast
+    mix, clean = p.mixture("a red circle"), p._component_set(None, parse_prompt("a red circle"))
+    levels = {}
+    for s, lp in zip(mix.sets, mix.log_pi):
+        M = torch.linalg.lstsq(clean.delta, s.delta).solution.T  # s.delta = clean.delta @ M.T
+        gray = torch.full((3, 3), 1 / 3, dtype=M.dtype)
+        level = float(M[0, 0] - M[0, 1])
+        torch.testing.assert_close(M, level * torch.eye(3, dtype=M.dtype) + (1 - level) * gray)
+        levels[round(level, 9)] = torch.isfinite(lp)
+    assert sorted(levels) == [round(1 - b, 9), round(1 - b / 2, 9), 1.0]
+    geo = clean.geo
+    red, circle = list(COLORS).index("red"), list(SHAPES).index("circle")
+    named = (geo.shape.view(-1, 1) == circle) & (torch.arange(6).view(1, -1) == red)
+    half = (geo.shape.view(-1, 1) == circle) ^ (torch.arange(6).view(1, -1) == red)
+    assert bool((levels[1.0] == named).all()) and bool((levels[round(1 - b / 2, 9)] == half).all())
+    plain = AnalyticPrior(dataclasses.replace(p.config, text_contrast_on="contrast")).mixture("a red circle")
+    total = torch.logsumexp(torch.stack([torch.logsumexp(lp.flatten(), 0) for lp in mix.log_pi]), 0)
+    assert float(total) == pytest.approx(float(torch.logsumexp(torch.cat([lp.flatten() for lp in plain.log_pi]), 0)))
+
+
+def test_chroma_text_contrast_survives_contrast_variation(chroma_prior, contrast_prior, small_analytic_prior):
+    """Lighting (``contrast_std``) scales a component's whole color offset, so a text contrast on the whole offset is
+    absorbed on settled images at small t, and one on the chroma alone is not: RMS(eps_cond - eps_uncond) on noised
+    exact samples of "a red circle" at t = 100."""
+    def gap(p):
+        abar, x = _noised(p, "a red circle", 100, 8, 0)
+        x = x.float().reshape(8, *p.sample_shape)
+        e = p.predict_eps(x, torch.full((8,), 100), [p.encode_text([""] * 8), p.encode_text(["a red circle"] * 8)])
+        return float((e[1] - e[0]).pow(2).mean().sqrt())
+
+    whole = AnalyticPrior(dataclasses.replace(contrast_prior.config, text_contrast=0.3))
+    assert gap(chroma_prior) > 10 * gap(whole)
 
 
 def test_contrast_variation_is_the_mean_direction_with_the_configured_variance(small_analytic_prior, contrast_prior):
