@@ -861,7 +861,10 @@ class AnalyticPrior(DiffusionPrior):
         if key not in self._sets:
             gray = torch.full((3, 3), 1 / 3, dtype=s.delta.dtype, device=s.delta.device)
             M = level * torch.eye(3, dtype=s.delta.dtype, device=s.delta.device) + (1 - level) * gray
-            self._sets[key] = ComponentSet(key, s.geo, s.beta, s.delta @ M.T, s.s2, s.mixed)
+            # a pulled set's copy keeps its pull, so it shares the projections on the unpulled means (one basis);
+            # it is its own base (the batched path evaluates a base's copies with the base's colors)
+            self._sets[key] = ComponentSet(key, s.geo, s.beta, s.delta @ M.T, s.s2, s.mixed, s.pull_index, s.pull,
+                                           s.base_mu)
         return self._sets[key]
 
     def _encode_prompts(self, prompts: list[str]) -> list[Mixture]:
