@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from sdbridge.priors.base import DiffusionPrior, PriorConfig, TextEmbedding, resolve_device
-from sdbridge.priors.vocabulary import MODIFIERS, Modifier, ParsedPrompt, parse_prompt
+from sdbridge.priors.vocabulary import MODIFIERS, Modifier, ParsedPrompt, parse_prompt, saturation
 from sdbridge.priors.world import COLORS, SHAPES, GeometryModel, World, WorldSpec, color_vectors, load_world
 from sdbridge.rng import SampleGenerators
 from sdbridge.registry import builds
@@ -846,9 +846,10 @@ class AnalyticPrior(DiffusionPrior):
         the concepts at level ``l`` < 1 live in a copy whose color vectors keep their gray part and ``l`` of their
         chroma, ``d_c -> l d_c + (1 - l) mean(d_c) 1`` (the background is gray, so this is the shape's chroma)."""
         sets, log_pi = [], []
+        levels = sorted(set(amplitude.flatten().tolist()), reverse=True)
         for s, lp in weighted:
             level_of = amplitude.to(s.geo.log_w)[s.geo.shape]  # (G, 6)
-            for level in sorted(set(amplitude.flatten().tolist()), reverse=True):
+            for level in levels:
                 mask = level_of == level
                 if not bool(mask.any()):
                     continue
@@ -859,8 +860,7 @@ class AnalyticPrior(DiffusionPrior):
     def _recolored(self, s: ComponentSet, level: float) -> ComponentSet:
         key = f"{s.key}|chroma {level:.6g}"
         if key not in self._sets:
-            gray = torch.full((3, 3), 1 / 3, dtype=s.delta.dtype, device=s.delta.device)
-            M = level * torch.eye(3, dtype=s.delta.dtype, device=s.delta.device) + (1 - level) * gray
+            M = saturation(level)[0].to(s.delta)  # the "oversaturated" word's chroma map, at gain l
             # a pulled set's copy keeps its pull, so it shares the projections on the unpulled means (one basis);
             # it is its own base (the batched path evaluates a base's copies with the base's colors)
             self._sets[key] = ComponentSet(key, s.geo, s.beta, s.delta @ M.T, s.s2, s.mixed, s.pull_index, s.pull,

@@ -318,7 +318,7 @@ def test_chroma_text_contrast_keeps_luminance_and_scales_chroma(chroma_prior):
     assert float(total) == pytest.approx(float(torch.logsumexp(torch.cat([lp.flatten() for lp in plain.log_pi]), 0)))
 
 
-def test_chroma_text_contrast_survives_contrast_variation(chroma_prior, contrast_prior, small_analytic_prior):
+def test_chroma_text_contrast_survives_contrast_variation(chroma_prior, contrast_prior):
     """Lighting (``contrast_std``) scales a component's whole color offset, so a text contrast on the whole offset is
     absorbed on settled images at small t, and one on the chroma alone is not: RMS(eps_cond - eps_uncond) on noised
     exact samples of "a red circle" at t = 100."""
