@@ -15,6 +15,10 @@ a README section of its own: how to measure a world change side by side with the
 Each method's summary is kept in ``results.json`` beside the README, keyed by the protocol, so a table can be
 rebuilt method by method (an interrupted run loses only the method it was on) and a rerun of some methods keeps
 the others' numbers. ``--fresh`` ignores the stored results; ``--no-run`` only rewrites the README from them.
+Each method's final images are kept too, outside the repository (``~/.cache/sdbridge/tables/<protocol hash>/``, written
+atomically): ``--rescore`` recomputes every stored method's metrics from them with the current metric code (a changed
+metric or classifier rescored in seconds instead of rerunning an hour of methods); a method whose images are not
+there is named and rerun.
 
 Methods are run with their conf/guidance/<name>.yaml defaults; DDIM (exact eps, eta 0, CFG 1) and exact samples are
 the reference rows. New guidances appear by rerunning it.
@@ -23,6 +27,7 @@ the reference rows. New guidances appear by rerunning it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -35,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 import torch
 
-from sdbridge.files import write_text
+from sdbridge.files import atomic_open, write_text
 from sdbridge.eval.protocol import ExactProtocol, markdown_table, per_prompt_table, reference_rows, run_method
 from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior
 
@@ -61,6 +66,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "exact" / "README.md")
     parser.add_argument("--fresh", action="store_true", help="rerun every method, ignoring results.json")
     parser.add_argument("--no-run", action="store_true", help="only rewrite the README from results.json")
+    parser.add_argument("--rescore", action="store_true",
+                        help="recompute stored methods' metrics from their kept final images (rerun those without)")
     variant = parser.add_mutually_exclusive_group()
     variant.add_argument("--from-truth", action="store_true",
                          help="start every image at an exact sample of its prompt (target.init=samples)")
@@ -81,8 +88,14 @@ def main() -> None:
         sys.exit(f"make_table: error: {store_path} is not readable JSON ({err}); restore it with `git checkout "
                  f"{store_path}` or rerun every method with --fresh")
     stored = store.get(protocol.describe(), {})
-    to_run = [] if args.no_run else args.methods or [n for n in names if n not in stored]
     prior = AnalyticPrior(AnalyticConfig(device="cpu", **world))
+    kept = samples_dir(protocol)
+    rescored, unkept = rescore(prior, protocol, stored, kept) if args.rescore else ([], [])
+    if rescored:
+        print(f"rescored from {kept}: {', '.join(rescored)}")
+        store[protocol.describe()] = stored
+        write_text(store_path, json.dumps(store, indent=1, sort_keys=True))
+    to_run = [] if args.no_run else args.methods or [n for n in names if n not in stored] + unkept
     rows = reference_rows(prior, protocol, scales=() if args.from_truth else (1.0, 7.5))
     kind = "from_truth" if args.from_truth else "world" if args.world else ""
     grids = args.out.parent / "grids" / kind
@@ -91,7 +104,10 @@ def main() -> None:
     for name in to_run:
         start = time.perf_counter()
         summary = run_method(name, protocol)
-        save_grid(prior, summary.pop("samples_x0"), protocol, grids / f"{slug(name)}.png")
+        x0 = summary.pop("samples_x0")
+        save_grid(prior, x0, protocol, grids / f"{slug(name)}.png")
+        with atomic_open(kept / f"{name}.pt") as f:
+            torch.save(x0.detach().cpu(), f)
         print(f"{name}: {json.dumps(summary['exact_metrics']['mean'])} ({time.perf_counter() - start:.0f} s)")
         stored[name] = {k: summary[k] for k in ("exact_metrics", "nfe_per_step", "wall_clock_s", "overrides")
                         if k in summary}
@@ -151,6 +167,34 @@ Overrides of each method run: `{' '.join(next(iter(v for k, v in rows.items() if
 
 
 FROM_TRUTH = "target.init=samples"
+
+
+def samples_dir(protocol: ExactProtocol) -> Path:
+    """Where the protocol's final images are kept (outside the repository: ~0.6 MB per method)."""
+    key = hashlib.sha1(protocol.describe().encode()).hexdigest()[:12]
+    return Path(os.path.expanduser("~/.cache/sdbridge/tables")) / key
+
+
+def rescore(prior, protocol: ExactProtocol, stored: dict, kept: Path) -> tuple[list[str], list[str]]:
+    """Recompute the metrics of every stored method whose final images are kept; returns (rescored, not kept)."""
+    from sdbridge.metrics.exact import exact_metrics
+
+    prompts = [p for p in protocol.prompts for _ in range(protocol.images_per_prompt)]
+    done, missing = [], []
+    for name, row in stored.items():
+        path = kept / f"{name}.pt"
+        if not path.exists():
+            missing.append(name)
+            continue
+        x0 = torch.load(path, weights_only=True)
+        if x0.shape[0] != len(prompts):
+            sys.exit(f"make_table: error: {path} holds {x0.shape[0]} images, the protocol {len(prompts)}; "
+                     "delete it or rerun the method")
+        row["exact_metrics"] = exact_metrics(prior, x0.to(prior.device), prompts)
+        done.append(name)
+    if missing:
+        print(f"rescore: no kept images for {', '.join(missing)} (run before they were kept): rerunning them")
+    return done, missing
 SECTIONS = ("from_truth", "world", "calibration", "analysis")  # the README's parts below the main table, in order
 
 

@@ -11,14 +11,18 @@ gets the shape of its best template and the world color nearest (by angle) to th
 and templates are first smoothed by a Gaussian of ``SMOOTHING_PX`` (the world's sensor noise would otherwise dominate
 the distances).
 
-An image is **recognizable** when its shape wins clearly and its color is there: the best template of its shape
-fits at least ``MARGIN`` times better (RMS residual) than the best template of any other shape, and the fitted
-contrast along the named color is at least ``MIN_CONTRAST`` of the renderings'. A margin, not a distance: an
-optimized image is never as close to a template as an exact sample (soft edges, leftover texture, a red that is not
-exactly the world's), yet a person still sees a red disc in it, and so does the margin: an exact red circle blurred by
-1 px or with a 30% smooth texture keeps a margin of 1.5-3, while two superposed circles, a disc inside ring
-outlines, a blurred average of many positions, a flat haze or noise fit two shapes about equally (margin 1.0-1.2).
-Measured on the default world (tests/unit/test_exact_metrics.py): 98% of unconditional exact samples clear the margin.
+An image is **recognizable** when its shape wins clearly, its color is one of the world's, and nothing else is in
+it: the best template of its shape fits at least ``MARGIN`` times better (RMS residual) than the best template of any
+other shape; the fitted color is at most ``COLOR_MARGIN`` times as far (in angle) from the named color as from the
+next one, at ``MIN_CONTRAST`` of the renderings' contrast or more; and the template explains at least
+``MIN_EXPLAINED`` of the image's energy. Margins, not a distance: an optimized image is never as close to a template
+as an exact sample (soft edges, leftover texture, a red that is not exactly the world's), yet a person still sees a
+red disc in it, and so do the margins: an exact red circle blurred by 1 px or mottled keeps a shape margin of
+1.5-3, while two superposed circles, a disc inside ring outlines, a blurred average of many positions, a flat haze
+or noise fit two shapes about equally (1.0-1.2); a cyan or orange disc is halfway between two colors, and a circle
+beside a square leaves much of the image unexplained. Measured (tests/unit/test_exact_metrics.py): 99% of the default
+world's unconditional exact samples are recognizable; SDS's soft red discs on it are, Bridge's ring outlines are not
+(experiments/exact/README.md).
 """
 
 from __future__ import annotations
@@ -35,16 +39,19 @@ TEMPLATES_PER_SHAPE = 3000
 TEMPLATE_SEED = 1_000_003  # plus the world's seed
 SMOOTHING_PX = 1.0
 MARGIN = 1.25  # RMS residual of the best other shape / of the named shape, at least
+COLOR_MARGIN = 0.5  # angle to the named color / angle to the next color, at most (exact samples: < 0.1)
 MIN_CONTRAST = 1 / 3  # fitted contrast along the named color relative to the renderings', at least
+MIN_EXPLAINED = 0.8  # share of the image's (smoothed, background-free) energy the best template explains, at least
 
 
 @dataclass
 class Prediction:
     shape: list[str]
     color: list[str]
-    distance: torch.Tensor  # (n,) RMS residual of the best template, in units of the fitted color's contrast
     margin: torch.Tensor  # (n,) RMS residual of the best other shape's template / of the best template
+    color_margin: torch.Tensor  # (n,) angle of the fitted color to the named color / to the next color
     contrast: torch.Tensor  # (n,) fitted contrast along the named color, relative to the renderings'
+    explained: torch.Tensor  # (n,) share of the image's energy the best template explains
     recognizable: torch.Tensor  # (n,) bool
 
     def concepts(self) -> list[tuple[str, str]]:
@@ -67,23 +74,26 @@ class ConceptClassifier:
         self.t2 = (self.templates.double() ** 2).sum(1)  # (6 T,)
 
     def _fit(self, part: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Best shape, color, distance, margin and contrast of each image of ``part`` (module docstring)."""
-        n, shapes, rows = part.shape[0], len(SHAPES), torch.arange(part.shape[0])
-        x = self.prior.to_pixels(part.to(self.prior.shift)).cpu().reshape(n, 3, -1)
+        """Shape, color and the four recognizability measures of each image of ``part`` (module docstring)."""
+        n, rows = part.shape[0], torch.arange(part.shape[0])
+        x = self.prior.to_pixels(part.to(self.prior.shift)).cpu().reshape(n, 3, self.size * self.size)
         y = self._smooth(x - self.b.view(1, 3, 1))
         ym = torch.einsum("nkp,tp->nkt", y.float(), self.templates).double()  # (n, 3, 6 T), float32 products
-        residual = (y**2).sum((1, 2)).view(-1, 1) - (ym**2).sum(1) / self.t2  # (n, 6 T)
-        per_shape, which = residual.view(n, shapes, -1).min(2)  # best template of each shape
+        energy = (y**2).sum((1, 2))
+        residual = energy.view(-1, 1) - (ym**2).sum(1) / self.t2  # (n, 6 T)
+        per_shape, which = residual.view(n, len(SHAPES), self.num_templates).min(2)  # best template of each shape
         ranked, order = per_shape.sort(1)
         shape = order[:, 0]
         j = shape * self.num_templates + which[rows, shape]
         v = ym[rows, :, j] / self.t2[j].view(-1, 1)  # (n, 3): the best template's fitted color offset
-        color = (v @ self.directions.T).argmax(1)
+        cosines = (v @ self.directions.T) / v.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        angles, colors = torch.acos(cosines.clamp(-1, 1)).sort(1)
+        color = colors[:, 0]
         contrast = (v * self.directions[color]).sum(1) / self.d[color].norm(dim=1)
         best = ranked[:, 0].clamp(min=1e-12)
-        distance = (best / (v**2).sum(1).clamp(min=1e-12) / y.shape[2]).sqrt()
         margin = (ranked[:, 1].clamp(min=0) / best).sqrt()
-        return shape, color, distance, margin, contrast
+        explained = 1 - best / energy.clamp(min=1e-12)
+        return shape, color, margin, angles[:, 0] / angles[:, 1], contrast, explained
 
     def _smooth(self, v: torch.Tensor) -> torch.Tensor:
         shape = v.shape
@@ -91,10 +101,13 @@ class ConceptClassifier:
 
     @torch.no_grad()
     def classify(self, z: torch.Tensor) -> Prediction:
-        shape, color, distance, margin, contrast = (torch.cat(v) for v in zip(*map(self._fit, z.split(self.chunk))))
+        shape, color, margin, color_margin, contrast, explained = (
+            torch.cat(v) for v in zip(*map(self._fit, z.split(self.chunk))))
         colors = list(COLORS)
-        return Prediction([SHAPES[int(i)] for i in shape], [colors[int(i)] for i in color], distance, margin,
-                          contrast, (margin >= MARGIN) & (contrast >= MIN_CONTRAST))
+        recognizable = ((margin >= MARGIN) & (color_margin <= COLOR_MARGIN) & (contrast >= MIN_CONTRAST)
+                        & (explained >= MIN_EXPLAINED))
+        return Prediction([SHAPES[int(i)] for i in shape], [colors[int(i)] for i in color], margin, color_margin,
+                          contrast, explained, recognizable)
 
     def adherence(self, z: torch.Tensor, concepts: list[tuple[str, str]]) -> tuple[float, float]:
         """``(adherence, recognizable)``: the share of images that show one of ``concepts`` recognizably, and the

@@ -17,7 +17,9 @@ All metrics take images in model units (x0 = z, ``(n, 3, S, S)``) and a prompt's
 * **Saturation ratio**: mean squared chroma (each pixel's RGB minus its gray level, pixel units) divided by its exact
   expectation under p. 1 matches the truth; > 1 is over-saturated.
 * **Adherence** / **recognizable**: the share of images that the nearest-template classifier
-  (``sdbridge/metrics/classify.py``) reads as one of the prompt's concepts, recognizably / that are recognizable at all.
+  (``sdbridge/metrics/classify.py``) reads as one of the prompt's concepts, recognizably / that are recognizable at all
+  (the named shape fits clearly better than any other shape, in a color at a third of the renderings' contrast or
+  more: a soft or textured red disc counts, superposed outlines, a haze or noise do not).
 """
 
 from __future__ import annotations

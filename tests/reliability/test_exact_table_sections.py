@@ -1,6 +1,7 @@
 """experiments/exact/make_table.py rewrites one part of its README and keeps the others: regenerating the main table
 keeps the from-truth table, the calibration and the hand-written analysis; ``--from-truth`` replaces only its own
-section (or adds it before the calibration the first time), and so does ``--world`` (after the from-truth table)."""
+section (or adds it before the calibration the first time), and so does ``--world`` (after the from-truth table).
+``--rescore`` recomputes stored methods' metrics from their kept final images."""
 
 from __future__ import annotations
 
@@ -71,3 +72,28 @@ def test_world_variant_keys_are_typed_and_a_bad_one_stops_before_anything_runs(c
         with pytest.raises(SystemExit):
             table.world_config(bad, parser)
         assert says in capsys.readouterr().err
+
+
+def test_rescore_recomputes_kept_images_and_names_the_methods_without(tmp_path, analytic_prior, capsys):
+    """``--rescore``: a stored method whose final images are kept gets the current metric code's numbers (here a
+    stale stored value is replaced by the exact metrics of the kept images); one without kept images is named and
+    handed back to be rerun; images that do not match the protocol stop the script, naming the file."""
+    import torch
+
+    from sdbridge.eval.protocol import ExactProtocol
+    from sdbridge.metrics.exact import exact_metrics
+
+    table = _table_module()
+    protocol = ExactProtocol(prompts=["a red circle", "a circle"], images_per_prompt=4)
+    x0 = torch.cat([analytic_prior.sample(p, 4, torch.Generator().manual_seed(1)) for p in protocol.prompts])
+    torch.save(x0, tmp_path / "sds.pt")
+    stored = {"sds": {"exact_metrics": {"mean": {"fd": -1.0}}, "wall_clock_s": 5.0}, "vsd": {"exact_metrics": {}}}
+    done, missing = table.rescore(analytic_prior, protocol, stored, tmp_path)
+    assert (done, missing) == (["sds"], ["vsd"]) and "vsd" in capsys.readouterr().out
+    expected = exact_metrics(analytic_prior, x0, ["a red circle"] * 4 + ["a circle"] * 4)
+    assert stored["sds"]["exact_metrics"]["mean"] == pytest.approx(expected["mean"])
+    assert stored["sds"]["wall_clock_s"] == 5.0  # only the metrics change
+    torch.save(x0[:5], tmp_path / "sds.pt")
+    with pytest.raises(SystemExit, match="sds.pt holds 5 images"):
+        table.rescore(analytic_prior, protocol, stored, tmp_path)
+    assert table.samples_dir(protocol) != table.samples_dir(ExactProtocol(prompts=["a circle"]))
