@@ -179,7 +179,7 @@ def rescore(prior, protocol: ExactProtocol, stored: dict, kept: Path) -> tuple[l
     """Recompute the metrics of every stored method whose final images are kept; returns (rescored, not kept)."""
     from sdbridge.metrics.exact import exact_metrics
 
-    prompts = [p for p in protocol.prompts for _ in range(protocol.images_per_prompt)]
+    prompts = protocol.image_prompts()
     done, missing = [], []
     for name, row in stored.items():
         path = kept / f"{name}.pt"

@@ -28,6 +28,10 @@ class ExactProtocol:
     ddim_steps: int = 50
     overrides: list[str] = field(default_factory=list)  # extra overrides for every method run
 
+    def image_prompts(self) -> list[str]:
+        """The prompt of each image, in the order runs and reference rows produce them (prompt by prompt)."""
+        return [p for p in self.prompts for _ in range(self.images_per_prompt)]
+
     def describe(self) -> str:
         from sdbridge.priors.analytic import AnalyticConfig
         from sdbridge.priors.world import WORLD_VERSION
@@ -92,7 +96,7 @@ def reference_rows(prior: Any, protocol: ExactProtocol, scales: Sequence[float] 
     from sdbridge.metrics.exact import exact_metrics
     from sdbridge.sampling import ddim_sample
 
-    prompts = [p for p in protocol.prompts for _ in range(protocol.images_per_prompt)]
+    prompts = protocol.image_prompts()
     gen = torch.Generator().manual_seed(protocol.seed)
     start = time.perf_counter()
     true = torch.cat([prior.sample(p, protocol.images_per_prompt, gen) for p in protocol.prompts])
