@@ -131,7 +131,7 @@ def dense_components(mix):
         P = geo.mu.shape[1]
         eye = torch.eye(3 * P, dtype=torch.float64)
         for g in range(geo.num):
-            for c in range(6):
+            for c in range(s.colors):
                 means.append((s.beta.view(3, 1) + amp[g, c] * s.delta[c].view(3, 1) * geo.mu[g].view(1, P)).reshape(-1))
                 U = torch.kron(s.dhat[c].view(3, 1), geo.Q[g])  # (3 P, r)
                 covs.append((U * (s.dnorm[c] ** 2 * geo.lam[g])) @ U.T + s.s2 * eye)

@@ -89,7 +89,7 @@ class AnalyticConfig(PriorConfig):
     #: ``d_c``, as a scalar amplitude) or "chroma" (only its chroma, the luminance offset kept). With contrast variation
     #: (``contrast_std``) lighting scales the whole offset, so "contrast" is absorbed at small t and CFG vanishes on
     #: settled images; "chroma" differs from lighting in color and is not (experiments/exact/README.md, 2026-12-05).
-    #: "chroma" holds one recolored copy of a set per contrast level (up to 3x the eps cost of a named prompt)
+    #: "chroma" gives each set 6 colors per contrast level (``make run``: 1.38x the default's wall time, 2026-12-05)
     text_contrast_on: str = "contrast"
     modifier_weight: float = 1.0  # mass of each modifier word's corrupted copy, relative to the clean distribution
     degraded_share: float = 0.0  # share of degraded images (degraded_words' copies) in the unconditional distribution
@@ -171,12 +171,15 @@ class Geometry:
     mu2: torch.Tensor = field(init=False)  # (G,)
     mu_sum: torch.Tensor = field(init=False)  # (G,)
     Q_all32: torch.Tensor = field(init=False)  # Q_all in float32, for precision="mixed"
+    q_sum: torch.Tensor = field(init=False)  # (G r,) column sums of Q_all (of Q_all32 in q_sum32)
+    q_sum32: torch.Tensor = field(init=False)
     mu32: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         G, P, r = self.Q.shape
         self.Q_all = self.Q.permute(1, 0, 2).reshape(P, G * r).contiguous()
         self.Q_all32 = float32_normal(self.Q_all)
+        self.q_sum, self.q_sum32 = self.Q_all.sum(0), self.Q_all32.sum(0)
         self._mean_terms()
 
     def _mean_terms(self) -> None:
@@ -236,7 +239,8 @@ class Geometry:
 @dataclass
 class ComponentSet:
     """All (geometry g, color c) components of one corruption: geometry, background ``beta`` (3,) and color vectors
-    ``delta`` (6, 3) in model units, isotropic variance ``s2``. Shared by every prompt that uses it; ``key`` names it."""
+    ``delta`` (n, 3) in model units (n = 6, the colors; 6 per contrast level for ``text_contrast_on="chroma"``),
+    isotropic variance ``s2``. Shared by every prompt that uses it; ``key`` names it."""
 
     key: str
     geo: Geometry
@@ -248,18 +252,32 @@ class ComponentSet:
     pull: float = 0.0
     base_mu: torch.Tensor | None = None  # (G, P) the means before the pull (the set's own means when not pulled)
     base: "ComponentSet | None" = None  # the unpulled set a pulled copy was made from
-    dnorm: torch.Tensor = field(init=False)  # (6,)
-    dhat: torch.Tensor = field(init=False)  # (6, 3)
+    dnorm: torch.Tensor = field(init=False)  # (n,)
+    dhat: torch.Tensor = field(init=False)  # (n, 3)
+    base_mu_sum: torch.Tensor = field(init=False)  # (G,)
 
     def __post_init__(self) -> None:
         self.dnorm = self.delta.norm(dim=1)
         self.dhat = self.delta / self.dnorm.unsqueeze(1)
         if self.base_mu is None:
             self.base_mu = self.geo.mu
+        self.base_mu_sum = self.base_mu.sum(1)
 
     @property
     def dim(self) -> int:
         return 3 * int(self.geo.mu.shape[1])
+
+    @property
+    def colors(self) -> int:
+        """n, the color vectors of every geometry component (the columns of a prompt's log weights)."""
+        return int(self.delta.shape[0])
+
+    @property
+    def palette(self) -> bool:
+        """Several color vectors per color (``text_contrast_on="chroma"``: one per contrast level, level-major). A
+        prompt gives each (geometry, color) component one of them, so the batched denoiser evaluates one column per
+        color (``terms``' ``pick``); the shrinkage then depends on the row's columns and is computed in ``terms``."""
+        return self.colors > len(COLORS)
 
     def pulled(self, key: str, shapes: list[int], pull: float) -> "ComponentSet":
         """The set as a prompt naming the shapes ``shapes`` (indices) sees it: every component's geometry mean moves
@@ -294,63 +312,78 @@ class ComponentSet:
         if basis not in shared:  # x's projections: y = x - sqrt(a) beta 1 follows from them per background beta
             Q_all = geo.Q_all32 if self.mixed else geo.Q_all
             shared[basis] = {"xq": (x.reshape(B * 3, P).to(work) @ Q_all).view(B, 3, G * r),
-                             "q_sum": Q_all.sum(0), "xmu": torch.matmul(x, self.base_mu.T),
-                             "mu_sum": self.base_mu.sum(1), "x_sum": x.sum(2), "xx": (x * x).sum((1, 2))}
+                             "q_sum": geo.q_sum32 if self.mixed else geo.q_sum, "xmu": torch.matmul(x, self.base_mu.T),
+                             "mu_sum": self.base_mu_sum, "x_sum": x.sum(2), "xx": (x * x).sum((1, 2))}
         xs = shared[basis]
         # a pulled set shares its base's basis, variances, background and colors: all but its means' terms
         key = (id(geo.Q_all), id(geo.lam), id(self.beta), id(self.delta), self.s2, self.mixed)
         if key not in shared:
             c = abar * self.s2 + (1 - abar)  # (B,)
-            levels, inverse = torch.unique(abar, return_inverse=True)
-            rho = levels / (levels * self.s2 + (1 - levels))  # a / c per distinct level
-            al = rho.view(-1, 1, 1, 1) * (self.dnorm**2).view(1, -1, 1, 1) * geo.lam.view(1, 1, G, r)  # a l / c
-            shrink = (al / (1 + al)).to(work)  # (levels, 6, G, r)
-            logdet = torch.log1p(al).sum(3)  # (levels, 6, G)
-            if levels.numel() == 1:
-                shrink, logdet = shrink.expand(B, -1, -1, -1), logdet.expand(B, -1, -1)
-            else:
-                shrink, logdet = shrink[inverse], logdet[inverse]
             sb = sa.view(B, 1) * self.beta.view(1, 3)  # (B, 3): the noised background
             y_q = xs["xq"] - sb.to(work).unsqueeze(2) * xs["q_sum"].view(1, 1, -1)
             ymu = xs["xmu"] - sb.unsqueeze(2) * xs["mu_sum"].view(1, 1, -1)  # (B, 3, G): y . mu_g per channel
             yy = xs["xx"] - 2 * (sb * xs["x_sum"]).sum(1) + P * (sb**2).sum(1)
-            shared[key] = {"abar": abar, "sa": sa, "c": c, "shrink": shrink, "logdet": logdet, "yy": yy, "ymu": ymu,
-                           "dq": (self.dhat.to(work) @ y_q).view(B, 6, G, r)}
+            shared[key] = {"abar": abar, "sa": sa, "c": c, "yy": yy, "ymu": ymu,
+                           "dq": (self.dhat.to(work) @ y_q).view(B, self.colors, G, r)}
+            if self.palette:
+                return shared[key]
+            levels, inverse = torch.unique(abar, return_inverse=True)
+            rho = levels / (levels * self.s2 + (1 - levels))  # a / c per distinct level
+            al = rho.view(-1, 1, 1, 1) * (self.dnorm**2).view(1, -1, 1, 1) * geo.lam.view(1, 1, G, r)  # a l / c
+            shrink = (al / (1 + al)).to(work)  # (levels, n, G, r)
+            logdet = torch.log1p(al).sum(3)  # (levels, n, G)
+            if levels.numel() == 1:
+                shrink, logdet = shrink.expand(B, -1, -1, -1), logdet.expand(B, -1, -1)
+            else:
+                shrink, logdet = shrink[inverse], logdet[inverse]
+            shared[key].update(shrink=shrink, logdet=logdet)
         return shared[key]
 
     def mean_terms(self, pre: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``(y . delta_c (x) mu_g)`` (rows, 6, G) for the rows of ``pre`` (``shared_terms``, possibly row-sliced): a
+        """``(y . delta_c (x) mu_g)`` (rows, n, G) for the rows of ``pre`` (``shared_terms``, possibly row-sliced): a
         pulled copy's means are ``mu + k (mu[n] - mu)``, so its projections come from the base's by a gather."""
         ymu = pre["ymu"]
         if self.pull_index is not None:
             ymu = ymu + self.pull * (ymu[..., self.pull_index] - ymu)
         return self.delta @ ymu
 
-    def terms(self, pre: dict[str, torch.Tensor], amp: torch.Tensor, means: "RowMeans | None" = None
-              ) -> dict[str, torch.Tensor]:
+    def terms(self, pre: dict[str, torch.Tensor], amp: torch.Tensor, means: "RowMeans | None" = None,
+              pick: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Per-component Gaussian log-densities for the rows of ``pre`` (see ``prepare``) whose components have the
-        color amplitudes ``amp`` (B, 6, G) (the mean is ``beta + amp delta_c (x) mu_g``): ``log_prob`` (B, G, 6),
-        ``c`` (B,), ``gproj`` (B, 6, G, r) (color-major, the layout of the matmuls) and ``amp``. ``means``: each
-        row's pulled copy of this set (``RowMeans``; ``pre`` then holds the base's ``ymu``, not ``y_delta_mu``)."""
+        color amplitudes ``amp`` (B, n, G) (the mean is ``beta + amp delta_c (x) mu_g``): ``log_prob`` (B, G, n),
+        ``c`` (B,), ``gproj`` (B, n, G, r) (color-major, the layout of the matmuls) and ``amp``. ``means``: each
+        row's pulled copy of this set (``RowMeans``; ``pre`` then holds the base's ``ymu``, not ``y_delta_mu``).
+        ``pick`` (B, 6, G): for a ``palette`` set, the color column of each row's (color, geometry) component; the
+        terms are then those of these columns only (``amp`` (B, 6, G), ``log_prob`` (B, G, 6), ``gproj`` (B, 6, G,
+        r)), and ``pick`` is returned with them."""
         geo = self.geo
         B = pre["c"].shape[0]
-        D = self.dim
+        G, r, D = geo.num, geo.rank, self.dim
         a, sa, c = pre["abar"].view(B, 1, 1), pre["sa"].view(B, 1, 1), pre["c"]
-        m_norm = sa * self.dnorm.view(1, -1, 1) * amp  # (B, 6, G): |sqrt(a) amp delta_c|
+        dq = pre["dq"]
         if means is None:
             Qtmu, mu2, y_delta_mu = geo.Qtmu.unsqueeze(0), geo.mu2.view(1, 1, -1), pre["y_delta_mu"]
         else:
             Qtmu, mu2, y_delta_mu = means.Qtmu, means.mu2.unsqueeze(1), self.delta @ means.pull_rows(pre["ymu"])
-        proj = pre["dq"] - m_norm.unsqueeze(3).to(pre["dq"]) * Qtmu.to(pre["dq"]).unsqueeze(1)
-        d2 = pre["yy"].view(B, 1, 1) - 2 * sa * amp * y_delta_mu \
-            + a * amp**2 * (self.dnorm**2).view(1, -1, 1) * mu2  # (B, 6, G)
-        gproj = pre["shrink"] * proj
+        dnorm = self.dnorm.view(1, -1, 1)
+        if pick is not None:
+            dnorm, y_delta_mu = self.dnorm[pick], y_delta_mu.gather(1, pick)
+            dq = dq.gather(1, pick.unsqueeze(3).expand(-1, -1, -1, r))
+        if "shrink" in pre:
+            shrink, logdet = pre["shrink"], pre["logdet"]
+        else:  # a palette set: per row, from its columns' norms
+            al = (a / c.view(B, 1, 1)).unsqueeze(3) * (dnorm**2).unsqueeze(3) * geo.lam.view(1, 1, G, r)
+            shrink, logdet = (al / (1 + al)).to(dq), torch.log1p(al).sum(3)
+        m_norm = sa * dnorm * amp  # (B, n, G): |sqrt(a) amp delta_c|
+        proj = dq - m_norm.unsqueeze(3).to(dq) * Qtmu.to(dq).unsqueeze(1)
+        d2 = pre["yy"].view(B, 1, 1) - 2 * sa * amp * y_delta_mu + a * amp**2 * dnorm**2 * mu2  # (B, n, G)
+        gproj = shrink * proj
         maha = (d2 - (gproj * proj).sum(3).double()) / c.view(B, 1, 1)
-        log_prob = -0.5 * (maha + pre["logdet"] + D * torch.log(c).view(B, 1, 1) + D * math.log(2 * math.pi))
-        return {"log_prob": log_prob.transpose(1, 2), "c": c, "gproj": gproj, "amp": amp}
+        log_prob = -0.5 * (maha + logdet + D * torch.log(c).view(B, 1, 1) + D * math.log(2 * math.pi))
+        return {"log_prob": log_prob.transpose(1, 2), "c": c, "gproj": gproj, "amp": amp, "pick": pick}
 
     def inv_cov_sum(self, x: torch.Tensor, abar: torch.Tensor, resp: torch.Tensor, terms: dict) -> torch.Tensor:
-        """``sum_k resp_k Sigma_k^-1 (x - sqrt(a) m_k)`` over this set's components (resp: (B, G, 6)), (B, 3, P)."""
+        """``sum_k resp_k Sigma_k^-1 (x - sqrt(a) m_k)`` over this set's components (resp: (B, G, n)), (B, 3, P)."""
         B, _, P = x.shape
         local, coef_q = self.inv_cov_parts(x, abar, resp, terms)
         return local - self.back_project(coef_q).view(B, 3, P)
@@ -361,12 +394,17 @@ class ComponentSet:
         local - back_project(coef_q)``, so sets of one basis (a set and its pulled copies) back-project once."""
         geo = self.geo
         B, _, P = x.shape
-        rc = (resp / terms["c"].view(B, 1, 1)).transpose(1, 2)  # (B, 6, G)
+        rc = (resp / terms["c"].view(B, 1, 1)).transpose(1, 2)  # (B, n, G)
         gproj = terms["gproj"]
         total = rc.sum((1, 2)).view(B, 1, 1)
-        coef_mu = self.delta.T @ (rc * terms["amp"])  # (B, 3, G)
-        weighted = (to_work(rc, gproj).unsqueeze(3) * gproj).reshape(B, 6, -1)  # (B, 6, G r)
-        coef_q = (self.dhat.T.to(gproj) @ weighted).reshape(B * 3, -1)
+        rc_amp, weighted = rc * terms["amp"], to_work(rc, gproj).unsqueeze(3) * gproj  # (B, n, G), (B, n, G, r)
+        if terms.get("pick") is not None:  # the picked columns' sums, placed in the palette's columns
+            pick = terms["pick"]
+            rc_amp = rc_amp.new_zeros(B, self.colors, geo.num).scatter_(1, pick, rc_amp)
+            weighted = weighted.new_zeros(B, self.colors, geo.num, geo.rank).scatter_(
+                1, pick.unsqueeze(3).expand(-1, -1, -1, geo.rank), weighted)
+        coef_mu = self.delta.T @ rc_amp  # (B, 3, G)
+        coef_q = (self.dhat.T.to(gproj) @ weighted.reshape(B, self.colors, -1)).reshape(B * 3, -1)
         if means is not None:  # sum_g coef_g mu'_g over this (base) set's means
             coef_mu = means.pull_coef(coef_mu)
         coef_mu = coef_mu.reshape(B * 3, -1)
@@ -495,10 +533,12 @@ def generic_gaussian(mix: "Mixture", rank: int, generator: torch.Generator, mixe
 
 @dataclass
 class Mixture:
-    """A prompt's exact distribution: component sets with log weights ``log_pi[i]`` (G_i, 6) that sum (exp) to 1
-    over all sets (and the generic component's ``exp(log_generic)``) and color amplitudes ``amps[i]`` (G_i, 6)
+    """A prompt's exact distribution: component sets with log weights ``log_pi[i]`` (G_i, n_i) that sum (exp) to 1
+    over all sets (and the generic component's ``exp(log_generic)``) and color amplitudes ``amps[i]`` (G_i, n_i)
     (component (g, c) has mean ``beta + amp delta_c (x) mu_g``; all 1 when None). ``concepts`` are the (shape,
-    color) pairs the prompt names; ``generic``: the shared generic-image Gaussian (``GenericGaussian``), or None."""
+    color) pairs the prompt names; ``generic``: the shared generic-image Gaussian (``GenericGaussian``), or None.
+    ``picks[i]`` (G_i, 6): for a ``palette`` set, the column of each (geometry, color) component, the one block where
+    its log weight can be finite (the other columns of that color must be -inf); None for the others."""
 
     prompt: str
     sets: list[ComponentSet]
@@ -512,6 +552,13 @@ class Mixture:
     def __post_init__(self) -> None:
         if self.amps is None:
             self.amps = [torch.ones_like(lp) for lp in self.log_pi]
+        self.picks: list[torch.Tensor | None] = [None] * len(self.sets)
+        for i, (s, lp) in enumerate(zip(self.sets, self.log_pi)):
+            if s.palette:
+                finite = torch.isfinite(lp.view(lp.shape[0], -1, 6))  # (G, blocks, 6)
+                if bool((finite.sum(1) > 1).any()):
+                    raise ValueError(f"set {s.key!r}: a component has finite weight in two color blocks")
+                self.picks[i] = finite.int().argmax(1) * 6 + torch.arange(6, device=lp.device)
 
     @property
     def dim(self) -> int:
@@ -584,7 +631,7 @@ class Mixture:
             if rows.numel() == 0:
                 continue
             local = (idx[rows] - start_i).to(s.beta.device)
-            g, c = local // 6, local % 6
+            g, c = local // s.colors, local % s.colors
             geo = s.geo
             zz = z[rows, : geo.rank].to(s.beta)
             m = geo.mu[g] + torch.einsum("npr,nr->np", geo.Q[g], geo.lam[g].sqrt() * zz)
@@ -615,7 +662,7 @@ class Mixture:
         for s, pi, amp in self._weights():
             P = s.geo.mu.shape[1]
             m2 = P * (s.beta**2).sum() + 2 * amp * (s.delta @ s.beta).view(1, -1) * s.geo.mu_sum.view(-1, 1) \
-                + amp**2 * (s.dnorm**2).view(1, -1) * s.geo.mu2.view(-1, 1)  # |m_k|^2, (G, 6)
+                + amp**2 * (s.dnorm**2).view(1, -1) * s.geo.mu2.view(-1, 1)  # |m_k|^2, (G, n)
             low = (s.dnorm**2).view(1, -1) * s.geo.lam.sum(1).view(-1, 1)
             second = second + (pi * (m2 + low + s.dim * s.s2)).sum()
         if self.generic is not None:
@@ -674,7 +721,7 @@ class Mixture:
         total_sq, mean_z = 0, self.mean().view(3, -1)
         for s, pi, amp in self._weights():
             P = s.geo.mu.shape[1]
-            pb, pd = Pc @ s.beta, s.delta @ Pc  # (3,), (6, 3)
+            pb, pd = Pc @ s.beta, s.delta @ Pc  # (3,), (n, 3)
             m2 = P * (pb**2).sum() + 2 * amp * (pd @ pb).view(1, -1) * s.geo.mu_sum.view(-1, 1) \
                 + amp**2 * (pd**2).sum(1).view(1, -1) * s.geo.mu2.view(-1, 1)
             low = (pd**2).sum(1).view(1, -1) * s.geo.lam.sum(1).view(-1, 1)
@@ -828,7 +875,7 @@ class AnalyticPrior(DiffusionPrior):
             s = self._component_set(modifier, parsed)
             lp = self._weights(s.geo, concepts) + log_mass
             weights[s.key] = (s, torch.logaddexp(weights[s.key][1], lp) if s.key in weights else lp)
-        if self.config.text_contrast_on == "chroma":  # one recolored copy per contrast level, amplitudes all 1
+        if self.config.text_contrast_on == "chroma":  # 6 colors per contrast level, amplitudes all 1
             sets, log_pi = self._chroma_levels(list(weights.values()), amplitude)
             amps = [torch.ones_like(lp) for lp in log_pi]
         else:
@@ -842,34 +889,32 @@ class AnalyticPrior(DiffusionPrior):
 
     def _chroma_levels(self, weighted: list[tuple[ComponentSet, torch.Tensor]], amplitude: torch.Tensor
                        ) -> tuple[list[ComponentSet], list[torch.Tensor]]:
-        """``text_contrast_on="chroma"``: each set split by the concepts' contrast level ``l`` (``contrast_amplitudes``);
-        the concepts at level ``l`` < 1 live in a copy whose color vectors keep their gray part and ``l`` of their
-        chroma, ``d_c -> l d_c + (1 - l) mean(d_c) 1`` (the background is gray, so this is the shape's chroma)."""
+        """``text_contrast_on="chroma"``: the concepts at contrast level ``l`` < 1 (``contrast_amplitudes``) have color
+        vectors that keep their gray part and ``l`` of their chroma, ``d_c -> l d_c + (1 - l) mean(d_c) 1`` (the
+        background is gray, so this is the shape's chroma). Each set becomes one set with 6 colors per level the
+        prompt uses (``_recolored``), its log weights (G, 6 L) finite in the block of each component's level."""
         sets, log_pi = [], []
-        levels = sorted(set(amplitude.flatten().tolist()), reverse=True)
+        levels = tuple(sorted(set(amplitude.flatten().tolist()), reverse=True))
         for s, lp in weighted:
             level_of = amplitude.to(s.geo.log_w)[s.geo.shape]  # (G, 6)
-            for level in levels:
-                mask = level_of == level
-                if not bool(mask.any()):
-                    continue
-                sets.append(s if level == 1 else self._recolored(s, level))
-                log_pi.append(lp.masked_fill(~mask, -math.inf))
+            sets.append(self._recolored(s, levels))
+            log_pi.append(torch.cat([lp.masked_fill(level_of != level, -math.inf) for level in levels], 1))
         return sets, log_pi
 
-    def _recolored(self, s: ComponentSet, level: float) -> ComponentSet:
-        """``s`` with the color vectors ``d_c -> l d_c + (1 - l) mean(d_c) 1``. A pulled set's copy is the pulled copy of
-        the unpulled set's recolored copy, so the batched denoiser evaluates the copies of every prompt at one level
-        as one base set (measured: 99 -> 36 sets per call of Bridge's source prompts, ``make run``)."""
-        key = f"{s.key}|chroma {level:.6g}"
+    def _recolored(self, s: ComponentSet, levels: tuple[float, ...]) -> ComponentSet:
+        """``s`` with the 6 color vectors at each chroma level of ``levels``, (6 L, 3) level-major (a ``palette`` set).
+        One set rather than one copy per level, and a pulled set's copy is the pulled copy of the unpulled set's, so
+        the batched denoiser evaluates each set once per call for every prompt (Bridge's source prompts in ``make
+        run``: 99 copies -> 11 sets per call), each component in its picked column only."""
+        key = f"{s.key}|chroma {','.join(f'{level:.6g}' for level in levels)}"
         if key not in self._sets:
             if s.base is not None:
-                base = self._recolored(s.base, level)
+                base = self._recolored(s.base, levels)
                 self._sets[key] = ComponentSet(key, s.geo, base.beta, base.delta, s.s2, s.mixed, s.pull_index, s.pull,
                                                s.base_mu, base)
-            else:
-                M = saturation(level)[0].to(s.delta)  # the "oversaturated" word's chroma map, at gain l
-                self._sets[key] = ComponentSet(key, s.geo, s.beta, s.delta @ M.T, s.s2, s.mixed)
+            else:  # the "oversaturated" word's chroma map, at gain l
+                delta = torch.cat([s.delta @ saturation(level)[0].to(s.delta).T for level in levels])
+                self._sets[key] = ComponentSet(key, s.geo, s.beta, delta, s.s2, s.mixed)
         return self._sets[key]
 
     def _encode_prompts(self, prompts: list[str]) -> list[Mixture]:
@@ -910,11 +955,13 @@ class AnalyticPrior(DiffusionPrior):
             for i, mix in enumerate(cond.value):
                 rows.setdefault(id(mix), []).append(i)
             # per base set: (rows, the mixture's copy of the set, its amplitudes, its log weights) of each mixture
-            members: dict[str, list[tuple[list[int], ComponentSet, torch.Tensor, torch.Tensor]]] = {}
+            # (and, for a palette set, its picked columns)
+            members: dict[str, list[tuple[list[int], ComponentSet, torch.Tensor, torch.Tensor, torch.Tensor | None]]]
+            members = {}
             for index in rows.values():
                 mix = cond.value[index[0]]
-                for s, amp, lp in zip(mix.sets, mix.amps, mix.log_pi):
-                    members.setdefault((s.base or s).key, []).append((index, s, amp, lp))
+                for s, amp, lp, pk in zip(mix.sets, mix.amps, mix.log_pi, mix.picks):
+                    members.setdefault((s.base or s).key, []).append((index, s, amp, lp, pk))
             terms, logits, where, means = {}, {}, {}, {}
             for k, parts in members.items():
                 base = used[k]
@@ -923,23 +970,29 @@ class AnalyticPrior(DiffusionPrior):
                     raise AssertionError(f"a prompt's mixture holds two copies of the component set {k!r}")
                 where[k] = torch.tensor(idx, device=x.device)
                 pos = {row: n for n, row in enumerate(idx)}
-                amp = torch.empty(len(idx), 6, base.geo.num, dtype=torch.float64, device=x.device)
-                lp_rows = torch.empty(len(idx), base.geo.num, 6, dtype=torch.float64, device=x.device)
+                width = 6 if base.palette else base.colors  # a palette set: each row's picked column per color
+                amp = torch.empty(len(idx), width, base.geo.num, dtype=torch.float64, device=x.device)
+                lp_rows = torch.empty(len(idx), base.geo.num, width, dtype=torch.float64, device=x.device)
+                pick = None
+                if base.palette:
+                    pick = torch.empty(len(idx), 6, base.geo.num, dtype=torch.long, device=x.device)
                 variants: dict[str, int] = {}
                 row_variant = torch.empty(len(idx), dtype=torch.long, device=x.device)
-                for index, s, a_, lp in parts:
+                for index, s, a_, lp, pk in parts:
                     local = torch.tensor([pos[r] for r in index], device=x.device)
+                    if pk is not None:
+                        a_, lp, pick[local] = a_.gather(1, pk), lp.gather(1, pk), pk.T
                     amp[local], lp_rows[local] = a_.T, lp
                     row_variant[local] = variants.setdefault(s.key, len(variants))
                 rows_pre = pre[k] if len(idx) == B else {name: v[where[k]] for name, v in pre[k].items()}
-                copies = [next(s for _, s, _, _ in parts if s.key == key) for key in variants]
+                copies = [next(s for _, s, *_ in parts if s.key == key) for key in variants]
                 if all(s is base for s in copies):
                     means[k] = None
                     rows_pre = {**rows_pre, "y_delta_mu": base.mean_terms(rows_pre)}
                 else:
                     means[k] = RowMeans.of(copies, row_variant)
-                terms[k] = base.terms(rows_pre, amp, means[k])
-                full = torch.full((B, base.geo.num, 6), -math.inf, dtype=torch.float64, device=x.device)
+                terms[k] = base.terms(rows_pre, amp, means[k], pick)
+                full = torch.full((B, *lp_rows.shape[1:]), -math.inf, dtype=torch.float64, device=x.device)
                 full[where[k]] = terms[k]["log_prob"] + lp_rows
                 logits[k] = full
             columns = [logits[k].flatten(1) for k in members]

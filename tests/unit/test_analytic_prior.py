@@ -301,13 +301,15 @@ def test_chroma_text_contrast_keeps_luminance_and_scales_chroma(chroma_prior):
     p, b = chroma_prior, chroma_prior.config.text_contrast
     mix, clean = p.mixture("a red circle"), p._component_set(None, parse_prompt("a red circle"))
     levels = {}
-    for s, lp in zip(mix.sets, mix.log_pi):
-        M = torch.linalg.lstsq(clean.delta, s.delta).solution.T  # s.delta = clean.delta @ M.T
+    (s,), (lp,) = mix.sets, mix.log_pi  # one set, 6 colors per level (level-major)
+    for block in range(s.colors // 6):
+        M = torch.linalg.lstsq(clean.delta, s.delta[6 * block : 6 * block + 6]).solution.T  # = clean.delta @ M.T
         gray = torch.full((3, 3), 1 / 3, dtype=M.dtype)
         level = float(M[0, 0] - M[0, 1])
         torch.testing.assert_close(M, level * torch.eye(3, dtype=M.dtype) + (1 - level) * gray)
-        levels[round(level, 9)] = torch.isfinite(lp)
+        levels[round(level, 9)] = torch.isfinite(lp[:, 6 * block : 6 * block + 6])
     assert sorted(levels) == [round(1 - b, 9), round(1 - b / 2, 9), 1.0]
+    assert bool((sum(f.int() for f in levels.values()) == 1).all())  # each component in exactly one block
     geo = clean.geo
     red, circle = list(COLORS).index("red"), list(SHAPES).index("circle")
     named = (geo.shape.view(-1, 1) == circle) & (torch.arange(6).view(1, -1) == red)
