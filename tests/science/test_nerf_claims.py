@@ -71,7 +71,9 @@ def test_nerf_of_a_ball_approaches_the_concept_distribution(ball):
     "centre is 0 at t <= 500 without the pull and toward purple-pink at t >= 800 (0.89, 0.40, 0.68 at t = 950: the "
     "gray blob's conditional posterior keeps mass on white and purple circles); the pull adds a colorless push "
     "(0.11-0.16 in every channel) at every t <= 800, which turns it gray; the prompt's color, a few nats of text "
-    "weight, does not outvote a gray blob's nearest discs (experiments/exact/nerf_color_push.py); open in issue #12"))
+    "weight, does not outvote a gray blob's nearest discs (experiments/exact/nerf_color_push.py). It holds with a "
+    "text adherence of 0.99, contrast variation and the text contrast on the chroma (prior.text_adherence=0.99 "
+    "contrast_std=0.35 text_contrast_on=chroma, 2026-12-05), a variant that fails other claims; open in issue #12"))
 def test_nerf_of_a_ball_is_red(ball):
     r, g, b = ball[3]
     assert r > 0.15 and r > 2 * g and r > 2 * b, (r, g, b)
