@@ -320,6 +320,21 @@ def test_chroma_text_contrast_keeps_luminance_and_scales_chroma(chroma_prior):
     assert float(total) == pytest.approx(float(torch.logsumexp(torch.cat([lp.flatten() for lp in plain.log_pi]), 0)))
 
 
+def test_chroma_palette_picks_each_components_level(chroma_prior):
+    """The batched denoiser evaluates a palette set's component only in the column its prompt gives it
+    (``Mixture.picks``), so log weights finite in two columns of one color are refused rather than half-ignored."""
+    mix = chroma_prior.mixture("a red circle")
+    (s,), (lp,), (pick,) = mix.sets, mix.log_pi, mix.picks
+    assert s.palette and pick.shape == (lp.shape[0], 6)
+    picked = lp.gather(1, pick)
+    assert torch.equal(torch.logsumexp(picked, 1), torch.logsumexp(lp, 1))  # every finite weight is a picked one
+    assert chroma_prior.mixture("").picks == [None]  # "" has one contrast level: 6 colors, not a palette
+    both = lp.clone()
+    both[:, 6:12] = lp[:, :6].clamp(min=-50)  # the first color block's weights, again in the second block
+    with pytest.raises(ValueError, match="two color blocks"):
+        type(mix)(mix.prompt, mix.sets, [both], mix.concepts, mix.size)
+
+
 def test_chroma_text_contrast_survives_contrast_variation(chroma_prior, contrast_prior):
     """Lighting (``contrast_std``) scales a component's whole color offset, so a text contrast on the whole offset is
     absorbed on settled images at small t, and one on the chroma alone is not: RMS(eps_cond - eps_uncond) on noised
