@@ -43,6 +43,7 @@ same one, CFG cancels there and acts where the prompt's concepts have mass.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -329,15 +330,19 @@ class ComponentSet:
                 return shared[key]
             levels, inverse = torch.unique(abar, return_inverse=True)
             rho = levels / (levels * self.s2 + (1 - levels))  # a / c per distinct level
-            al = rho.view(-1, 1, 1, 1) * (self.dnorm**2).view(1, -1, 1, 1) * geo.lam.view(1, 1, G, r)  # a l / c
-            shrink = (al / (1 + al)).to(work)  # (levels, n, G, r)
-            logdet = torch.log1p(al).sum(3)  # (levels, n, G)
+            shrink, logdet = self._shrinkage(rho.view(-1, 1, 1) * (self.dnorm**2).view(1, -1, 1), work)
             if levels.numel() == 1:
                 shrink, logdet = shrink.expand(B, -1, -1, -1), logdet.expand(B, -1, -1)
             else:
                 shrink, logdet = shrink[inverse], logdet[inverse]
             shared[key].update(shrink=shrink, logdet=logdet)
         return shared[key]
+
+    def _shrinkage(self, rho_d2: torch.Tensor, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(g, log det)`` of the components from ``rho_d2 = (a / c) |delta_c|^2`` (..., n, G): with ``al = rho_d2
+        lam`` (``a l / c``), the shrinkage ``al / (1 + al)`` (..., n, G, r) in ``work`` and ``sum log1p(al)``."""
+        al = rho_d2.unsqueeze(-1) * self.geo.lam.view(1, 1, *self.geo.lam.shape)
+        return (al / (1 + al)).to(work), torch.log1p(al).sum(3)
 
     def mean_terms(self, pre: dict[str, torch.Tensor]) -> torch.Tensor:
         """``(y . delta_c (x) mu_g)`` (rows, n, G) for the rows of ``pre`` (``shared_terms``, possibly row-sliced): a
@@ -358,7 +363,7 @@ class ComponentSet:
         r)), and ``pick`` is returned with them."""
         geo = self.geo
         B = pre["c"].shape[0]
-        G, r, D = geo.num, geo.rank, self.dim
+        r, D = geo.rank, self.dim
         a, sa, c = pre["abar"].view(B, 1, 1), pre["sa"].view(B, 1, 1), pre["c"]
         dq = pre["dq"]
         if means is None:
@@ -372,8 +377,7 @@ class ComponentSet:
         if "shrink" in pre:
             shrink, logdet = pre["shrink"], pre["logdet"]
         else:  # a palette set: per row, from its columns' norms
-            al = (a / c.view(B, 1, 1)).unsqueeze(3) * (dnorm**2).unsqueeze(3) * geo.lam.view(1, 1, G, r)
-            shrink, logdet = (al / (1 + al)).to(dq), torch.log1p(al).sum(3)
+            shrink, logdet = self._shrinkage((a / c.view(B, 1, 1)) * dnorm**2, dq.dtype)
         m_norm = sa * dnorm * amp  # (B, n, G): |sqrt(a) amp delta_c|
         proj = dq - m_norm.unsqueeze(3).to(dq) * Qtmu.to(dq).unsqueeze(1)
         d2 = pre["yy"].view(B, 1, 1) - 2 * sa * amp * y_delta_mu + a * amp**2 * dnorm**2 * mu2  # (B, n, G)
@@ -910,8 +914,7 @@ class AnalyticPrior(DiffusionPrior):
         if key not in self._sets:
             if s.base is not None:
                 base = self._recolored(s.base, levels)
-                self._sets[key] = ComponentSet(key, s.geo, base.beta, base.delta, s.s2, s.mixed, s.pull_index, s.pull,
-                                               s.base_mu, base)
+                self._sets[key] = dataclasses.replace(s, key=key, delta=base.delta, base=base)
             else:  # the "oversaturated" word's chroma map, at gain l
                 delta = torch.cat([s.delta @ saturation(level)[0].to(s.delta).T for level in levels])
                 self._sets[key] = ComponentSet(key, s.geo, s.beta, delta, s.s2, s.mixed)
