@@ -81,6 +81,11 @@ class AnalyticConfig(PriorConfig):
     #: to first order: its mean becomes one more direction of its basis. Off in the measured world: it stops dim
     #: discs reading as rings, but its table is not re-measured (experiments/exact/README.md, 2026-12-04)
     contrast_std: float = 0.0
+    #: non-empty: every component also comes at these discrete contrasts (lighting), equally likely, ``m -> l m`` with
+    #: the variation scaled alike. Unlike ``contrast_std`` it is bounded above (a brighter-than-rendered image is off the
+    #: data, as in SD, whose pixels clip) and a level is too far from the next to absorb ``text_contrast``; each
+    #: component is evaluated once per level. Off in the measured world (experiments/exact/README.md, 2026-12-05)
+    contrast_levels: list[float] = field(default_factory=list)
     noise_floor: float = 0.2  # s: isotropic std of every component, model units (sensor noise; keeps eps O(1))
     precision: str = "mixed"  # "float64": all in float64; "mixed": the projections in float32 (measured: README)
     text_adherence: float = 0.9  # share of a prompt's mass on the concepts it names
@@ -120,6 +125,15 @@ class AnalyticConfig(PriorConfig):
                              "contrast relative to its mean (0: none)")
         if self.text_contrast_on not in ("contrast", "chroma"):
             raise ValueError(f"prior.text_contrast_on={self.text_contrast_on!r} is not one of ['contrast', 'chroma']")
+        if self.contrast_levels:
+            levels = list(self.contrast_levels)
+            if not all(0 < level <= 1 for level in levels) or len(set(levels)) != len(levels):
+                raise ValueError(f"prior.contrast_levels={levels} must be distinct contrasts in (0, 1] (the renderings' "
+                                 "is 1)")
+            if self.text_contrast_on != "contrast":
+                raise ValueError(f"prior.contrast_levels={levels} works with prior.text_contrast_on=contrast, not "
+                                 f"{self.text_contrast_on!r} (a level is too far from the next to absorb the text "
+                                 "contrast)")
         if self.precision not in ("float64", "mixed"):
             raise ValueError(f"prior.precision={self.precision!r} is not one of ['float64', 'mixed']")
         if not 0 <= self.degraded_share < 1:
@@ -253,6 +267,9 @@ class ComponentSet:
     pull: float = 0.0
     base_mu: torch.Tensor | None = None  # (G, P) the means before the pull (the set's own means when not pulled)
     base: "ComponentSet | None" = None  # the unpulled set a pulled copy was made from
+    #: a ``palette`` set's columns: alternatives of which each (geometry, color) component takes one (chroma levels,
+    #: ``Mixture.picks``), or False: each column a component of its own (``contrast_levels``)
+    pick_columns: bool = True
     dnorm: torch.Tensor = field(init=False)  # (n,)
     dhat: torch.Tensor = field(init=False)  # (n, 3)
     base_mu_sum: torch.Tensor = field(init=False)  # (G,)
@@ -275,10 +292,16 @@ class ComponentSet:
 
     @property
     def palette(self) -> bool:
-        """Several color vectors per color (``text_contrast_on="chroma"``: one per contrast level, level-major). A
-        prompt gives each (geometry, color) component one of them, so the batched denoiser evaluates one column per
-        color (``terms``' ``pick``); the shrinkage then depends on the row's columns and is computed in ``terms``."""
+        """Several color vectors per color, level-major: one per chroma level (``text_contrast_on="chroma"``; a prompt
+        gives each (geometry, color) component one of them, so the batched denoiser evaluates one column per color,
+        ``terms``' ``pick``) or per contrast level (``contrast_levels``: every column is a component)."""
         return self.colors > len(COLORS)
+
+    @property
+    def picked(self) -> bool:
+        """A palette whose columns are picked per component (``pick_columns``): its shrinkage depends on each row's
+        columns and is computed in ``terms``."""
+        return self.palette and self.pick_columns
 
     def pulled(self, key: str, shapes: list[int], pull: float) -> "ComponentSet":
         """The set as a prompt naming the shapes ``shapes`` (indices) sees it: every component's geometry mean moves
@@ -326,7 +349,7 @@ class ComponentSet:
             yy = xs["xx"] - 2 * (sb * xs["x_sum"]).sum(1) + P * (sb**2).sum(1)
             shared[key] = {"abar": abar, "sa": sa, "c": c, "yy": yy, "ymu": ymu,
                            "dq": (self.dhat.to(work) @ y_q).view(B, self.colors, G, r)}
-            if self.palette:
+            if self.picked:
                 return shared[key]
             levels, inverse = torch.unique(abar, return_inverse=True)
             rho = levels / (levels * self.s2 + (1 - levels))  # a / c per distinct level
@@ -358,7 +381,7 @@ class ComponentSet:
         color amplitudes ``amp`` (B, n, G) (the mean is ``beta + amp delta_c (x) mu_g``): ``log_prob`` (B, G, n),
         ``c`` (B,), ``gproj`` (B, n, G, r) (color-major, the layout of the matmuls) and ``amp``. ``means``: each
         row's pulled copy of this set (``RowMeans``; ``pre`` then holds the base's ``ymu``, not ``y_delta_mu``).
-        ``pick`` (B, 6, G): for a ``palette`` set, the color column of each row's (color, geometry) component; the
+        ``pick`` (B, 6, G): for a ``picked`` palette set, the color column of each row's (color, geometry) component; the
         terms are then those of these columns only (``amp`` (B, 6, G), ``log_prob`` (B, G, 6), ``gproj`` (B, 6, G,
         r)), and ``pick`` is returned with them."""
         geo = self.geo
@@ -376,7 +399,7 @@ class ComponentSet:
             dq = dq.gather(1, pick.unsqueeze(3).expand(-1, -1, -1, r))
         if "shrink" in pre:
             shrink, logdet = pre["shrink"], pre["logdet"]
-        else:  # a palette set: per row, from its columns' norms
+        else:  # a picked palette set: per row, from its columns' norms
             shrink, logdet = self._shrinkage((a / c.view(B, 1, 1)) * dnorm**2, dq.dtype)
         m_norm = sa * dnorm * amp  # (B, n, G): |sqrt(a) amp delta_c|
         proj = dq - m_norm.unsqueeze(3).to(dq) * Qtmu.to(dq).unsqueeze(1)
@@ -541,7 +564,7 @@ class Mixture:
     over all sets (and the generic component's ``exp(log_generic)``) and color amplitudes ``amps[i]`` (G_i, n_i)
     (component (g, c) has mean ``beta + amp delta_c (x) mu_g``; all 1 when None). ``concepts`` are the (shape,
     color) pairs the prompt names; ``generic``: the shared generic-image Gaussian (``GenericGaussian``), or None.
-    ``picks[i]`` (G_i, 6): for a ``palette`` set, the column of each (geometry, color) component, the one block where
+    ``picks[i]`` (G_i, 6): for a ``picked`` palette set, the column of each (geometry, color) component, the one block where
     its log weight can be finite (the other columns of that color must be -inf); None for the others."""
 
     prompt: str
@@ -558,7 +581,7 @@ class Mixture:
             self.amps = [torch.ones_like(lp) for lp in self.log_pi]
         self.picks: list[torch.Tensor | None] = [None] * len(self.sets)
         for i, (s, lp) in enumerate(zip(self.sets, self.log_pi)):
-            if s.palette:
+            if s.picked:
                 finite = torch.isfinite(lp.view(lp.shape[0], -1, 6))  # (G, blocks, 6)
                 if bool((finite.sum(1) > 1).any()):
                     raise ValueError(f"set {s.key!r}: a component has finite weight in two color blocks")
@@ -800,7 +823,8 @@ class AnalyticPrior(DiffusionPrior):
         geo = Geometry.from_model(self.world.fine, None, self.config.size, "cpu", self.config.contrast_std)
         pixel = ComponentSet("pixels", geo, b, d, 0.0)
         uncond = self._weights(geo, tilt_logits(parse_prompt(""), self.config.text_adherence))
-        mix = Mixture("", [pixel], [uncond], [], self.config.size)
+        sets, log_pi, amps = self._at_contrast_levels([pixel], [uncond], [torch.ones_like(uncond)])
+        mix = Mixture("", sets, log_pi, [], self.config.size, amps)
         shift = mix.mean().view(3, -1).mean(1)
         spread = ((mix.mean().view(3, -1) - shift.view(3, 1)) ** 2).sum() + mix.trace_cov()
         # data = geometry + sensor noise of std noise_floor * scale: scale^2 = spread / D + noise_floor^2 scale^2
@@ -885,6 +909,7 @@ class AnalyticPrior(DiffusionPrior):
         else:
             sets, log_pi = [v[0] for v in weights.values()], [v[1] for v in weights.values()]
             amps = [amplitude.to(s.geo.log_w)[s.geo.shape] for s in sets]
+            sets, log_pi, amps = self._at_contrast_levels(sets, log_pi, amps)
         g = self.config.generic_share if generic else 0.0
         if g == 0:
             return Mixture(prompt, sets, log_pi, parsed.concepts(), self.config.size, amps)
@@ -906,18 +931,37 @@ class AnalyticPrior(DiffusionPrior):
         return sets, log_pi
 
     def _recolored(self, s: ComponentSet, levels: tuple[float, ...]) -> ComponentSet:
-        """``s`` with the 6 color vectors at each chroma level of ``levels``, (6 L, 3) level-major (a ``palette`` set).
-        One set rather than one copy per level, and a pulled set's copy is the pulled copy of the unpulled set's, so
-        the batched denoiser evaluates each set once per call for every prompt (Bridge's source prompts in ``make
-        run``: 99 copies -> 11 sets per call), each component in its picked column only."""
-        key = f"{s.key}|chroma {','.join(f'{level:.6g}' for level in levels)}"
+        """``s`` with the 6 color vectors at each chroma level of ``levels``, (6 L, 3) level-major (a picked palette
+        set; the "oversaturated" word's chroma map at gain l)."""
+        name = "chroma " + ",".join(f"{level:.6g}" for level in levels)
+        return self._palette(s, name, lambda d: torch.cat([d @ saturation(level)[0].to(d).T for level in levels]))
+
+    def _at_contrast_levels(self, sets: list[ComponentSet], log_pi: list[torch.Tensor], amps: list[torch.Tensor]
+                            ) -> tuple[list[ComponentSet], list[torch.Tensor], list[torch.Tensor]]:
+        """``contrast_levels``: each set as one palette set with its 6 colors at every level ``l delta_c`` (level-major;
+        a component's variation scales with it, its sensor noise does not), each (geometry, color) component's
+        weight split equally over the levels and its text amplitude kept. Unchanged when the option is off."""
+        levels = self.config.contrast_levels
+        if not levels:
+            return sets, log_pi, amps
+        name = "contrast " + ",".join(f"{level:.6g}" for level in levels)
+        scaled = lambda d: torch.cat([level * d for level in levels])  # noqa: E731
+        split, L = math.log(len(levels)), len(levels)
+        return ([self._palette(s, name, scaled, pick_columns=False) for s in sets],
+                [torch.cat([lp - split] * L, 1) for lp in log_pi], [torch.cat([a] * L, 1) for a in amps])
+
+    def _palette(self, s: ComponentSet, name: str, colors, pick_columns: bool = True) -> ComponentSet:
+        """``s`` with the color vectors ``colors(s.delta)`` (a palette, cached as ``"<key>|<name>"``). A pulled set's
+        copy is the pulled copy of the unpulled set's, so every prompt's copies share one base and the batched
+        denoiser evaluates each set once per call (Bridge's source prompts in ``make run``: 11 sets, not 99)."""
+        key = f"{s.key}|{name}"
         if key not in self._sets:
             if s.base is not None:
-                base = self._recolored(s.base, levels)
-                self._sets[key] = dataclasses.replace(s, key=key, delta=base.delta, base=base)
-            else:  # the "oversaturated" word's chroma map, at gain l
-                delta = torch.cat([s.delta @ saturation(level)[0].to(s.delta).T for level in levels])
-                self._sets[key] = ComponentSet(key, s.geo, s.beta, delta, s.s2, s.mixed)
+                base = self._palette(s.base, name, colors, pick_columns)
+                self._sets[key] = dataclasses.replace(s, key=key, delta=base.delta, base=base, pick_columns=pick_columns)
+            else:
+                self._sets[key] = ComponentSet(key, s.geo, s.beta, colors(s.delta), s.s2, s.mixed,
+                                               pick_columns=pick_columns)
         return self._sets[key]
 
     def _encode_prompts(self, prompts: list[str]) -> list[Mixture]:
@@ -973,11 +1017,11 @@ class AnalyticPrior(DiffusionPrior):
                     raise AssertionError(f"a prompt's mixture holds two copies of the component set {k!r}")
                 where[k] = torch.tensor(idx, device=x.device)
                 pos = {row: n for n, row in enumerate(idx)}
-                width = 6 if base.palette else base.colors  # a palette set: each row's picked column per color
+                width = 6 if base.picked else base.colors  # a picked palette set: each row's column per color
                 amp = torch.empty(len(idx), width, base.geo.num, dtype=torch.float64, device=x.device)
                 lp_rows = torch.empty(len(idx), base.geo.num, width, dtype=torch.float64, device=x.device)
                 pick = None
-                if base.palette:
+                if base.picked:
                     pick = torch.empty(len(idx), 6, base.geo.num, dtype=torch.long, device=x.device)
                 variants: dict[str, int] = {}
                 row_variant = torch.empty(len(idx), dtype=torch.long, device=x.device)
@@ -1044,7 +1088,7 @@ class AnalyticPrior(DiffusionPrior):
         keep = torch.full_like(mix.log_pi[0], -math.inf)
         rows = mix.sets[0].geo.shape == s
         col = list(COLORS).index(color)
-        keep[rows, col] = mix.log_pi[0][rows, col]
+        keep[rows, col::6] = mix.log_pi[0][rows, col::6]  # every contrast level of a palette set
         alone = Mixture(mix.prompt, mix.sets[:1], [keep - torch.logsumexp(keep.flatten(), 0)], [(shape, color)],
                         mix.size, mix.amps[:1])
         return alone.sample(n, generator).float().reshape(n, *self.sample_shape)
