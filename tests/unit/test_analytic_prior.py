@@ -108,11 +108,12 @@ def test_responsibilities_sum_to_one(analytic_prior):
         assert (r >= 0).all()
 
 
-@pytest.mark.parametrize("text_contrast_on", ["contrast", "chroma"])
-def test_batched_mixed_prompts_equal_per_prompt_calls(analytic_prior, text_contrast_on):
+@pytest.mark.parametrize("variant", [{"text_contrast_on": "contrast"}, {"text_contrast_on": "chroma"},
+                                     {"contrast_levels": [0.5, 0.75, 1.0]}], ids=["contrast", "chroma", "levels"])
+def test_batched_mixed_prompts_equal_per_prompt_calls(analytic_prior, variant):
     """Batching logic, in float64 (the mixed precision's float32 projections differ by blocking, ~1e-5 relative)."""
     p = AnalyticPrior(AnalyticConfig(cache_dir=analytic_prior.config.cache_dir, device="cpu", precision="float64",
-                                     text_contrast_on=text_contrast_on, text_contrast=0.15))
+                                     text_contrast=0.15, **variant))
     prompts = ["a red circle", "a circle", "a red circle" + SOURCE, ""]
     x = torch.randn(4, *p.sample_shape, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([10, 500, 999, 250])
@@ -266,6 +267,12 @@ def test_config_ranges_are_checked():
         AnalyticConfig(text_contrast_on="luma")
     with pytest.raises(ValueError, match="prior.contrast_std"):
         AnalyticConfig(contrast_std=-0.1)
+    with pytest.raises(ValueError, match="prior.contrast_levels"):
+        AnalyticConfig(contrast_levels=[0.5, 1.2])
+    with pytest.raises(ValueError, match="prior.contrast_levels"):
+        AnalyticConfig(contrast_levels=[0.5, 0.5, 1.0])
+    with pytest.raises(ValueError, match="prior.contrast_levels.*text_contrast_on=contrast"):
+        AnalyticConfig(contrast_levels=[0.5, 1.0], text_contrast_on="chroma")
 
 
 @pytest.fixture(scope="module")
@@ -347,6 +354,79 @@ def test_chroma_text_contrast_survives_contrast_variation(chroma_prior, contrast
 
     whole = AnalyticPrior(dataclasses.replace(contrast_prior.config, text_contrast=0.3))
     assert gap(chroma_prior) > 10 * gap(whole)
+
+
+@pytest.fixture(scope="module")
+def levels_prior(small_analytic_prior):
+    """The 16 x 16 prior of ``small_analytic_prior`` with discrete contrast levels (``prior.contrast_levels``)."""
+    return AnalyticPrior(dataclasses.replace(small_analytic_prior.config, contrast_levels=[0.5, 0.75, 1.0],
+                                             text_contrast=0.3))
+
+
+@pytest.mark.parametrize("prompt", ["a red circle", "", "a circle" + SOURCE])
+@pytest.mark.parametrize("t", [1, 300, 900])
+def test_contrast_levels_keep_eps_exact(levels_prior, prompt, t):
+    abar, x = _noised(levels_prior, prompt, t, 3, t)
+    _assert_eps_is_autograd_score(levels_prior, prompt, t, x, abar)
+
+
+def test_contrast_levels_are_every_component_at_every_level(levels_prior, small_analytic_prior):
+    """Each set holds the plain world's colors times each level (level-major), every column a component of its own
+    (no picks) with the plain weight split equally over the levels and the text amplitude kept; pulled copies share
+    the leveled base; samples of a concept come at every level."""
+    levels = levels_prior.config.contrast_levels
+    plain = AnalyticPrior(dataclasses.replace(levels_prior.config, contrast_levels=[]))
+    for prompt in ("a red circle", "a circle" + SOURCE):
+        mix, ref = levels_prior.mixture(prompt), plain.mixture(prompt)
+        assert mix.picks == [None] * len(mix.sets) and len(mix.sets) == len(ref.sets)
+        for s, lp, amp, r, rlp, ramp in zip(mix.sets, mix.log_pi, mix.amps, ref.sets, ref.log_pi, ref.amps):
+            assert s.palette and not s.picked and (s.base is None) == (r.base is None)
+            torch.testing.assert_close(s.delta * levels_prior.scale,  # in pixel units (the model spaces differ)
+                                       torch.cat([level * r.delta * plain.scale for level in levels]))
+            torch.testing.assert_close(lp, torch.cat([rlp - math.log(len(levels))] * len(levels), 1))
+            torch.testing.assert_close(amp, torch.cat([ramp] * len(levels), 1))
+            if s.base is not None:
+                assert s.base.key == f"{r.base.key}|contrast 0.5,0.75,1" and s.base.delta is s.delta
+    # the model space is that of the leveled data: dimmer on average, so a smaller scale
+    assert levels_prior.scale < plain.scale
+    x = levels_prior.sample_concept("circle", "red", 240, torch.Generator().manual_seed(0)).reshape(240, -1).double()
+    mix = levels_prior.mixture("a red circle")
+    s = mix.sets[0]
+    column = mix.responsibilities(x, torch.ones(240, dtype=torch.float64))[:, : s.geo.num * s.colors].argmax(1) % s.colors
+    assert bool((column % 6 == list(COLORS).index("red")).all())
+    counts = torch.bincount(column // 6, minlength=len(levels))  # each level holds 1/3 of the samples
+    assert bool((counts > 55).all()), counts
+
+
+def test_contrast_levels_bound_brightness_and_read_dim_discs(levels_prior, contrast_prior, small_analytic_prior):
+    """What the option is for, measured on exact samples of "a red circle" whose color offset is scaled by k: a
+    brighter-than-rendered disc (k = 2 from the top level) is far off the data, as in the plain world and unlike
+    Gaussian contrast variation (``contrast_std``); a disc at half contrast is read as a circle, as with
+    ``contrast_std`` and unlike the plain world (which reads it as a ring)."""
+    def probe(p):
+        mix = p.mixture("a red circle")
+        g = torch.Generator().manual_seed(0)
+        z = p.sample("a red circle", 32, g).reshape(32, -1).double()
+        s, amp = mix.sets[0], mix.amps[0]
+        one = torch.ones(32, dtype=torch.float64)
+        k = mix.responsibilities(z, one)[:, : s.geo.num * s.colors].argmax(1)
+        gi, ci = k // s.colors, k % s.colors
+        offset = (amp[gi, ci].view(-1, 1, 1) * s.delta[ci].view(-1, 3, 1) * s.geo.mu[gi].unsqueeze(1)).reshape(32, -1)
+        level = s.dnorm[ci] / s.dnorm.view(-1, 6).max(0).values[ci % 6]  # the sample's contrast level (1: top)
+        top = level > 0.99
+        bright = float((mix.log_prob(z[top] + offset[top], one[top]) - mix.log_prob(z[top], one[top])).median())
+        half = z + (0.5 / level.view(-1, 1) - 1) * offset
+        a = p.alphas_cumprod[100].double()
+        r = mix.responsibilities(a.sqrt() * half + (1 - a).sqrt() * torch.randn(half.shape, generator=g,
+                                                                                  dtype=torch.float64), a.expand(32))
+        shape_of = s.geo.shape.view(-1, 1).expand(-1, s.colors).reshape(-1)
+        circle = float(r[:, : shape_of.numel()][:, shape_of == list(SHAPES).index("circle")].sum(1).mean())
+        return bright, circle
+
+    (b_levels, c_levels), (b_std, c_std), (b_plain, c_plain) = map(probe, (levels_prior, contrast_prior,
+                                                                          small_analytic_prior))
+    assert b_levels < 0.2 * b_plain < 0 and b_std > 0.02 * b_plain, (b_levels, b_std, b_plain)
+    assert c_levels > 0.8 and c_std > 0.8 and c_plain < 0.5, (c_levels, c_std, c_plain)
 
 
 def test_contrast_variation_is_the_mean_direction_with_the_configured_variance(small_analytic_prior, contrast_prior):
