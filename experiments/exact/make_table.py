@@ -27,6 +27,7 @@ the reference rows. New guidances appear by rerunning it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -76,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
 
     world = world_config(args.world or [], parser)
-    overrides = [FROM_TRUTH] if args.from_truth else [f"prior.{kv}" for kv in args.world or []]
+    overrides = [FROM_TRUTH] if args.from_truth else [world_override(kv, world) for kv in args.world or []]
     protocol = ExactProtocol(overrides=overrides)
     if args.quick:
         protocol = ExactProtocol(prompts=["a red circle", "a circle"], images_per_prompt=8, steps=200,
@@ -226,23 +227,38 @@ def world_config(pairs: list[str], parser: argparse.ArgumentParser) -> dict:
     """``KEY=VALUE`` strings -> AnalyticConfig keyword arguments, typed like the field's default; an unknown key, a
     malformed pair or a bad value stops the script before anything runs, naming the key."""
     defaults = AnalyticConfig()
+    types = {f.name: str(f.type) for f in dataclasses.fields(AnalyticConfig)}
     fields = sorted(f for f, v in vars(defaults).items()
-                    if isinstance(v, (bool, int, float, str)) and f not in ("device", "cache_dir"))
+                    if isinstance(v, (bool, int, float, str, list)) and f not in ("device", "cache_dir"))
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in fields:
             parser.error(f"--world {pair!r}: expected KEY=VALUE with KEY one of {fields}")
+        kind = type(getattr(defaults, key))
         try:
-            kind = type(getattr(defaults, key))
-            out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+            if kind is list:  # comma-separated, typed by the field's annotation (list[float] or list[str])
+                item = float if types[key] == "list[float]" else str
+                out[key] = [item(v) for v in value.strip("[]").split(",") if v.strip()]
+            else:
+                out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
         except ValueError:
-            parser.error(f"--world {pair!r}: {value!r} is not a {kind.__name__}")
+            parser.error(f"--world {pair!r}: {value!r} is not a {types[key]}")
     try:
         AnalyticConfig(**out)
     except ValueError as err:
         parser.error(f"--world: {err}")
     return out
+
+
+def world_override(pair: str, world: dict) -> str:
+    """The Hydra override of one ``--world KEY=VALUE`` (as typed; a list in brackets, since a bare ``a,b,c`` is a
+    Hydra sweep)."""
+    key = pair.partition("=")[0]
+    value = world[key]
+    if isinstance(value, list):
+        return f"prior.{key}=[{','.join(f'{v:g}' if isinstance(v, float) else v for v in value)}]"
+    return f"prior.{pair}"
 
 
 def variant_section(kind: str, rows: dict, protocol: ExactProtocol, command: str, pending: str) -> str:

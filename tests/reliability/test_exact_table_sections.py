@@ -67,6 +67,9 @@ def test_world_variant_keys_are_typed_and_a_bad_one_stops_before_anything_runs(c
     table = _table_module()
     parser = argparse.ArgumentParser(prog="make_table")
     assert table.world_config(["contrast_std=0.35", "clusters=32"], parser) == {"contrast_std": 0.35, "clusters": 32}
+    levels = table.world_config(["contrast_levels=0.5,0.75,1"], parser)
+    assert levels == {"contrast_levels": [0.5, 0.75, 1.0]}
+    assert table.world_override("contrast_levels=0.5,0.75,1", levels) == "prior.contrast_levels=[0.5,0.75,1]"
     for bad, says in [(["contrast_sd=0.35"], "contrast_sd=0.35"), (["clusters=many"], "'many' is not a int"),
                       (["text_adherence=1.5"], "text_adherence"), (["contrast_std"], "KEY=VALUE")]:
         with pytest.raises(SystemExit):
