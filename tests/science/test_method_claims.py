@@ -125,8 +125,9 @@ def test_sdi_and_vsd_keep_the_truth_better_than_sds(metrics):
     "(0.88 of the mass on ring components at t = 50-400, circles 0): this world's components have no contrast "
     "variation, so an exact disc at half contrast reads as a ring too, where SD reads a dimly lit ball as a ball; "
     "with contrast variation (prior.contrast_std=0.35) they read as circles, but stage 2 then dims them (source "
-    "words 'oversaturated', 'cartoon' acting on SDS's under-saturated images) and Bridge still loses (2750 vs 2230) "
-    "(experiments/exact/README.md, open in issue #12). From exact samples it holds (the test above): the gap is "
+    "words 'oversaturated', 'cartoon' acting on SDS's under-saturated images) and Bridge still loses (2750 vs 2230); "
+    "so does it with discrete contrast levels (prior.contrast_levels=[0.5,0.75,1], 2026-12-05), which read the dim "
+    "discs as circles and keep CFG on settled images (experiments/exact/README.md, open in issue #12). From exact samples it holds (the test above): the gap is "
     "SDS's shape formation from randn, not the bridge direction"))
 def test_bridge_second_stage_beats_sds_only(metrics):
     assert fd(metrics, "bridge") < fd(metrics, "sds")
