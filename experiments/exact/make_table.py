@@ -14,7 +14,7 @@ a README section of its own: how to measure a world change side by side with the
 
 Each method's summary is kept in ``results.json`` beside the README, keyed by the protocol, so a table can be
 rebuilt method by method (an interrupted run loses only the method it was on) and a rerun of some methods keeps
-the others' numbers. ``--fresh`` ignores the stored results; ``--no-run`` only rewrites the README from them.
+the others' numbers. ``--fresh`` ignores this protocol's stored results (the others' are kept); ``--no-run`` only rewrites the README from them.
 Each method's final images are kept too, outside the repository (``~/.cache/sdbridge/tables/<protocol hash>/``, written
 atomically): ``--rescore`` recomputes every stored method's metrics from them with the current metric code (a changed
 metric or classifier rescored in seconds instead of rerunning an hour of methods); a method whose images are not
@@ -65,7 +65,8 @@ def main() -> None:
     names = sorted(p.stem for p in (ROOT / "conf" / "guidance").glob("*.yaml"))
     parser.add_argument("--methods", nargs="*", default=None, help=f"subset of {names}")
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "exact" / "README.md")
-    parser.add_argument("--fresh", action="store_true", help="rerun every method, ignoring results.json")
+    parser.add_argument("--fresh", action="store_true",
+                        help="rerun every method of this protocol, ignoring its stored results (other protocols' kept)")
     parser.add_argument("--no-run", action="store_true", help="only rewrite the README from results.json")
     parser.add_argument("--rescore", action="store_true",
                         help="recompute stored methods' metrics from their kept final images (rerun those without)")
@@ -83,11 +84,7 @@ def main() -> None:
         protocol = ExactProtocol(prompts=["a red circle", "a circle"], images_per_prompt=8, steps=200,
                                  overrides=overrides)
     store_path = args.out.with_name("results.json")
-    try:
-        store = json.loads(store_path.read_text(encoding="utf-8")) if store_path.exists() and not args.fresh else {}
-    except ValueError as err:  # truncated or not JSON: say which file, and how to get a good one back
-        sys.exit(f"make_table: error: {store_path} is not readable JSON ({err}); restore it with `git checkout "
-                 f"{store_path}` or rerun every method with --fresh")
+    store = load_store(store_path, protocol.describe(), args.fresh)
     stored = store.get(protocol.describe(), {})
     prior = AnalyticPrior(AnalyticConfig(device="cpu", **world))
     kept = samples_dir(protocol)
@@ -221,6 +218,22 @@ def write_section(path: Path, text: str, name: str, body: str) -> None:
         text = text[:at] + new + "\n\n" + text[at:]
     write_text(path, text)
     print(f"wrote section {name} of {path}")
+
+
+def load_store(path: Path, key: str, fresh: bool) -> dict:
+    """The stored results of every protocol (``results.json``). ``fresh``: without this protocol's (``key``), so its
+    methods all rerun; the other protocols' results are kept (an unreadable file is then started afresh, as the error
+    without ``fresh`` offers)."""
+    try:
+        store = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except ValueError as err:  # truncated or not JSON: say which file, and how to get a good one back
+        if fresh:
+            return {}
+        sys.exit(f"make_table: error: {path} is not readable JSON ({err}); restore it with `git checkout "
+                 f"{path}` or rerun every method with --fresh")
+    if fresh:
+        store.pop(key, None)
+    return store
 
 
 def world_config(pairs: list[str], parser: argparse.ArgumentParser) -> dict:

@@ -6,6 +6,7 @@ section (or adds it before the calibration the first time), and so does ``--worl
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 
@@ -100,3 +101,17 @@ def test_rescore_recomputes_kept_images_and_names_the_methods_without(tmp_path, 
     with pytest.raises(SystemExit, match="sds.pt holds 5 images"):
         table.rescore(analytic_prior, protocol, stored, tmp_path)
     assert table.samples_dir(protocol) != table.samples_dir(ExactProtocol(prompts=["a circle"]))
+
+
+def test_fresh_drops_only_this_protocols_results(tmp_path, capsys):
+    """``--fresh`` reruns one protocol's methods; the stored results of every other protocol (the main table, the
+    from-truth table, the world variants: hours of runs) stay in results.json."""
+    table = _table_module()
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"main": {"sds": {"fd": 1}}, "from truth": {"sds": {"fd": 2}}}))
+    assert table.load_store(path, "main", fresh=True) == {"from truth": {"sds": {"fd": 2}}}
+    assert table.load_store(path, "main", fresh=False) == {"main": {"sds": {"fd": 1}}, "from truth": {"sds": {"fd": 2}}}
+    path.write_text('{"main": {"sds"')  # truncated
+    assert table.load_store(path, "main", fresh=True) == {}
+    with pytest.raises(SystemExit, match="not readable JSON"):
+        table.load_store(path, "main", fresh=False)
