@@ -14,7 +14,8 @@ a README section of its own: how to measure a world change side by side with the
 
 Each method's summary is kept in ``results.json`` beside the README, keyed by the protocol, so a table can be
 rebuilt method by method (an interrupted run loses only the method it was on) and a rerun of some methods keeps
-the others' numbers. ``--fresh`` ignores this protocol's stored results (the others' are kept); ``--no-run`` only rewrites the README from them.
+the others' numbers. ``--fresh`` ignores this protocol's stored results (the others' are kept); ``--no-run`` only
+rewrites the README from them.
 Each method's final images are kept too, outside the repository (``~/.cache/sdbridge/tables/<protocol hash>/``, written
 atomically): ``--rescore`` recomputes every stored method's metrics from them with the current metric code (a changed
 metric or classifier rescored in seconds instead of rerunning an hour of methods); a method whose images are not

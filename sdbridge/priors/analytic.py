@@ -81,10 +81,10 @@ class AnalyticConfig(PriorConfig):
     #: to first order: its mean becomes one more direction of its basis. Off in the measured world: it stops dim
     #: discs reading as rings, but its table is not re-measured (experiments/exact/README.md, 2026-12-04)
     contrast_std: float = 0.0
-    #: non-empty: every component also comes at these discrete contrasts (lighting), equally likely, ``m -> l m`` with
-    #: the variation scaled alike. Unlike ``contrast_std`` it is bounded above (a brighter-than-rendered image is off the
-    #: data, as in SD, whose pixels clip) and a level is too far from the next to absorb ``text_contrast``; each
-    #: component is evaluated once per level. Off in the measured world (experiments/exact/README.md, 2026-12-05)
+    #: non-empty: every component also comes at these discrete contrasts (lighting), equally likely, ``m -> l m``
+    #: with the variation scaled alike. Unlike ``contrast_std`` it is bounded above (a brighter-than-rendered image is
+    #: off the data, as in SD, whose pixels clip) and a level is too far from the next to absorb ``text_contrast``;
+    #: each component is evaluated once per level. Off in the measured world (experiments/exact/README.md, 2026-12-05)
     contrast_levels: list[float] = field(default_factory=list)
     noise_floor: float = 0.2  # s: isotropic std of every component, model units (sensor noise; keeps eps O(1))
     precision: str = "mixed"  # "float64": all in float64; "mixed": the projections in float32 (measured: README)
@@ -128,8 +128,8 @@ class AnalyticConfig(PriorConfig):
         if self.contrast_levels:
             levels = list(self.contrast_levels)
             if not all(0 < level <= 1 for level in levels) or len(set(levels)) != len(levels):
-                raise ValueError(f"prior.contrast_levels={levels} must be distinct contrasts in (0, 1] (the renderings' "
-                                 "is 1)")
+                raise ValueError(f"prior.contrast_levels={levels} must be distinct contrasts in (0, 1] (the "
+                                 "renderings' is 1)")
             if self.text_contrast_on != "contrast":
                 raise ValueError(f"prior.contrast_levels={levels} works with prior.text_contrast_on=contrast, not "
                                  f"{self.text_contrast_on!r} (a level is too far from the next to absorb the text "
@@ -381,8 +381,8 @@ class ComponentSet:
         color amplitudes ``amp`` (B, n, G) (the mean is ``beta + amp delta_c (x) mu_g``): ``log_prob`` (B, G, n),
         ``c`` (B,), ``gproj`` (B, n, G, r) (color-major, the layout of the matmuls) and ``amp``. ``means``: each
         row's pulled copy of this set (``RowMeans``; ``pre`` then holds the base's ``ymu``, not ``y_delta_mu``).
-        ``pick`` (B, 6, G): for a ``picked`` palette set, the color column of each row's (color, geometry) component; the
-        terms are then those of these columns only (``amp`` (B, 6, G), ``log_prob`` (B, G, 6), ``gproj`` (B, 6, G,
+        ``pick`` (B, 6, G): for a ``picked`` palette set, the color column of each row's (color, geometry) component;
+        the terms are then those of these columns only (``amp`` (B, 6, G), ``log_prob`` (B, G, 6), ``gproj`` (B, 6, G,
         r)), and ``pick`` is returned with them."""
         geo = self.geo
         B = pre["c"].shape[0]
@@ -564,8 +564,8 @@ class Mixture:
     over all sets (and the generic component's ``exp(log_generic)``) and color amplitudes ``amps[i]`` (G_i, n_i)
     (component (g, c) has mean ``beta + amp delta_c (x) mu_g``; all 1 when None). ``concepts`` are the (shape,
     color) pairs the prompt names; ``generic``: the shared generic-image Gaussian (``GenericGaussian``), or None.
-    ``picks[i]`` (G_i, 6): for a ``picked`` palette set, the column of each (geometry, color) component, the one block where
-    its log weight can be finite (the other columns of that color must be -inf); None for the others."""
+    ``picks[i]`` (G_i, 6): for a ``picked`` palette set, the column of each (geometry, color) component, the one block
+    where its log weight can be finite (the other columns of that color must be -inf); None for the others."""
 
     prompt: str
     sets: list[ComponentSet]
@@ -958,7 +958,8 @@ class AnalyticPrior(DiffusionPrior):
         if key not in self._sets:
             if s.base is not None:
                 base = self._palette(s.base, name, colors, pick_columns)
-                self._sets[key] = dataclasses.replace(s, key=key, delta=base.delta, base=base, pick_columns=pick_columns)
+                self._sets[key] = dataclasses.replace(s, key=key, delta=base.delta, base=base,
+                                                      pick_columns=pick_columns)
             else:
                 self._sets[key] = ComponentSet(key, s.geo, s.beta, colors(s.delta), s.s2, s.mixed,
                                                pick_columns=pick_columns)

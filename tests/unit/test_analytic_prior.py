@@ -392,7 +392,8 @@ def test_contrast_levels_are_every_component_at_every_level(levels_prior, small_
     x = levels_prior.sample_concept("circle", "red", 240, torch.Generator().manual_seed(0)).reshape(240, -1).double()
     mix = levels_prior.mixture("a red circle")
     s = mix.sets[0]
-    column = mix.responsibilities(x, torch.ones(240, dtype=torch.float64))[:, : s.geo.num * s.colors].argmax(1) % s.colors
+    resp = mix.responsibilities(x, torch.ones(240, dtype=torch.float64))[:, : s.geo.num * s.colors]
+    column = resp.argmax(1) % s.colors
     assert bool((column % 6 == list(COLORS).index("red")).all())
     counts = torch.bincount(column // 6, minlength=len(levels))  # each level holds 1/3 of the samples
     assert bool((counts > 55).all()), counts
