@@ -32,28 +32,20 @@ PROMPT = "a red circle"
 
 
 def probe(prior, n: int, ks: tuple[float, ...], ts: tuple[int, ...]) -> dict[str, list[float]]:
-    from sdbridge.priors.world import SHAPES
-
     mix = prior.mixture(PROMPT)
-    s, amp = mix.sets[0], mix.amps[0]
     g = torch.Generator().manual_seed(0)
     z = prior.sample(PROMPT, n, g).reshape(n, -1).double()
     one = torch.ones(n, dtype=torch.float64)
-    k_idx = mix.responsibilities(z, one)[:, : s.geo.num * s.colors].argmax(1)  # each sample's clean component
-    gi, ci = k_idx // s.colors, k_idx % s.colors
-    offset = (amp[gi, ci].view(-1, 1, 1) * s.delta[ci].view(-1, 3, 1) * s.geo.mu[gi].unsqueeze(1)).reshape(n, -1)
-    level = s.dnorm[ci] / s.dnorm.view(-1, 6).max(0).values[ci % 6] if s.palette else torch.ones(n).double()
+    offset, level = mix.color_offsets(z)
     base = mix.log_prob(z, one)
     out = {"bright": [float((mix.log_prob(z + (k - 1) * offset, one) - base).median()) for k in ks]}
     half = z + (0.5 / level.view(-1, 1) - 1) * offset
-    shape_of = s.geo.shape.view(-1, 1).expand(-1, s.colors).reshape(-1)
     out["circle"], out["ring"], out["gap"] = [], [], []
     for t in ts:
         a = prior.alphas_cumprod[t].double()
         noise = torch.randn(half.shape, generator=g, dtype=torch.float64)
-        r = mix.responsibilities(a.sqrt() * half + (1 - a).sqrt() * noise, a.expand(n))[:, : shape_of.numel()]
         for name in ("circle", "ring"):
-            out[name].append(float(r[:, shape_of == list(SHAPES).index(name)].sum(1).mean()))
+            out[name].append(float(mix.shape_mass(a.sqrt() * half + (1 - a).sqrt() * noise, a.expand(n), name).mean()))
         xt = (a.sqrt() * z + (1 - a).sqrt() * noise).float().reshape(n, *prior.sample_shape)
         e = prior.predict_eps(xt, torch.full((n,), t), [prior.encode_text([""] * n), prior.encode_text([PROMPT] * n)])
         out["gap"].append(float((e[1] - e[0]).pow(2).mean().sqrt()))

@@ -638,6 +638,23 @@ class Mixture:
             out = out + resp[:, -1:] * terms[-1]["inv"]
         return -out
 
+    def color_offsets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For clean images x (B, D) of a prompt without modifier words: the mean color offset ``amp delta_c (x) mu_g``
+        (B, D) of each one's most likely clean component (of ``sets[0]``), and that component's contrast relative to
+        the rendered color (B,) (1 but for ``contrast_levels``): the world's lighting probes scale it."""
+        x = self._rows(x)
+        s, amp = self.sets[0], self.amps[0]
+        k = self.responsibilities(x, torch.ones(x.shape[0]).to(x))[:, : s.geo.num * s.colors].argmax(1)
+        gi, ci = k // s.colors, k % s.colors
+        offset = amp[gi, ci].view(-1, 1, 1) * s.delta[ci].view(-1, 3, 1) * s.geo.mu[gi].unsqueeze(1)
+        return offset.reshape(x.shape[0], -1), s.dnorm[ci] / s.dnorm.view(-1, 6).max(0).values[ci % 6]
+
+    def shape_mass(self, x: torch.Tensor, abar: torch.Tensor, shape: str) -> torch.Tensor:
+        """(B,): the posterior mass at noise level abar (B,) on ``sets[0]``'s components of ``shape``."""
+        s = self.sets[0]
+        r = self.responsibilities(x, abar)[:, : s.geo.num * s.colors]
+        return r.view(-1, s.geo.num, s.colors)[:, s.geo.shape == list(SHAPES).index(shape)].sum((1, 2))
+
     # ------------------------------------------------------------------ sampling
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """n exact samples of the clean distribution, (n, D) float64 (draws on the CPU generator's stream)."""

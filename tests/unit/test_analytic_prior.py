@@ -408,21 +408,14 @@ def test_contrast_levels_bound_brightness_and_read_dim_discs(levels_prior, contr
         mix = p.mixture("a red circle")
         g = torch.Generator().manual_seed(0)
         z = p.sample("a red circle", 32, g).reshape(32, -1).double()
-        s, amp = mix.sets[0], mix.amps[0]
         one = torch.ones(32, dtype=torch.float64)
-        k = mix.responsibilities(z, one)[:, : s.geo.num * s.colors].argmax(1)
-        gi, ci = k // s.colors, k % s.colors
-        offset = (amp[gi, ci].view(-1, 1, 1) * s.delta[ci].view(-1, 3, 1) * s.geo.mu[gi].unsqueeze(1)).reshape(32, -1)
-        level = s.dnorm[ci] / s.dnorm.view(-1, 6).max(0).values[ci % 6]  # the sample's contrast level (1: top)
+        offset, level = mix.color_offsets(z)  # level: the sample's contrast (1: the top level)
         top = level > 0.99
         bright = float((mix.log_prob(z[top] + offset[top], one[top]) - mix.log_prob(z[top], one[top])).median())
         half = z + (0.5 / level.view(-1, 1) - 1) * offset
         a = p.alphas_cumprod[100].double()
-        r = mix.responsibilities(a.sqrt() * half + (1 - a).sqrt() * torch.randn(half.shape, generator=g,
-                                                                                  dtype=torch.float64), a.expand(32))
-        shape_of = s.geo.shape.view(-1, 1).expand(-1, s.colors).reshape(-1)
-        circle = float(r[:, : shape_of.numel()][:, shape_of == list(SHAPES).index("circle")].sum(1).mean())
-        return bright, circle
+        noised = a.sqrt() * half + (1 - a).sqrt() * torch.randn(half.shape, generator=g, dtype=torch.float64)
+        return bright, float(mix.shape_mass(noised, a.expand(32), "circle").mean())
 
     (b_levels, c_levels), (b_std, c_std), (b_plain, c_plain) = map(probe, (levels_prior, contrast_prior,
                                                                           small_analytic_prior))
