@@ -1,0 +1,92 @@
+"""How the SDS gradient looks on a finished run's images, against exact samples of the same prompt (issue #12).
+
+For the images of the first prompt of an exact-prior run (its ``model_samples.pt``) and as many exact samples of that
+prompt, the script draws ``--draws`` noises at each t of ``--ts`` and prints, per CFG scale, the SDS gradient
+``g = (1 - abar_t) (eps_u + s (eps_c - eps_u) - eps)`` (the official 2D code's) summarized by
+- ``|E g|``: RMS over pixels of its mean over the draws (the expected step);
+- ``sd``: RMS over pixels of its standard deviation across the draws (what Adam's second moment also sees);
+- ``k``: how much of the images' fine texture the expected step takes away, ``<HP(E g), HP(x0)> / |HP(x0)|^2`` with
+  ``HP(x) = x - box3(x)``: > 0 removes it (gradient descent steps against ``g``), < 0 adds to it.
+
+    python experiments/exact/gradient_noise.py outputs/<date>/<time>
+    python experiments/exact/gradient_noise.py outputs/<date>/<time> --scales 100 --ts 300 500 --draws 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior  # noqa: E402
+
+
+def high_pass(x: torch.Tensor) -> torch.Tensor:
+    return x - F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
+
+def rms(x: torch.Tensor) -> float:
+    return float(x.pow(2).mean().sqrt())
+
+
+def sds_draws(prior, x0: torch.Tensor, prompt: str, t: int, scale: float, draws: int, gen: torch.Generator):
+    """The SDS gradient of every image of ``x0`` for ``draws`` noises at timestep ``t``: (draws, *x0.shape)."""
+    B = x0.shape[0]
+    tt = torch.full((B,), t)
+    a = prior.abar(tt).view(B, 1, 1, 1).float()
+    conds = [prior.encode_text([""] * B), prior.encode_text([prompt] * B)]
+    out = []
+    for _ in range(draws):
+        eps = torch.randn(x0.shape, generator=gen)
+        eps_u, eps_c = prior.predict_eps(a.sqrt() * x0 + (1 - a).sqrt() * eps, tt, conds)
+        out.append((1 - a) * (eps_u + scale * (eps_c - eps_u) - eps))
+    return torch.stack(out)
+
+
+def summary(g: torch.Tensor, x0: torch.Tensor) -> dict[str, float]:
+    """``mean`` (RMS of E g), ``sd`` (RMS of its std across draws) and ``k`` of the draws ``g`` on the images ``x0``."""
+    mean = g.mean(0)
+    k = float((high_pass(mean) * high_pass(x0)).sum() / high_pass(x0).pow(2).sum())
+    return {"mean": rms(mean), "sd": rms(g.std(0)), "k": k}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a finished run's directory (config.yaml, model_samples.pt)")
+    parser.add_argument("--scales", type=float, nargs="+", default=[7.5, 40, 100])
+    parser.add_argument("--ts", type=int, nargs="+", default=[100, 300, 500, 700, 900])
+    parser.add_argument("--draws", type=int, default=32)
+    args = parser.parse_args(argv)
+    cfg = OmegaConf.load(args.run / "config.yaml")
+    if cfg.prompt.get("text") is not None or cfg.prompt.get("file"):
+        sys.exit("the run must list its prompts in prompt.texts (the script reads the first one)")
+    prompt, repeat = str(cfg.prompt.texts[0]), int(cfg.prompt.repeat)
+    prior_cfg = OmegaConf.to_container(cfg.prior)
+    if set(prior_cfg) - set(AnalyticConfig.__dataclass_fields__):
+        sys.exit(f"{args.run} is not an exact-prior run (prior=analytic)")
+    prior = AnalyticPrior(AnalyticConfig(**{**prior_cfg, "device": "cpu"}))
+    images = torch.load(args.run / "model_samples.pt", weights_only=True)[:repeat].float()
+    gen = torch.Generator().manual_seed(0)
+    samples = prior.sample(prompt, repeat, gen).float()
+    print(f"{prompt!r}: {repeat} images of {args.run} and {repeat} exact samples, {args.draws} noise draws per t")
+    rows = []
+    for name, x0 in (("exact samples", samples), ("the run's images", images)):
+        for scale in args.scales:
+            for t in args.ts:
+                row = {"images": name, "scale": scale, "t": t,
+                       **summary(sds_draws(prior, x0, prompt, t, scale, args.draws, gen), x0)}
+                rows.append(row)
+                print(f"{name:>16}  CFG {scale:>5g}  t {t:>4}:  |E g| {row['mean']:.2f}  sd {row['sd']:.2f}  "
+                      f"k {row['k']:+.2f}", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
