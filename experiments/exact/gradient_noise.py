@@ -10,11 +10,13 @@ prompt, the script draws ``--draws`` noises at each t of ``--ts`` and prints, pe
 
     python experiments/exact/gradient_noise.py outputs/<date>/<time>
     python experiments/exact/gradient_noise.py outputs/<date>/<time> --scales 100 --ts 300 500 --draws 64
+    python experiments/exact/gradient_noise.py outputs/<date>/<time> --learned learned16.pt   # a trained network's
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from sdbridge.files import write_text  # noqa: E402
 from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior  # noqa: E402
 
 
@@ -63,7 +66,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--scales", type=float, nargs="+", default=[7.5, 40, 100])
     parser.add_argument("--ts", type=int, nargs="+", default=[100, 300, 500, 700, 900])
     parser.add_argument("--draws", type=int, default=32)
+    parser.add_argument("--learned", type=Path, help="a network trained on the world (experiments/exact/"
+                        "learned_prior.py train) in place of the closed-form eps")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
+    if args.learned is not None:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from learned_prior import install
+
+        learned_world = install(args.learned)["world"]
     cfg = OmegaConf.load(args.run / "config.yaml")
     if cfg.prompt.get("text") is not None or cfg.prompt.get("file"):
         sys.exit("the run must list its prompts in prompt.texts (the script reads the first one)")
@@ -71,6 +82,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     prior_cfg = OmegaConf.to_container(cfg.prior)
     if set(prior_cfg) - set(AnalyticConfig.__dataclass_fields__):
         sys.exit(f"{args.run} is not an exact-prior run (prior=analytic)")
+    if args.learned is not None and learned_world["size"] != prior_cfg["size"]:
+        sys.exit(f"{args.learned} was trained on the size-{learned_world['size']} world, the run is size "
+                 f"{prior_cfg['size']}")
     prior = AnalyticPrior(AnalyticConfig(**{**prior_cfg, "device": "cpu"}))
     images = torch.load(args.run / "model_samples.pt", weights_only=True)[:repeat].float()
     gen = torch.Generator().manual_seed(0)
@@ -85,6 +99,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows.append(row)
                 print(f"{name:>16}  CFG {scale:>5g}  t {t:>4}:  |E g| {row['mean']:.2f}  sd {row['sd']:.2f}  "
                       f"k {row['k']:+.2f}", flush=True)
+    if args.json is not None:
+        write_text(args.json, json.dumps({"run": str(args.run), "learned": str(args.learned or ""), "rows": rows},
+                                         indent=1))
     return rows
 
 
