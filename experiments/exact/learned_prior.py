@@ -126,6 +126,9 @@ def install(checkpoint: Path) -> dict:
     net.eval().requires_grad_(False)
 
     def learned_eps(self, x_t, t, conds):
+        if x_t.shape[-1] != ckpt["world"]["size"]:
+            raise ValueError(f"the learned prior was trained on the size-{ckpt['world']['size']} world, not "
+                             f"{x_t.shape[-1]} (leave prior.size to the checkpoint)")
         unknown = sorted({p for c in conds for p in c.prompts if p not in classes})
         if unknown:
             raise ValueError(f"the learned prior was not trained on {unknown}; it knows {prompts}")
