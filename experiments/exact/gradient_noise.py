@@ -2,7 +2,7 @@
 
 For the images of the first prompt of an exact-prior run (its ``model_samples.pt``) and as many exact samples of that
 prompt, the script draws ``--draws`` noises at each t of ``--ts`` and prints, per CFG scale, the SDS gradient
-``g = (1 - abar_t) (eps_u + s (eps_c - eps_u) - eps)`` (the official 2D code's) summarized by
+of ``guidance=sds`` at CFG s (``(1 - abar_t) (eps_u + s (eps_c - eps_u) - eps)``, the official 2D code's), by
 - ``|E g|``: RMS over pixels of its mean over the draws (the expected step);
 - ``sd``: RMS over pixels of its standard deviation across the draws (what Adam's second moment also sees);
 - ``k``: how much of the images' fine texture the expected step takes away, ``<HP(E g), HP(x0)> / |HP(x0)|^2`` with
@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from sdbridge.files import write_text  # noqa: E402
+from sdbridge.guidance import SDSConfig, build_guidance  # noqa: E402
 from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior  # noqa: E402
+from sdbridge.schedules import UniformConfig, build_schedule  # noqa: E402
 
 
 def high_pass(x: torch.Tensor) -> torch.Tensor:
@@ -40,17 +42,12 @@ def rms(x: torch.Tensor) -> float:
 
 
 def sds_draws(prior, x0: torch.Tensor, prompt: str, t: int, scale: float, draws: int, gen: torch.Generator):
-    """The SDS gradient of every image of ``x0`` for ``draws`` noises at timestep ``t``: (draws, *x0.shape)."""
-    B = x0.shape[0]
-    tt = torch.full((B,), t)
-    a = prior.abar(tt).view(B, 1, 1, 1).float()
-    conds = [prior.encode_text([""] * B), prior.encode_text([prompt] * B)]
-    out = []
-    for _ in range(draws):
-        eps = torch.randn(x0.shape, generator=gen)
-        eps_u, eps_c = prior.predict_eps(a.sqrt() * x0 + (1 - a).sqrt() * eps, tt, conds)
-        out.append((1 - a) * (eps_u + scale * (eps_c - eps_u) - eps))
-    return torch.stack(out)
+    """The SDS gradient (``guidance=sds`` at CFG ``scale``, its official weighting) of every image of ``x0`` for
+    ``draws`` noises at timestep ``t``: (draws, *x0.shape)."""
+    sds = build_guidance(SDSConfig(scale=scale), prior, build_schedule(UniformConfig()), None)
+    prompts = [prompt] * x0.shape[0]
+    return torch.stack([sds(x0, prompts, 0, t=t, noise=torch.randn(x0.shape, generator=gen)).grad
+                        for _ in range(draws)])
 
 
 def summary(g: torch.Tensor, x0: torch.Tensor) -> dict[str, float]:

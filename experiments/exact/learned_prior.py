@@ -67,7 +67,6 @@ def train(args) -> None:
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
-    abar_all = prior.abar(torch.arange(prior.num_train_timesteps)).float().cpu()
     start, losses = time.time(), []
     for step in range(args.steps):
         if step % args.refresh == 0:  # fresh exact samples: the network sees the distribution, not a fixed set
@@ -75,12 +74,11 @@ def train(args) -> None:
         idx = torch.randint(0, len(y_all), (args.batch,), generator=gen)
         x0, y = x_all[idx], y_all[idx]
         t = torch.randint(0, prior.num_train_timesteps, (args.batch,), generator=gen)
-        a = abar_all[t].view(-1, 1, 1, 1)
         eps = torch.randn(x0.shape, generator=gen)
         lr = args.lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = (net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, class_labels=y).sample - eps).pow(2).mean()
+        loss = (net(prior.add_noise(x0, eps, t), t, class_labels=y).sample - eps).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -104,9 +102,8 @@ def report(prior, net, prompts, gen, n: int = 256) -> None:
     x0, y = dataset(prior, prompts, max(1, n // len(prompts)), gen)
     for t in (50, 100, 300, 500, 700, 900):
         tt = torch.full((len(y),), t)
-        a = prior.abar(tt).float().view(-1, 1, 1, 1).cpu()
         eps = torch.randn(x0.shape, generator=gen)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        x_t = prior.add_noise(x0, eps, tt)
         net_loss = (net(x_t, tt, class_labels=y).sample - eps).pow(2).mean()
         exact = torch.cat([prior.predict_eps(x_t[y == i], tt[y == i], [prior.encode_text([p] * int((y == i).sum()))])[0]
                            for i, p in enumerate(prompts)])
@@ -132,9 +129,10 @@ def install(checkpoint: Path) -> dict:
         unknown = sorted({p for c in conds for p in c.prompts if p not in classes})
         if unknown:
             raise ValueError(f"the learned prior was not trained on {unknown}; it knows {prompts}")
-        with torch.no_grad():
-            return torch.stack([net(x_t.float(), t, class_labels=torch.tensor([classes[p] for p in c.prompts])).sample
-                                for c in conds]).to(x_t.dtype)
+        labels = torch.tensor([classes[p] for c in conds for p in c.prompts])
+        with torch.no_grad():  # every conditioning in one batched call, as the SD prior does
+            eps = net(x_t.float().repeat(len(conds), 1, 1, 1), t.repeat(len(conds)), class_labels=labels).sample
+        return eps.view(len(conds), *x_t.shape).to(x_t.dtype)
 
     AnalyticPrior._predict_eps_batched = learned_eps
     return ckpt
