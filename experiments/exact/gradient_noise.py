@@ -10,7 +10,7 @@ of ``guidance=sds`` at CFG s (``(1 - abar_t) (eps_u + s (eps_c - eps_u) - eps)``
 
     python experiments/exact/gradient_noise.py outputs/<date>/<time>
     python experiments/exact/gradient_noise.py outputs/<date>/<time> --scales 100 --ts 300 500 --draws 64
-    python experiments/exact/gradient_noise.py outputs/<date>/<time> --learned learned16.pt   # a trained network's
+    python experiments/exact/gradient_noise.py outputs/<date>/<time> --learned   # prior=learned's network's gradient
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from sdbridge.files import write_text  # noqa: E402
 from sdbridge.guidance import SDSConfig, build_guidance  # noqa: E402
 from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior  # noqa: E402
+from sdbridge.priors.learned import LearnedConfig, LearnedPrior  # noqa: E402
 from sdbridge.schedules import UniformConfig, build_schedule  # noqa: E402
 
 
@@ -63,26 +64,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--scales", type=float, nargs="+", default=[7.5, 40, 100])
     parser.add_argument("--ts", type=int, nargs="+", default=[100, 300, 500, 700, 900])
     parser.add_argument("--draws", type=int, default=32)
-    parser.add_argument("--learned", type=Path, help="a network trained on the world (experiments/exact/"
-                        "learned_prior.py train) in place of the closed-form eps")
+    parser.add_argument("--learned", action="store_true", help="the gradient of prior=learned (a network trained on "
+                        "the run's world, sdbridge/priors/learned.py; trained first if not cached) in place of the "
+                        "closed-form eps")
+    parser.add_argument("--learned-dir", default=LearnedConfig.learned_dir, help="its cache (prior.learned_dir)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
-    if args.learned is not None:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from learned_prior import install
-
-        learned_world = install(args.learned)["world"]
     cfg = OmegaConf.load(args.run / "config.yaml")
     if cfg.prompt.get("text") is not None or cfg.prompt.get("file"):
         sys.exit("the run must list its prompts in prompt.texts (the script reads the first one)")
     prompt, repeat = str(cfg.prompt.texts[0]), int(cfg.prompt.repeat)
     prior_cfg = OmegaConf.to_container(cfg.prior)
-    if set(prior_cfg) - set(AnalyticConfig.__dataclass_fields__):
-        sys.exit(f"{args.run} is not an exact-prior run (prior=analytic)")
-    if args.learned is not None and learned_world["size"] != prior_cfg["size"]:
-        sys.exit(f"{args.learned} was trained on the size-{learned_world['size']} world, the run is size "
-                 f"{prior_cfg['size']}")
-    prior = AnalyticPrior(AnalyticConfig(**{**prior_cfg, "device": "cpu"}))
+    if set(prior_cfg) - set(LearnedConfig.__dataclass_fields__):
+        sys.exit(f"{args.run} is not an exact-world run (prior=analytic or prior=learned)")
+    world = {k: v for k, v in prior_cfg.items() if k in AnalyticConfig.__dataclass_fields__}
+    world["device"] = "cpu"
+    if args.learned:
+        prior = LearnedPrior(LearnedConfig(**world, learned_dir=args.learned_dir))
+    else:
+        prior = AnalyticPrior(AnalyticConfig(**world))
     images = torch.load(args.run / "model_samples.pt", weights_only=True)[:repeat].float()
     gen = torch.Generator().manual_seed(0)
     samples = prior.sample(prompt, repeat, gen).float()
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"{name:>16}  CFG {scale:>5g}  t {t:>4}:  |E g| {row['mean']:.2f}  sd {row['sd']:.2f}  "
                       f"k {row['k']:+.2f}", flush=True)
     if args.json is not None:
-        write_text(args.json, json.dumps({"run": str(args.run), "learned": str(args.learned or ""), "rows": rows},
+        write_text(args.json, json.dumps({"run": str(args.run), "learned": args.learned, "rows": rows},
                                          indent=1))
     return rows
 

@@ -5,12 +5,15 @@
     python experiments/exact/make_table.py --methods sdi vsd   # rerun two methods, keep the others' results
     python experiments/exact/make_table.py --from-truth   # the same, every image starting at an exact sample
     python experiments/exact/make_table.py --world contrast_std=0.35 text_adherence=0.99   # on a variant world
+    python experiments/exact/make_table.py --learned   # prior=learned: a network trained on the world as the eps
 
 ``--from-truth`` (``target.init=samples``) measures what each method does to images that already are the truth (a
 method whose fixed point is the data keeps them); its table is a section of its own in the README, kept when the
 main table is regenerated and vice versa. ``--world KEY=VALUE ...`` runs the table's protocol on a variant of the
 exact world (``prior.KEY=VALUE`` for every method run and for the reference rows; keys are ``AnalyticConfig``'s), in
 a README section of its own: how to measure a world change side by side with the table before making it the default.
+``--learned`` runs it with ``prior=learned`` (its default 16 px world, the network trained on first use; the DDIM rows
+are then the network's samples, the true samples and every metric the world's), in a section of its own.
 
 Each method's summary is kept in ``results.json`` beside the README, keyed by the protocol, so a table can be
 rebuilt method by method (an interrupted run loses only the method it was on) and a rerun of some methods keeps
@@ -45,6 +48,7 @@ import torch
 from sdbridge.files import atomic_open, write_text
 from sdbridge.eval.protocol import ExactProtocol, markdown_table, per_prompt_table, reference_rows, run_method
 from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior
+from sdbridge.priors.learned import LearnedConfig, LearnedPrior
 
 
 def slug(name: str) -> str:
@@ -76,18 +80,23 @@ def main() -> None:
                          help="start every image at an exact sample of its prompt (target.init=samples)")
     variant.add_argument("--world", nargs="+", metavar="KEY=VALUE", default=None,
                          help="a variant of the exact world (AnalyticConfig fields), e.g. contrast_std=0.35")
+    variant.add_argument("--learned", action="store_true",
+                         help="prior=learned: the exact world with a network trained on it as the eps")
     args = parser.parse_args()
 
     world = world_config(args.world or [], parser)
     overrides = [FROM_TRUTH] if args.from_truth else [world_override(kv, world) for kv in args.world or []]
-    protocol = ExactProtocol(overrides=overrides)
+    kind = "from_truth" if args.from_truth else "world" if args.world else "learned" if args.learned else ""
+    prior_name = "learned" if args.learned else "analytic"
+    protocol = ExactProtocol(overrides=overrides, prior=prior_name)
     if args.quick:
         protocol = ExactProtocol(prompts=["a red circle", "a circle"], images_per_prompt=8, steps=200,
-                                 overrides=overrides)
+                                 overrides=overrides, prior=prior_name)
     store_path = args.out.with_name("results.json")
     store = load_store(store_path, protocol.describe(), args.fresh)
     stored = store.get(protocol.describe(), {})
-    prior = AnalyticPrior(AnalyticConfig(device="cpu", **world))
+    prior = LearnedPrior(LearnedConfig(device="cpu")) if args.learned else AnalyticPrior(AnalyticConfig(device="cpu",
+                                                                                                      **world))
     kept = samples_dir(protocol)
     rescored, unkept = rescore(prior, protocol, stored, kept) if args.rescore else ([], [])
     if rescored:
@@ -96,7 +105,6 @@ def main() -> None:
         write_text(store_path, json.dumps(store, indent=1, sort_keys=True))
     to_run = [] if args.no_run else args.methods or [n for n in names if n not in stored] + unkept
     rows = reference_rows(prior, protocol, scales=() if args.from_truth else (1.0, 7.5))
-    kind = "from_truth" if args.from_truth else "world" if args.world else ""
     grids = args.out.parent / "grids" / kind
     for name, row in rows.items():
         save_grid(prior, row.pop("samples"), protocol, grids / f"{slug(name)}.png")
@@ -119,7 +127,8 @@ def main() -> None:
     pending = (f"\n**Not yet measured with this protocol:** {', '.join(missing)} (the script runs only these "
                "next time).\n") if missing else ""
     command = "python experiments/exact/make_table.py" + (" --quick" if args.quick else "") + (
-        " --from-truth" if args.from_truth else "") + (" --world " + " ".join(args.world) if args.world else "")
+        " --from-truth" if args.from_truth else "") + (" --world " + " ".join(args.world) if args.world else "") + (
+        " --learned" if args.learned else "")
     old = args.out.read_text() if args.out.exists() else ""
     if kind:
         write_section(args.out, old, kind, variant_section(kind, rows, protocol, command, pending))
@@ -194,7 +203,7 @@ def rescore(prior, protocol: ExactProtocol, stored: dict, kept: Path) -> tuple[l
     if missing:
         print(f"rescore: no kept images for {', '.join(missing)} (run before they were kept): rerunning them")
     return done, missing
-SECTIONS = ("from_truth", "world", "calibration", "analysis")  # the README's parts below the main table, in order
+SECTIONS = ("from_truth", "world", "learned", "calibration", "analysis")  # the README's parts below the main table, in order
 
 
 def markers(name: str) -> tuple[str, str]:
@@ -282,6 +291,12 @@ def variant_section(kind: str, rows: dict, protocol: ExactProtocol, command: str
 sample of its own prompt (`target.init=samples`; the first row is other exact draws: what keeping the truth scores):
 a method whose fixed point is the data keeps them, one that over-saturates or over-smooths shows it
 here without the time it takes to form a shape from randn."""
+    elif kind == "learned":
+        title = "The same world with a trained network as the prior (prior=learned)"
+        intro = """The same protocol on the exact world with a small UNet *trained on its samples* in
+place of the closed-form eps (`prior=learned`, sdbridge/priors/learned.py; 16 px, so exact samples score a lower FD
+than at 32): the denoiser behaves as a network does off the data, while the true samples and every metric stay the
+world's. The DDIM rows are the network's own samples."""
     else:
         title = "A variant of the world, side by side with the table"
         intro = """The same protocol as the table above on a variant of the exact world (the overrides below,

@@ -27,6 +27,8 @@ class ExactProtocol:
     seed: int = 0
     ddim_steps: int = 50
     overrides: list[str] = field(default_factory=list)  # extra overrides for every method run
+    #: "analytic" (the closed-form eps) or "learned" (a network trained on the same world: sdbridge/priors/learned.py)
+    prior: str = "analytic"
 
     def image_prompts(self) -> list[str]:
         """The prompt of each image, in the order runs and reference rows produce them (prompt by prompt)."""
@@ -34,12 +36,20 @@ class ExactProtocol:
 
     def describe(self) -> str:
         from sdbridge.priors.analytic import AnalyticConfig
+        from sdbridge.priors.learned import LEARNED_VERSION, LearnedConfig
         from sdbridge.priors.world import WORLD_VERSION
 
         text = AnalyticConfig()  # the text model's defaults are part of the world a result was measured on
+        if self.prior == "learned":
+            net = LearnedConfig()
+            text = net
+            network = (f", a UNet of widths {list(net.channels)} trained {net.train_steps} steps on it (learned prior "
+                       f"v{LEARNED_VERSION}, seed {net.train_seed}) as the eps")
+        else:
+            network = ""
         return (
-            f"prior=analytic (32x32, world v{WORLD_VERSION}, text contrast {text.text_contrast:g}, shape pull "
-            f"{text.text_pull:g}), prompts {self.prompts}, {self.images_per_prompt} images per prompt, "
+            f"prior={self.prior} ({text.size}x{text.size}, world v{WORLD_VERSION}, text contrast {text.text_contrast:g}, "
+            f"shape pull {text.text_pull:g}{network}), prompts {self.prompts}, {self.images_per_prompt} images per prompt, "
             f"{self.steps} steps, seed {self.seed}, each method with its conf/guidance defaults"
             + (f", overrides {' '.join(self.overrides)}" if self.overrides else "")
         )
@@ -68,7 +78,7 @@ def run_method(guidance: str, protocol: ExactProtocol, extra: Sequence[str] = ()
     from sdbridge.runner import run
 
     overrides = [
-        "prior=analytic",
+        f"prior={protocol.prior}",
         f"guidance={guidance}",
         f"prompt.texts=[{','.join(protocol.prompts)}]",
         f"prompt.repeat={protocol.images_per_prompt}",

@@ -10,6 +10,7 @@ from sdbridge.priors.stable_diffusion import (
     StableDiffusionPrior,
     check_local_weights,
 )
+from sdbridge.priors.learned import LearnedConfig, LearnedPrior, check_checkpoint
 from sdbridge.priors.random_sd import RandomSDConfig, RandomSDPrior
 from sdbridge.priors.tiny import TinySDConfig, TinySDPrior
 from sdbridge.registry import build
@@ -22,12 +23,16 @@ def check_prior_files(config: PriorConfig) -> None:
     """Refuse damaged weights a prior would load, before anything is built (one-line ``ValueError``)."""
     if isinstance(config, StableDiffusionConfig) and not isinstance(config, TinySDConfig):
         check_local_weights(config)
+    if isinstance(config, LearnedConfig) and config.checkpoint:
+        check_checkpoint(config)
 
 
 __all__ = [
     "AnalyticConfig",
     "AnalyticPrior",
     "DiffusionPrior",
+    "LearnedConfig",
+    "LearnedPrior",
     "PriorConfig",
     "PriorUnavailableError",
     "RandomSDConfig",

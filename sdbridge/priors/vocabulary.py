@@ -192,6 +192,13 @@ MODIFIERS: dict[str, Modifier] = {
                          spatial=(("blur", 0.8), ("warp", 4, 0.08)), color=(("saturation", 1.3),)),
 }
 
+#: the modifier words of the Bridge paper's source prompt suffix and of NFSD's negative prompt (their guidance modules
+#: hold the official strings; a test checks that these parse to them): what a prior trained on the world must know
+BRIDGE_SOURCE_WORDS = ("oversaturated", "smooth", "pixelated", "cartoon", "foggy", "hazy", "blurry", "bad structure",
+                       "noisy", "malformed")
+NFSD_NEGATIVE_WORDS = ("unrealistic", "blurry", "low quality", "out of focus", "ugly", "low contrast", "dull", "dark",
+                       "low resolution", "gloomy")
+
 ALIASES = {
     "low-resolution": "low resolution",
     "low-quality": "low quality",

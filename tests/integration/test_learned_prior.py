@@ -1,38 +1,130 @@
-"""experiments/exact/learned_prior.py: a denoiser trained on the exact world, run in place of the closed form."""
+"""``prior=learned``: the exact world with a trained network as its eps (sdbridge/priors/learned.py).
+
+The networks here are trained for a few steps only: these tests check the plumbing (training on first use, the
+checksummed cache, reproducibility, the word features, checkpoints refused for another world, exact metrics of a
+run). What a fully trained network does is asserted by tests/science/test_learned_prior_claims.py (slow)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+from dataclasses import replace
 
-from tests.conftest import ROOT
+import pytest
+import torch
 
-SCRIPT = ROOT / "experiments" / "exact" / "learned_prior.py"
+from sdbridge.priors.learned import (
+    PROMPT_FEATURES,
+    LearnedConfig,
+    LearnedPrior,
+    network_path,
+    prompt_features,
+    training_prompts,
+)
+from sdbridge.priors.vocabulary import UnknownWordError
+from tests.conftest import run_cli
+
+TINY = {"size": 16, "train_steps": 3, "batch": 4, "pool": 16, "refresh": 2, "channels": [16, 32], "device": "cpu"}
+QUIET = ["logger=none", "trainer.progress_bar=false", "trainer.save_every=0", "trainer.checkpoint_every=0"]
 
 
-def script(*args, timeout=600):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+@pytest.fixture(scope="module")
+def tiny_config(world_cache, tmp_path_factory):
+    return LearnedConfig(**TINY, cache_dir=str(world_cache), learned_dir=str(tmp_path_factory.mktemp("learned")))
 
 
-def test_train_then_run_with_the_learned_eps(world_cache, tmp_path):
-    ckpt = tmp_path / "learned.pt"
-    trained = script("train", "--out", ckpt, "--steps", "3", "--batch", "4", "--per-prompt", "2",
-                     "--channels", "16", "32", "--cache-dir", world_cache)
-    assert trained.returncode == 0, trained.stderr[-2000:]
+@pytest.fixture(scope="module")
+def tiny_prior(tiny_config):
+    return LearnedPrior(tiny_config)
+
+
+def test_word_features_are_the_parsed_prompt():
+    f = prompt_features(["", "a red circle", "a red circle, front view, detailed high quality", "a circle, blurry"])
+    assert f[0].sum() == 0  # the empty prompt: the unconditional distribution
+    assert torch.equal(f[1], f[2])  # view and quality words are the identity, as in the exact prior
+    on = {PROMPT_FEATURES[i] for i in torch.nonzero(f[3]).flatten().tolist()}
+    assert on == {"circle", "blurry"}
+    with pytest.raises(UnknownWordError, match="vocabulary|Vocabulary"):
+        prompt_features(["a red car"])
+
+
+def test_training_prompts_cover_the_runs_prompts():
+    from sdbridge.eval.protocol import ExactProtocol
+    from sdbridge.guidance.bridge import SOURCE_MODIFIER
+    from sdbridge.guidance.nfsd import NFSD_NEGATIVE
+
+    prompts, weights = training_prompts()
+    assert abs(float(weights.sum()) - 1) < 1e-12 and (weights > 0).all()
+    seen = {tuple(f.tolist()) for f in prompt_features(prompts)}
+    wanted = [*ExactProtocol().prompts, "a yellow triangle", "a green ring", "a red circle" + SOURCE_MODIFIER,
+              "a circle" + SOURCE_MODIFIER, f"a blue square, {NFSD_NEGATIVE}", "a star, painting", ""]
+    for prompt in wanted:
+        assert tuple(prompt_features([prompt])[0].tolist()) in seen, prompt
+
+
+def test_network_is_trained_once_cached_with_a_checksum_and_reproducible(tiny_config, tiny_prior):
+    path = network_path(tiny_config)
+    assert path.is_file() and path.with_name(path.name + ".sha256.json").is_file()
+    again = LearnedPrior(tiny_config)  # from the cache: the same weights
+    for k, v in tiny_prior.net.state_dict().items():
+        assert torch.equal(v, again.net.state_dict()[k]), k
+    # a damaged cache is retrained (with a warning), to the same weights: the training is seeded
+    path.write_bytes(path.read_bytes()[:-100])
+    retrained = LearnedPrior(tiny_config)
+    for k, v in tiny_prior.net.state_dict().items():
+        assert torch.equal(v, retrained.net.state_dict()[k]), k
+    # another training seed is another network, in another cache file
+    other = replace(tiny_config, train_seed=1)
+    assert network_path(other) != path
     # the report compares the network's diffusion loss with the closed form's at each t
-    assert "t 500: diffusion loss network" in trained.stdout and ckpt.is_file()
+    assert [r["t"] for r in tiny_prior.checkpoint["report"]] == [50, 100, 300, 500, 700, 900]
+    assert all(r["network"] > 0 and r["closed_form"] > 0 for r in tiny_prior.checkpoint["report"])
+
+
+def test_eps_is_the_network_batched_over_conditionings(tiny_prior):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *tiny_prior.sample_shape, generator=gen)
+    t = torch.tensor([300, 700])
+    conds = [tiny_prior.encode_text(p) for p in (["", ""], ["a red circle", "a blue square, blurry"])]
+    before = tiny_prior.nfe
+    eps = tiny_prior.predict_eps(x, t, conds)
+    assert eps.shape == (2, 2, *tiny_prior.sample_shape) and tiny_prior.nfe == before + 2
+    direct = tiny_prior.net(x, t, prompt_features(["a red circle", "a blue square, blurry"]))
+    assert torch.allclose(eps[1], direct, atol=1e-5)
+    # not the closed form: the world's own eps differs
+    from sdbridge.priors.analytic import AnalyticPrior
+
+    exact = AnalyticPrior._predict_eps_batched(tiny_prior, x, t, conds)
+    assert (eps - exact).abs().max() > 1e-2
+    # the world is the analytic prior's: exact samples and metrics stay
+    assert tiny_prior.has_true_distribution and tiny_prior.sample("a red circle", 3, gen).shape == (3, 3, 16, 16)
+
+
+def test_bad_learned_config_names_the_key():
+    with pytest.raises(ValueError, match="prior.channels"):
+        LearnedConfig(channels=[12, 32])
+    with pytest.raises(ValueError, match="prior.train_steps"):
+        LearnedConfig(train_steps=0)
+    with pytest.raises(ValueError, match="prior.size"):
+        LearnedConfig(size=18)
+
+
+def test_run_with_prior_learned_scores_against_the_world(tiny_config, tiny_prior, world_cache, tmp_path):
+    world = [f"prior.{k}={v}".replace(" ", "") for k, v in TINY.items()]
+    common = ["prior=learned", *world, f"prior.cache_dir={world_cache}", f"prior.learned_dir={tiny_config.learned_dir}",
+              "guidance=sds", "prompt.text=a red circle", "trainer.max_steps=2", *QUIET]
     out = tmp_path / "run"
-    ran = script("run", ckpt, "guidance=sds", "prompt.text=a red circle", "trainer.max_steps=2", "logger=none",
-                 "trainer.progress_bar=false", "trainer.save_every=0", "trainer.checkpoint_every=0",
-                 f"hydra.run.dir={out}")
-    assert ran.returncode == 0, ran.stderr[-2000:]
+    done = run_cli([*common, f"hydra.run.dir={out}"])
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "training the learned prior" not in done.stdout  # the fixture's network, from the cache
     summary = json.loads((out / "summary.json").read_text())
     assert summary["exact_metrics"]["mean"]["fd"] > 0  # scored against the world's exact distribution
-    # a prompt the network never saw fails with the ones it knows
-    unknown = script("run", ckpt, "guidance=sds", 'prompt.text="a red star, blurry"', "trainer.max_steps=1",
-                     "logger=none", "trainer.progress_bar=false", f"hydra.run.dir={tmp_path / 'bad'}")
-    assert unknown.returncode != 0 and "was not trained on" in unknown.stderr
+    # a checkpoint of another world is refused before the run writes anything
+    other = replace(tiny_config, text_adherence=0.8, learned_dir=str(tmp_path / "other"))
+    LearnedPrior(other)
+    bad = tmp_path / "bad"
+    refused = run_cli([*common, f"prior.checkpoint={network_path(other)}", f"hydra.run.dir={bad}"])
+    assert refused.returncode != 0
+    assert "another world: text_adherence=0.8 (run: 0.9)" in refused.stdout
+    assert not bad.exists()
+    missing = run_cli([*common, f"prior.checkpoint={tmp_path / 'none.pt'}", f"hydra.run.dir={bad}"])
+    assert missing.returncode != 0 and "prior.checkpoint=" in missing.stdout and not bad.exists()

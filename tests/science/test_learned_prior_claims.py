@@ -1,9 +1,8 @@
-"""The exact world with a *trained* denoiser as the prior (experiments/exact/learned_prior.py): what the strict xfails
-of the closed form lack is a network's eps, not the world's data.
+"""The exact world with a *trained* denoiser as the prior (``prior=learned``, sdbridge/priors/learned.py): what the
+strict xfails of the closed form lack is a network's eps, not the world's data.
 
-A small UNet is trained on exact samples of the 16 px world (its diffusion loss ends 5-55% above the closed form's,
-by t), then SDS and Bridge run from randn with it in place of the closed-form eps, scored against the world's exact
-distributions. With the network the papers' picture appears from randn: SDS over-saturates and Bridge beats it; with
+``prior=learned`` trains a small word-conditioned UNet on exact samples of the 16 px world on first use, then SDS and
+Bridge run from randn with it in place of the closed-form eps, scored against the world's exact distributions. With the network the papers' picture appears from randn: SDS over-saturates and Bridge beats it; with
 the closed form it does not (the strict xfails of test_exact_claims.py and test_method_claims.py). On the closed
 form's own SDS images the two priors' expected steps differ in sign: the closed form adds texture, the network
 removes it (experiments/exact/README.md, "A network trained on the world").
@@ -45,11 +44,11 @@ def learned(tmp_path_factory, world_cache):
     """Train the network (~14 min on 2 CPU cores), then run SDS (CFG 40), Bridge and, on the closed form, SDS at
     CFG 100 whose images both priors' gradients are measured on."""
     tmp = tmp_path_factory.mktemp("learned")
-    ckpt = tmp / "learned16.pt"
-    print(script("learned_prior.py", "train", "--out", ckpt, "--cache-dir", world_cache))
+    learned = ["prior=learned", f"prior.cache_dir={world_cache}", f"prior.learned_dir={tmp / 'networks'}"]
     out = {}
-    for name, overrides in (("sds", ["guidance=sds"]), ("bridge", ["guidance=bridge"])):
-        script("learned_prior.py", "run", ckpt, *overrides, *PROMPTS, *QUIET, f"hydra.run.dir={tmp / name}")
+    for name, overrides in (("sds", ["guidance=sds"]), ("bridge", ["guidance=bridge"])):  # the first trains the net
+        done = run_cli([*learned, *overrides, *PROMPTS, *QUIET, f"hydra.run.dir={tmp / name}"], timeout=2000)
+        assert done.returncode == 0, done.stdout[-3000:]
         out[name] = metrics(tmp / name)
     exact_sds = tmp / "exact_sds"
     for name, scale in (("exact_sds", 100), ("exact_sds40", 40)):
@@ -57,7 +56,7 @@ def learned(tmp_path_factory, world_cache):
                         *PROMPTS, *QUIET, f"hydra.run.dir={tmp / name}"])
         assert done.returncode == 0, done.stderr[-3000:]
         out[name] = metrics(tmp / name)
-    for prior, extra in (("closed form", []), ("network", ["--learned", ckpt])):
+    for prior, extra in (("closed form", []), ("network", ["--learned", "--learned-dir", tmp / "networks"])):
         rows = tmp / f"noise_{len(extra)}.json"
         script("gradient_noise.py", exact_sds, "--scales", "100", "--ts", "300", "500", *extra, "--json", rows)
         out[prior] = {r["t"]: r for r in json.loads(rows.read_text())["rows"] if r["images"] == "the run's images"}

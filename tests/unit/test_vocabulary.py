@@ -140,3 +140,14 @@ def test_readme_vocabulary_table_is_the_code_table():
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert markdown_table() in readme, "regenerate with: python -m sdbridge.priors.vocabulary"
+
+
+def test_the_papers_modifier_word_lists_are_their_prompts_words():
+    """The vocabulary's lists of Bridge's source words and NFSD's negative words (what prior=learned trains on) are
+    the words of the official strings in the guidance modules."""
+    from sdbridge.guidance.bridge import SOURCE_MODIFIER
+    from sdbridge.guidance.nfsd import NFSD_NEGATIVE
+    from sdbridge.priors.vocabulary import BRIDGE_SOURCE_WORDS, NFSD_NEGATIVE_WORDS
+
+    assert parse_prompt("a circle" + SOURCE_MODIFIER).modifiers == BRIDGE_SOURCE_WORDS
+    assert parse_prompt("a circle, " + NFSD_NEGATIVE).modifiers == NFSD_NEGATIVE_WORDS
