@@ -203,7 +203,8 @@ def rescore(prior, protocol: ExactProtocol, stored: dict, kept: Path) -> tuple[l
     if missing:
         print(f"rescore: no kept images for {', '.join(missing)} (run before they were kept): rerunning them")
     return done, missing
-SECTIONS = ("from_truth", "world", "learned", "calibration", "analysis")  # the README's parts below the main table, in order
+#: the README's parts below the main table, in order
+SECTIONS = ("from_truth", "world", "learned", "calibration", "analysis")
 
 
 def markers(name: str) -> tuple[str, str]:

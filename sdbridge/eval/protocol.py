@@ -48,8 +48,9 @@ class ExactProtocol:
         else:
             network = ""
         return (
-            f"prior={self.prior} ({text.size}x{text.size}, world v{WORLD_VERSION}, text contrast {text.text_contrast:g}, "
-            f"shape pull {text.text_pull:g}{network}), prompts {self.prompts}, {self.images_per_prompt} images per prompt, "
+            f"prior={self.prior} ({text.size}x{text.size}, world v{WORLD_VERSION}, text contrast "
+            f"{text.text_contrast:g}, shape pull {text.text_pull:g}{network}), prompts {self.prompts}, "
+            f"{self.images_per_prompt} images per prompt, "
             f"{self.steps} steps, seed {self.seed}, each method with its conf/guidance defaults"
             + (f", overrides {' '.join(self.overrides)}" if self.overrides else "")
         )

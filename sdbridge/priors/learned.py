@@ -293,8 +293,8 @@ class LearnedPrior(AnalyticPrior):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python experiments/exact/learned_prior.py [field=value ...]``: train (or find) the network of that config and print
-    where it is, its training curve and its diffusion loss against the closed form's, by t."""
+    """``python experiments/exact/learned_prior.py [field=value ...]``: train (or find) the network of that config and
+    print where it is, its training curve and its diffusion loss against the closed form's, by t."""
     import sys
 
     from omegaconf import OmegaConf
@@ -312,5 +312,5 @@ def main(argv: list[str] | None = None) -> None:
               f"({row['network'] / row['closed_form'] - 1:+.0%})")
 
 
-__all__ = ["LearnedConfig", "LearnedPrior", "PROMPT_FEATURES", "check_checkpoint", "ensure_network", "network_path", "prompt_features",
-           "train_network", "training_prompts"]
+__all__ = ["LearnedConfig", "LearnedPrior", "PROMPT_FEATURES", "check_checkpoint", "ensure_network", "network_path",
+           "prompt_features", "train_network", "training_prompts"]

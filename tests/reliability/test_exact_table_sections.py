@@ -1,6 +1,7 @@
 """experiments/exact/make_table.py rewrites one part of its README and keeps the others: regenerating the main table
 keeps the from-truth table, the calibration and the hand-written analysis; ``--from-truth`` replaces only its own
-section (or adds it before the calibration the first time), and so does ``--world`` (after the from-truth table).
+section (or adds it before the calibration the first time), and so do ``--world`` (after the from-truth table) and
+``--learned`` (after the world-variant table).
 ``--rescore`` recomputes stored methods' metrics from their kept final images."""
 
 from __future__ import annotations
@@ -53,12 +54,14 @@ def test_every_kept_section_survives_with_its_markers(tmp_path):
     table = _table_module()
     path = tmp_path / "README.md"
     table.write_section(path, README, "from_truth", "the from-truth table")
-    table.write_section(path, path.read_text(), "world", "the world-variant table")
+    table.write_section(path, path.read_text(), "learned", "the learned-prior table")  # before the calibration
+    table.write_section(path, path.read_text(), "world", "the world-variant table")  # before the learned one
     text = path.read_text()
     kept = [table.section(text, name) for name in table.SECTIONS]
-    assert [k.splitlines()[1] for k in kept] == ["the from-truth table", "the world-variant table", "calibration rows",
-                                                 "hand-written analysis"]
-    assert text.index("the from-truth table") < text.index("the world-variant table") < text.index("calibration rows")
+    assert [k.splitlines()[1] for k in kept] == ["the from-truth table", "the world-variant table",
+                                                 "the learned-prior table", "calibration rows", "hand-written analysis"]
+    assert (text.index("the from-truth table") < text.index("the world-variant table")
+            < text.index("the learned-prior table") < text.index("calibration rows"))
     assert table.section("no markers here", "analysis") == "<!-- analysis:start -->\n<!-- analysis:end -->"
 
 
