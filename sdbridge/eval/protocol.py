@@ -39,14 +39,10 @@ class ExactProtocol:
         from sdbridge.priors.learned import LEARNED_VERSION, LearnedConfig
         from sdbridge.priors.world import WORLD_VERSION
 
-        text = AnalyticConfig()  # the text model's defaults are part of the world a result was measured on
-        if self.prior == "learned":
-            net = LearnedConfig()
-            text = net
-            network = (f", a UNet of widths {list(net.channels)} trained {net.train_steps} steps on it (learned prior "
-                       f"v{LEARNED_VERSION}, seed {net.train_seed}) as the eps")
-        else:
-            network = ""
+        # the world's and the text model's defaults (and the network's) are part of what a result was measured on
+        text = LearnedConfig() if self.prior == "learned" else AnalyticConfig()
+        network = (f", a UNet of widths {list(text.channels)} trained {text.train_steps} steps on it (learned prior "
+                   f"v{LEARNED_VERSION}, seed {text.train_seed}) as the eps") if self.prior == "learned" else ""
         return (
             f"prior={self.prior} ({text.size}x{text.size}, world v{WORLD_VERSION}, text contrast "
             f"{text.text_contrast:g}, shape pull {text.text_pull:g}{network}), prompts {self.prompts}, "
