@@ -106,6 +106,32 @@ def test_bad_learned_config_names_the_key():
         LearnedConfig(train_steps=0)
     with pytest.raises(ValueError, match="prior.size"):
         LearnedConfig(size=18)
+    with pytest.raises(ValueError, match="prior.train_target.*noise, exact"):
+        LearnedConfig(train_target="closed")
+
+
+def test_train_target_noise_or_the_exact_eps(tiny_prior):
+    """``prior.train_target``: the drawn noise (the default, as SD is trained), or the closed form's eps of each image
+    under its own prompt; the default keeps the cache key of networks trained before the option existed."""
+    from sdbridge.priors.analytic import AnalyticPrior
+    from sdbridge.priors.learned import regression_target
+
+    gen = torch.Generator().manual_seed(0)
+    prompts = ["a red circle", "a blue square, blurry", ""]
+    x0 = torch.cat([tiny_prior.sample(p, 1, gen) for p in prompts]).float()
+    t = torch.tensor([100, 500, 900])
+    noise = torch.randn(x0.shape, generator=gen)
+    x_t = tiny_prior.add_noise(x0, noise, t)
+    config = tiny_prior.config
+    assert regression_target(tiny_prior, config, x_t, t, noise, prompts) is noise
+    exact = regression_target(tiny_prior, replace(config, train_target="exact"), x_t, t, noise, prompts)
+    for i, prompt in enumerate(prompts):  # each image under its own prompt
+        alone = AnalyticPrior._predict_eps_batched(tiny_prior, x_t[i:i + 1], t[i:i + 1],
+                                                   [tiny_prior.encode_text([prompt])])[0]
+        torch.testing.assert_close(exact[i:i + 1], alone.float(), rtol=1e-4, atol=1e-5)
+    assert (exact - noise).abs().max() > 1e-2
+    assert "train_target" not in config.spec() and replace(config, train_target="exact").spec()["train_target"] == "exact"
+    assert network_path(replace(config, train_target="exact")) != network_path(config)
 
 
 def test_run_with_prior_learned_scores_against_the_world(tiny_config, tiny_prior, world_cache, tmp_path):

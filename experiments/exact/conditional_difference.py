@@ -1,0 +1,99 @@
+"""How well ``prior=learned``'s network knows the *differences* between conditionings that score distillation
+multiplies by its guidance scale, against the exact world's (issue #12).
+
+On exact samples of each prompt, noised at t (the same noise for both priors), it compares the network's and the closed
+form's
+- ``bridge``: eps(y + Bridge's target words) - eps(y + its source words), what Bridge's stage 2 steps along (x 40);
+- ``cfg``: eps(y) - eps(""), what CFG amplifies (x 7.5 to 100);
+- ``<word>``: eps(y) - eps(y + word), one source word at a time,
+by the RMS over pixels of the exact difference and of the network's, the RMS of their gap (the network's error in the
+difference) and their cosine. On exact samples the exact Bridge difference vanishes at small t (the posterior knows
+the image is clean), so what the network puts there is its own error, which the guidance scale multiplies.
+
+    python experiments/exact/conditional_difference.py                        # the default network (prior=learned)
+    python experiments/exact/conditional_difference.py prior.train_target=exact   # one distilled from the exact eps
+    python experiments/exact/conditional_difference.py --ts 100 500 900 --n 128 --json out.json
+
+Arguments ``field=value`` are ``prior=learned``'s fields (the network is trained first if it is not cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from sdbridge.files import write_text  # noqa: E402
+from sdbridge.guidance.bridge import SOURCE_MODIFIER, TARGET_MODIFIER  # noqa: E402
+from sdbridge.priors.analytic import AnalyticPrior  # noqa: E402
+from sdbridge.priors.learned import LearnedPrior, config_from_dotlist, network_path  # noqa: E402
+
+
+def pairs(prompt: str, words: list[str]) -> dict[str, tuple[str, str]]:
+    """The conditioning pairs (a, b) whose eps(a) - eps(b) is compared."""
+    out = {"bridge": (prompt + TARGET_MODIFIER, prompt + SOURCE_MODIFIER), "cfg": (prompt, "")}
+    out.update({word: (prompt, f"{prompt}, {word}") for word in words})
+    return out
+
+
+def rms(x: torch.Tensor) -> float:
+    return float(x.pow(2).mean().sqrt())
+
+
+@torch.no_grad()
+def compare(prior: LearnedPrior, prompts: list[str], words: list[str], ts: list[int], n: int, seed: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for prompt in prompts:
+        x0 = prior.sample(prompt, n, gen).float()
+        for t in ts:
+            tt = torch.full((n,), t, dtype=torch.long)
+            x_t = prior.add_noise(x0, torch.randn(x0.shape, generator=gen), tt)
+            for name, (a, b) in pairs(prompt, words).items():
+                conds = [prior.encode_text([a] * n), prior.encode_text([b] * n)]
+                net = prior._predict_eps_batched(x_t, tt, conds).double()
+                exact = AnalyticPrior._predict_eps_batched(prior, x_t, tt, conds).double()
+                d_net, d_exact = net[0] - net[1], exact[0] - exact[1]
+                cos = float((d_net * d_exact).sum() / (d_net.norm() * d_exact.norm()).clamp(min=1e-30))
+                rows.append({"prompt": prompt, "pair": name, "t": t, "exact": rms(d_exact), "network": rms(d_net),
+                             "error": rms(d_net - d_exact), "cos": cos})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("fields", nargs="*", help="prior=learned fields, field=value")
+    parser.add_argument("--prompts", nargs="+", default=["a red circle", "a blue square"])
+    parser.add_argument("--words", nargs="*", default=["blurry", "smooth", "oversaturated", "pixelated"],
+                        help="single source words compared one at a time")
+    parser.add_argument("--ts", type=int, nargs="+", default=[100, 300, 500, 700, 900])
+    parser.add_argument("--n", type=int, default=64, help="exact samples per prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args(argv)
+    config = config_from_dotlist(args.fields)
+    prior = LearnedPrior(config)
+    print(f"network {config.checkpoint or network_path(config)}; {args.n} exact samples per prompt, RMS over pixels "
+          "(mean over prompts): exact difference | network's | their gap | cosine")
+    rows = compare(prior, args.prompts, args.words, args.ts, args.n, args.seed)
+    for name in pairs("", args.words):
+        cells = []
+        for t in args.ts:
+            sel = [r for r in rows if r["pair"] == name and r["t"] == t]
+            mean = {k: sum(r[k] for r in sel) / len(sel) for k in ("exact", "network", "error", "cos")}
+            cells.append(f"t {t}: {mean['exact']:.3f} | {mean['network']:.3f} | {mean['error']:.3f} | "
+                         f"{mean['cos']:+.2f}")
+        print(f"{name:>14}  " + "   ".join(cells), flush=True)
+    if args.json is not None:
+        write_text(args.json, json.dumps({"config": config.spec(), "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
