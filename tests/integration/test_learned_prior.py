@@ -154,3 +154,35 @@ def test_run_with_prior_learned_scores_against_the_world(tiny_config, tiny_prior
     assert not bad.exists()
     missing = run_cli([*common, f"prior.checkpoint={tmp_path / 'none.pt'}", f"hydra.run.dir={bad}"])
     assert missing.returncode != 0 and "prior.checkpoint=" in missing.stdout and not bad.exists()
+
+
+def test_conditional_difference_script_measures_the_networks_error(tiny_prior, tiny_config, monkeypatch, capsys):
+    """experiments/exact/conditional_difference.py: a network equal to the closed form has no gap and cosine 1; on
+    exact samples the exact Bridge difference vanishes at small t (measured: < 1e-3 RMS at t = 100), so what a network
+    puts there is its own error."""
+    import importlib.util
+
+    from sdbridge.priors.analytic import AnalyticPrior
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("conditional_difference",
+                                                  ROOT / "experiments" / "exact" / "conditional_difference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.compare(tiny_prior, ["a blue square"], ["blurry"], [100, 900], 8, seed=0)
+    by = {(r["pair"], r["t"]): r for r in rows}
+    assert set(by) == {(p, t) for p in ("bridge", "cfg", "blurry") for t in (100, 900)}
+    assert by["bridge", 100]["exact"] < 1e-3 and by["bridge", 900]["exact"] > 1e-2
+    assert by["bridge", 100]["network"] > 1e-3  # the 3-step network's difference is its error
+    # the measurement itself: a "network" that is the closed form matches it exactly
+    monkeypatch.setattr(type(tiny_prior), "_predict_eps_batched", AnalyticPrior._predict_eps_batched)
+    same = {(r["pair"], r["t"]): r for r in module.compare(tiny_prior, ["a blue square"], ["blurry"], [900], 8, 0)}
+    for key, row in same.items():
+        assert row["error"] < 1e-6 and row["cos"] > 0.999, (key, row)
+    # the CLI reads prior=learned fields and prints one line per difference
+    monkeypatch.undo()
+    fields = [f"{k}={v}".replace(" ", "") for k, v in TINY.items()]
+    module.main([*fields, f"cache_dir={tiny_config.cache_dir}", f"learned_dir={tiny_config.learned_dir}",
+                 "--prompts", "a red circle", "--words", "smooth", "--ts", "500", "--n", "4"])
+    out = capsys.readouterr().out
+    assert "network" in out and all(f" {name}  t 500:" in out for name in ("bridge", "cfg", "smooth"))
