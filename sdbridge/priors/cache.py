@@ -7,11 +7,12 @@ and give wrong numbers), and the caller rebuilds it with a one-line warning. Has
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from sdbridge.files import write_text
 
@@ -67,3 +68,27 @@ def warn_rebuild(what: str, path: Path, reason: str, recorded: bool = True) -> N
         log.warning("sdbridge: warning: the %s cache %s is damaged (%s); rebuilding it", what, path, reason)
     else:
         log.info("sdbridge: the %s cache %s has no recorded checksum; rebuilding it once", what, path)
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock`` while building the cache file ``path``, so that the jobs of a sweep
+    that all find it missing build it once: the others wait here, then find it built. The lock is the OS's
+    (``flock``), released when its holder exits or is killed, so a killed build never leaves the others waiting.
+    Where ``flock`` does not exist, no lock is taken (each job builds its own copy; atomic writes keep it sound)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (not POSIX)
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("sdbridge: another process is building the %s cache %s; waiting for it", what, path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

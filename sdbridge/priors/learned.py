@@ -278,16 +278,21 @@ def check_checkpoint(config: LearnedConfig) -> dict:
 
 def ensure_network(world: AnalyticPrior, config: LearnedConfig) -> dict:
     """The checkpoint of ``config``: ``prior.checkpoint`` if set, else the cached one, trained first if missing
-    (a cache file that does not match its checksum is retrained with a one-line warning)."""
+    (a cache file that does not match its checksum is retrained with a one-line warning). Processes that find it
+    missing at the same time train it once: the first holds a lock (:func:`sdbridge.priors.cache.exclusive`), the
+    others wait for it and load its file."""
     if config.checkpoint:
         return check_checkpoint(config)
     path = network_path(config)
-    if path.is_file():
-        problem = cache.verify_file(path)
-        if problem is None:
-            return load_network(path, config)
-        cache.warn_rebuild("learned-prior", path, problem)
-    return train_network(world, config, path)
+    if path.is_file() and cache.verify_file(path) is None:
+        return load_network(path, config)
+    with cache.exclusive(path, "learned-prior"):  # concurrent first uses (a sweep's jobs) train it once
+        if path.is_file():  # trained meanwhile by the process this one waited for, or damaged
+            problem = cache.verify_file(path)
+            if problem is None:
+                return load_network(path, config)
+            cache.warn_rebuild("learned-prior", path, problem)
+        return train_network(world, config, path)
 
 
 @builds("prior", "learned", LearnedConfig)

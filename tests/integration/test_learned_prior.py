@@ -186,3 +186,33 @@ def test_conditional_difference_script_measures_the_networks_error(tiny_prior, t
                  "--prompts", "a red circle", "--words", "smooth", "--ts", "500", "--n", "4"])
     out = capsys.readouterr().out
     assert "network" in out and all(f" {name}  t 500:" in out for name in ("bridge", "cfg", "smooth"))
+
+
+def test_processes_that_find_no_network_train_it_once(tiny_prior, tiny_config, tmp_path):
+    """The jobs of a sweep that start together with no cached network: one trains it, the others wait for its lock
+    and load its file (here the test holds the lock and trains; the job it started must wait, then not train)."""
+    import subprocess
+    import sys
+    import time
+    from dataclasses import asdict
+
+    from sdbridge.priors import cache
+    from sdbridge.priors.learned import train_network
+    from tests.conftest import ROOT
+
+    config = replace(tiny_config, learned_dir=str(tmp_path / "shared"))
+    path = network_path(config)
+    log_file = tmp_path / "job.log"
+    code = ("import json, logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(message)s');"
+            "from sdbridge.priors.learned import LearnedConfig, LearnedPrior;"
+            f"LearnedPrior(LearnedConfig(**json.loads({json.dumps(json.dumps(asdict(config)))})))")
+    with cache.exclusive(path, "learned-prior"):
+        with open(log_file, "w") as out:
+            job = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while "waiting for it" not in log_file.read_text() and time.time() < deadline and job.poll() is None:
+            time.sleep(0.2)
+        assert "waiting for it" in log_file.read_text(), log_file.read_text()
+        train_network(tiny_prior, config, path)
+    assert job.wait(timeout=120) == 0, log_file.read_text()
+    assert "training the learned prior" not in log_file.read_text()
