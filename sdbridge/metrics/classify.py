@@ -10,7 +10,7 @@ so a disc whose red is off the world's red direction, dimmer or brighter, is jud
 gets the shape of its best template and the world color nearest (by angle) to that template's fitted ``v``. Images
 and templates are first smoothed by a Gaussian of ``SMOOTHING_PX`` at 32 px, the same fraction of the image at other
 sizes (the world's sensor noise would otherwise dominate the distances; 1 px at 16 px would blur a triangle into a
-disc: measured, 82% of 16 px unconditional exact samples recognizable with 1 px, 97% with 0.5 px).
+disc: measured, 82% of 16 px unconditional exact samples recognizable with 1 px, 94.5% with 0.5 px).
 
 An image is **recognizable** when its shape wins clearly, its color is one of the world's, and nothing else is in
 it: the best template of its shape fits at least ``MARGIN`` times better (RMS residual) than the best template of any
