@@ -55,11 +55,13 @@ def compare(prior: LearnedPrior, prompts: list[str], words: list[str], ts: list[
         for t in ts:
             tt = torch.full((n,), t, dtype=torch.long)
             x_t = prior.add_noise(x0, torch.randn(x0.shape, generator=gen), tt)
-            for name, (a, b) in pairs(prompt, words).items():
-                conds = [prior.encode_text([a] * n), prior.encode_text([b] * n)]
-                net = prior._predict_eps_batched(x_t, tt, conds).double()
-                exact = AnalyticPrior._predict_eps_batched(prior, x_t, tt, conds).double()
-                d_net, d_exact = net[0] - net[1], exact[0] - exact[1]
+            compared = pairs(prompt, words)
+            texts = list(dict.fromkeys(text for pair in compared.values() for text in pair))  # each text once
+            conds = [prior.encode_text([text] * n) for text in texts]
+            net = dict(zip(texts, prior._predict_eps_batched(x_t, tt, conds).double()))  # one batched call
+            exact = dict(zip(texts, AnalyticPrior._predict_eps_batched(prior, x_t, tt, conds).double()))
+            for name, (a, b) in compared.items():
+                d_net, d_exact = net[a] - net[b], exact[a] - exact[b]
                 cos = float((d_net * d_exact).sum() / (d_net.norm() * d_exact.norm()).clamp(min=1e-30))
                 rows.append({"prompt": prompt, "pair": name, "t": t, "exact": rms(d_exact), "network": rms(d_net),
                              "error": rms(d_net - d_exact), "cos": cos})
