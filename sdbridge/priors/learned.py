@@ -10,8 +10,10 @@ trained on the world"). This prior keeps everything exact that can be, and makes
 * **the world** (samples, log-densities, the model space ``z = (x - shift) / scale``, the exact metrics) is the
   analytic prior's (:class:`~sdbridge.priors.analytic.AnalyticPrior`, same fields, same cache);
 * **the denoiser** is a small UNet (diffusers' ``UNet2DModel``) conditioned on the prompt's words, trained once per
-  world and training config on fresh exact samples and cached (``learned_dir``, with a checksum) like the world. A
-  run that finds no cached network trains it first (~14 min on 2 CPU cores at 16 px, seconds on a GPU).
+  world and training config on fresh exact samples and cached (``learned_dir``, with a checksum) like the world. The
+  default config's network ships with sdbridge (``SHIPPED_DIR``, trained here by ``python
+  experiments/exact/learned_prior.py prior.shipped=false``, 28 min on 2 CPU cores); a run with another config that
+  finds no cached network trains it first (~4 min per 1000 steps on 2 CPU cores at 16 px, seconds on a GPU).
 
 **Text encoder.** A prompt is parsed by the exact prior's vocabulary (:func:`~sdbridge.priors.vocabulary.parse_prompt`:
 unknown words fail with the vocabulary) into the bag of its shape, color and modifier words, a multi-hot vector
@@ -53,7 +55,11 @@ LEARNED_VERSION = 1
 PROMPT_FEATURES: tuple[str, ...] = (*SHAPES, *COLORS, *MODIFIERS)
 
 #: fields of the config that do not change the network (where it runs or is stored)
-_NOT_IN_SPEC = {"device", "dtype", "cache_dir", "checkpoint", "learned_dir"}
+_NOT_IN_SPEC = {"device", "dtype", "cache_dir", "checkpoint", "learned_dir", "shipped"}
+
+#: networks trained by :func:`train_network` and shipped with the package (``learned-<size>px-<spec digest>.pt`` and
+#: its checksum sidecar): the default config's, so a first ``prior=learned`` run needs no training
+SHIPPED_DIR = Path(__file__).resolve().parent / "networks"
 
 #: ``prior.train_target`` values (:class:`LearnedConfig`)
 TRAIN_TARGETS = ("noise", "exact")
@@ -63,10 +69,12 @@ TRAIN_TARGETS = ("noise", "exact")
 class LearnedConfig(AnalyticConfig):
     """``prior=learned``: the exact world (every :class:`AnalyticConfig` field) with a trained UNet as its eps."""
 
-    size: int = 16  # 16 px: training takes ~14 min on 2 CPU cores (32 px: ~70 min there, minutes on a GPU)
+    size: int = 16  # 16 px (the default config's network ships with sdbridge; 32 px trains ~70 min on 2 CPU cores)
     channels: list[int] = field(default_factory=lambda: [32, 64])  # UNet block widths (attention at the second)
     layers: int = 1  # ResNet layers per UNet block
-    train_steps: int = 3500
+    #: 7000: with 3500 (the default until 2026-12-06, 14 min on 2 CPU cores) Bridge turns "a blue square" into rings
+    #: on ``make run``'s protocol; with 7000 (28 min) it keeps the squares (experiments/exact/README.md)
+    train_steps: int = 7000
     batch: int = 64
     lr: float = 1e-3  # AdamW, 200 warm-up steps, then cosine to 0
     ema: float = 0.995  # the saved weights are this EMA of the trained ones
@@ -80,6 +88,9 @@ class LearnedConfig(AnalyticConfig):
     train_target: str = "noise"
     checkpoint: str = ""  # a trained network's file; "" = the one cached for this config (trained on first use)
     learned_dir: str = "~/.cache/sdbridge/learned"
+    #: use the network shipped with sdbridge for this config when there is one (``SHIPPED_DIR``); false: the one in
+    #: ``learned_dir``, trained there on first use (to retrain the shipped one, or check that training reproduces it)
+    shipped: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -179,8 +190,8 @@ def train_network(world: AnalyticPrior, config: LearnedConfig, out: Path) -> dic
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.0)
     prompts, weights = training_prompts()
     features = prompt_features(prompts)
-    log.info("sdbridge: training the learned prior once (%d steps, %d-px world; ~14 min on 2 CPU cores at 16 px), "
-             "cached at %s", config.train_steps, config.size, out)
+    log.info("sdbridge: training the learned prior once (%d steps, %d-px world; ~4 min per 1000 steps on 2 CPU cores "
+             "at 16 px), cached at %s", config.train_steps, config.size, out)
     start, losses, history = time.time(), [], []
     for step in range(config.train_steps):
         if step % config.refresh == 0:  # fresh exact samples: the network sees the distribution, not a fixed set
@@ -277,23 +288,43 @@ def check_checkpoint(config: LearnedConfig) -> dict:
     return load_network(path, config)
 
 
+def shipped_network(config: LearnedConfig) -> Path | None:
+    """The network of ``config`` shipped with sdbridge (``SHIPPED_DIR``), or None: none for this config, or
+    ``prior.shipped=false``, or a damaged file (one-line warning)."""
+    if not config.shipped:
+        return None
+    path = SHIPPED_DIR / network_path(config).name
+    if not path.is_file():
+        return None
+    problem = cache.verify_file(path)
+    if problem is not None:
+        log.warning("sdbridge: the shipped learned-prior network %s does not match its checksum (%s); using the cache "
+                    "(prior.learned_dir) instead", path, problem)
+        return None
+    return path
+
+
 def ensure_network(world: AnalyticPrior, config: LearnedConfig) -> dict:
-    """The checkpoint of ``config``: ``prior.checkpoint`` if set, else the cached one, trained first if missing
-    (a cache file that does not match its checksum is retrained with a one-line warning). Processes that find it
-    missing at the same time train it once: the first holds a lock (:func:`sdbridge.priors.cache.exclusive`), the
-    others wait for it and load its file."""
+    """The checkpoint of ``config``: ``prior.checkpoint`` if set, else the shipped one (:func:`shipped_network`), else
+    the cached one, trained first if missing (a cache file that does not match its checksum is retrained with a
+    one-line warning). Processes that find it missing at the same time train it once: the first holds a lock
+    (:func:`sdbridge.priors.cache.exclusive`), the others wait for it and load its file. The checkpoint's ``file``
+    says which file it came from."""
     if config.checkpoint:
-        return check_checkpoint(config)
+        return {**check_checkpoint(config), "file": str(Path(os.path.expanduser(config.checkpoint)))}
+    shipped = shipped_network(config)
+    if shipped is not None:
+        return {**load_network(shipped, config), "file": str(shipped)}
     path = network_path(config)
     if path.is_file() and cache.verify_file(path) is None:
-        return load_network(path, config)
+        return {**load_network(path, config), "file": str(path)}
     with cache.exclusive(path, "learned-prior"):  # concurrent first uses (a sweep's jobs) train it once
         if path.is_file():  # trained meanwhile by the process this one waited for, or damaged
             problem = cache.verify_file(path)
             if problem is None:
-                return load_network(path, config)
+                return {**load_network(path, config), "file": str(path)}
             cache.warn_rebuild("learned-prior", path, problem)
-        return train_network(world, config, path)
+        return {**train_network(world, config, path), "file": str(path)}
 
 
 @builds("prior", "learned", LearnedConfig)
@@ -343,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = config_from_dotlist(sys.argv[1:] if argv is None else argv)
     prior = LearnedPrior(config)
-    print(f"network: {config.checkpoint or network_path(config)} ({prior.checkpoint['seconds']:.0f} s of training)")
+    print(f"network: {prior.checkpoint['file']} ({prior.checkpoint['seconds']:.0f} s of training)")
     print("step   " + "  ".join(f"{h['step']:>6}" for h in prior.checkpoint["history"][::4]))
     print("loss   " + "  ".join(f"{h['loss']:6.4f}" for h in prior.checkpoint["history"][::4]))
     for row in prior.checkpoint["report"]:
@@ -352,4 +383,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 __all__ = ["LearnedConfig", "LearnedPrior", "PROMPT_FEATURES", "TRAIN_TARGETS", "check_checkpoint", "config_from_dotlist",
-           "ensure_network", "network_path", "prompt_features", "train_network", "training_prompts"]
+           "ensure_network", "network_path", "prompt_features", "shipped_network", "train_network", "training_prompts"]

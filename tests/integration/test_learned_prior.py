@@ -216,3 +216,39 @@ def test_processes_that_find_no_network_train_it_once(tiny_prior, tiny_config, t
         train_network(tiny_prior, config, path)
     assert job.wait(timeout=120) == 0, log_file.read_text()
     assert "training the learned prior" not in log_file.read_text()
+
+
+def test_the_default_network_ships_with_sdbridge_and_is_used_first(tiny_prior, tiny_config, tmp_path, monkeypatch,
+                                                                   caplog):
+    """The default config's network is in the package (so a first ``prior=learned`` run trains nothing), checksummed,
+    for the default spec; a shipped network is used before the cache, ``prior.shipped=false`` ignores it, and a
+    damaged one falls back to the cache with a warning."""
+    import shutil
+
+    from sdbridge.priors import cache, learned
+    from sdbridge.priors.learned import ensure_network, load_network, shipped_network
+
+    default = LearnedConfig(learned_dir=str(tmp_path / "empty"))
+    path = shipped_network(default)
+    assert path is not None and path.parent == learned.SHIPPED_DIR and cache.verify_file(path) is None
+    assert load_network(path, default)["spec"] == default.spec()  # trained for the default config, not another one
+    assert shipped_network(replace(default, shipped=False)) is None
+    assert shipped_network(replace(default, train_seed=1)) is None  # another config: none shipped, trained on use
+
+    # with the tiny network standing in for a shipped one
+    shipped_dir = tmp_path / "shipped"
+    shipped_dir.mkdir()
+    source = network_path(tiny_config)
+    for f in (source, cache.sidecar(source)):
+        shutil.copy(f, shipped_dir / f.name)
+    monkeypatch.setattr(learned, "SHIPPED_DIR", shipped_dir)
+    config = replace(tiny_config, learned_dir=str(tmp_path / "cache"))
+    ckpt = ensure_network(tiny_prior, config)
+    assert ckpt["file"] == str(shipped_dir / source.name) and not network_path(config).exists()  # nothing trained
+    own = ensure_network(tiny_prior, replace(config, shipped=False))  # trained into learned_dir
+    assert own["file"] == str(network_path(config)) and network_path(config).is_file()
+    assert ensure_network(tiny_prior, config)["file"] == str(shipped_dir / source.name)  # shipped before the cache
+    (shipped_dir / source.name).write_bytes(source.read_bytes()[:-100])
+    with caplog.at_level("WARNING", logger="sdbridge"):
+        fallback = ensure_network(tiny_prior, config)
+    assert fallback["file"] == str(network_path(config)) and "does not match its checksum" in caplog.text
