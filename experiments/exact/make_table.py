@@ -12,7 +12,7 @@ method whose fixed point is the data keeps them); its table is a section of its 
 main table is regenerated and vice versa. ``--world KEY=VALUE ...`` runs the table's protocol on a variant of the
 exact world (``prior.KEY=VALUE`` for every method run and for the reference rows; keys are ``AnalyticConfig``'s), in
 a README section of its own: how to measure a world change side by side with the table before making it the default.
-``--learned`` runs it with ``prior=learned`` (its default 16 px world, the network trained on first use; the DDIM rows
+``--learned`` runs it with ``prior=learned`` (its default 16 px world and shipped network; the DDIM rows
 are then the network's samples, the true samples and every metric the world's), in a section of its own.
 
 Each method's summary is kept in ``results.json`` beside the README, keyed by the protocol, so a table can be

@@ -86,7 +86,7 @@ class LearnedConfig(AnalyticConfig):
     #: target's variance; +0.1 s per step at 16 px). Measured at the defaults: about the same network (diffusion
     #: loss +4% ... +56% over the closed form against +5% ... +62%; experiments/exact/README.md)
     train_target: str = "noise"
-    checkpoint: str = ""  # a trained network's file; "" = the one cached for this config (trained on first use)
+    checkpoint: str = ""  # a trained network's file; "" = the shipped or cached one for this config (trained on first use)
     learned_dir: str = "~/.cache/sdbridge/learned"
     #: use the network shipped with sdbridge for this config when there is one (``SHIPPED_DIR``); false: the one in
     #: ``learned_dir``, trained there on first use (to retrain the shipped one, or check that training reproduces it)
@@ -284,7 +284,7 @@ def check_checkpoint(config: LearnedConfig) -> dict:
     path = Path(os.path.expanduser(config.checkpoint))
     if not path.is_file():
         raise ValueError(f"prior.checkpoint={config.checkpoint!r}: no such file (leave it empty to use the network "
-                         f"cached in prior.learned_dir, trained on first use)")
+                         f"shipped with sdbridge or cached in prior.learned_dir, trained on first use)")
     return load_network(path, config)
 
 
