@@ -230,7 +230,7 @@ def train_network(world: AnalyticPrior, config: LearnedConfig, out: Path) -> dic
     with atomic_open(out) as f:
         torch.save(ckpt, f)
     cache.write_sidecar(out)
-    return ckpt
+    return {**ckpt, "file": str(out)}
 
 
 @torch.no_grad()
@@ -275,7 +275,7 @@ def load_network(path: Path, config: LearnedConfig) -> dict:
         shown = ", ".join(f"{k}={ckpt['spec'].get(k)!r} (run: {want.get(k)!r})" for k in differ)
         raise ValueError(f"prior.checkpoint={str(path)!r} was trained on another world: {shown}. Set those prior "
                          "fields to the checkpoint's")
-    return ckpt
+    return {**ckpt, "file": str(path)}  # where it was loaded from (not stored in the file)
 
 
 def check_checkpoint(config: LearnedConfig) -> dict:
@@ -309,22 +309,22 @@ def ensure_network(world: AnalyticPrior, config: LearnedConfig) -> dict:
     the cached one, trained first if missing (a cache file that does not match its checksum is retrained with a
     one-line warning). Processes that find it missing at the same time train it once: the first holds a lock
     (:func:`sdbridge.priors.cache.exclusive`), the others wait for it and load its file. The checkpoint's ``file``
-    says which file it came from."""
+    says which file it came from (set by :func:`load_network` and :func:`train_network`)."""
     if config.checkpoint:
-        return {**check_checkpoint(config), "file": str(Path(os.path.expanduser(config.checkpoint)))}
+        return check_checkpoint(config)
     shipped = shipped_network(config)
     if shipped is not None:
-        return {**load_network(shipped, config), "file": str(shipped)}
+        return load_network(shipped, config)
     path = network_path(config)
     if path.is_file() and cache.verify_file(path) is None:
-        return {**load_network(path, config), "file": str(path)}
+        return load_network(path, config)
     with cache.exclusive(path, "learned-prior"):  # concurrent first uses (a sweep's jobs) train it once
         if path.is_file():  # trained meanwhile by the process this one waited for, or damaged
             problem = cache.verify_file(path)
             if problem is None:
-                return {**load_network(path, config), "file": str(path)}
+                return load_network(path, config)
             cache.warn_rebuild("learned-prior", path, problem)
-        return {**train_network(world, config, path), "file": str(path)}
+        return train_network(world, config, path)
 
 
 @builds("prior", "learned", LearnedConfig)
