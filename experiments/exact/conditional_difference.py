@@ -7,7 +7,8 @@ form's
 - ``cfg``: eps(y) - eps(""), what CFG amplifies (x 7.5 to 100);
 - ``<word>``: eps(y) - eps(y + word), one source word at a time,
 by the RMS over pixels of the exact difference and of the network's, the RMS of their gap (the network's error in the
-difference) and their cosine. On exact samples the exact Bridge difference vanishes at small t (the posterior knows
+difference) and their cosine; and, for each, whether a descent step along it adds or removes the image's color (the
+cosine between the step and the image's chroma, exact | network). On exact samples the exact Bridge difference vanishes at small t (the posterior knows
 the image is clean), so what the network puts there is its own error, which the guidance scale multiplies.
 
     python experiments/exact/conditional_difference.py                        # the default network (prior=learned)
@@ -46,6 +47,17 @@ def rms(x: torch.Tensor) -> float:
     return float(x.pow(2).mean().sqrt())
 
 
+def chroma_cosine(prior: LearnedPrior, x0: torch.Tensor, d: torch.Tensor) -> float:
+    """How much a step along ``-d`` (a descent step on ``grad = w s d``: ``d = eps(a) - eps(b)`` moves the image
+    toward ``a``, away from ``b``) adds to each image's color: the cosine between ``-d`` and the image's chroma (its
+    pixels minus their gray), per image, averaged. Below 0 the step takes color out; ``scale`` is a scalar, so the
+    cosine is the same in model and pixel units."""
+    chroma = prior.to_pixels(x0.double())
+    chroma = (chroma - chroma.mean(1, keepdim=True)).flatten(1)
+    step = -(d - d.mean(1, keepdim=True)).flatten(1)  # the step's own gray part leaves the chroma unchanged
+    return float(((step * chroma).sum(1) / (step.norm(dim=1) * chroma.norm(dim=1)).clamp(min=1e-30)).mean())
+
+
 @torch.no_grad()
 def compare(prior: LearnedPrior, prompts: list[str], words: list[str], ts: list[int], n: int, seed: int) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
@@ -64,7 +76,9 @@ def compare(prior: LearnedPrior, prompts: list[str], words: list[str], ts: list[
                 d_net, d_exact = net[a] - net[b], exact[a] - exact[b]
                 cos = float((d_net * d_exact).sum() / (d_net.norm() * d_exact.norm()).clamp(min=1e-30))
                 rows.append({"prompt": prompt, "pair": name, "t": t, "exact": rms(d_exact), "network": rms(d_net),
-                             "error": rms(d_net - d_exact), "cos": cos})
+                             "error": rms(d_net - d_exact), "cos": cos,
+                             "chroma_exact": chroma_cosine(prior, x0, d_exact),
+                             "chroma_network": chroma_cosine(prior, x0, d_net)})
     return rows
 
 
@@ -91,6 +105,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             mean = {k: sum(r[k] for r in sel) / len(sel) for k in ("exact", "network", "error", "cos")}
             cells.append(f"t {t}: {mean['exact']:.3f} | {mean['network']:.3f} | {mean['error']:.3f} | "
                          f"{mean['cos']:+.2f}")
+        print(f"{name:>14}  " + "   ".join(cells), flush=True)
+    print("color: the cosine between a step along -(eps(a) - eps(b)) and the image's chroma (< 0: it takes color out), "
+          "exact | network")
+    for name in pairs("", args.words):
+        cells = []
+        for t in args.ts:
+            sel = [r for r in rows if r["pair"] == name and r["t"] == t]
+            cells.append(f"t {t}: {sum(r['chroma_exact'] for r in sel) / len(sel):+.2f} | "
+                         f"{sum(r['chroma_network'] for r in sel) / len(sel):+.2f}")
         print(f"{name:>14}  " + "   ".join(cells), flush=True)
     if args.json is not None:
         write_text(args.json, json.dumps({"config": config.spec(), "rows": rows}, indent=1))

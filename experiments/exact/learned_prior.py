@@ -2,7 +2,7 @@
 closed form's (the Bayes optimum), by t (sdbridge/priors/learned.py).
 
     python experiments/exact/learned_prior.py                       # the default: the network shipped with sdbridge
-    python experiments/exact/learned_prior.py prior.shipped=false   # train it here (16 px, 7000 steps: 28 min, 2 CPUs)
+    python experiments/exact/learned_prior.py prior.shipped=false   # train it here (16 px, 7000 steps: 44 min, 2 CPUs)
     python experiments/exact/learned_prior.py prior.size=32 prior.device=cuda
 
 Arguments are ``prior=learned``'s fields (with or without ``prior.``). A run with ``prior=learned`` uses the shipped

@@ -42,7 +42,9 @@ class ExactProtocol:
         # the world's and the text model's defaults (and the network's) are part of what a result was measured on
         text = LearnedConfig() if self.prior == "learned" else AnalyticConfig()
         network = (f", a UNet of widths {list(text.channels)} trained {text.train_steps} steps on it (learned prior "
-                   f"v{LEARNED_VERSION}, seed {text.train_seed}) as the eps") if self.prior == "learned" else ""
+                   f"v{LEARNED_VERSION}, seed {text.train_seed}"
+                   + (f", difference loss x{text.difference_weight:g}" if text.difference_weight else "")
+                   + ") as the eps") if self.prior == "learned" else ""
         return (
             f"prior={self.prior} ({text.size}x{text.size}, world v{WORLD_VERSION}, text contrast "
             f"{text.text_contrast:g}, shape pull {text.text_pull:g}{network}), prompts {self.prompts}, "

@@ -12,8 +12,15 @@ trained on the world"). This prior keeps everything exact that can be, and makes
 * **the denoiser** is a small UNet (diffusers' ``UNet2DModel``) conditioned on the prompt's words, trained once per
   world and training config on fresh exact samples and cached (``learned_dir``, with a checksum) like the world. The
   default config's network ships with sdbridge (``SHIPPED_DIR``, trained here by ``python
-  experiments/exact/learned_prior.py prior.shipped=false``, 28 min on 2 CPU cores); a run with another config that
-  finds no cached network trains it first (~4 min per 1000 steps on 2 CPU cores at 16 px, seconds on a GPU).
+  experiments/exact/learned_prior.py prior.shipped=false``, 42 min on 2 CPU cores); a run with another config that
+  finds no cached network trains it first (~4-6 min per 1000 steps on 2 CPU cores at 16 px, seconds on a GPU).
+
+**Training.** The diffusion loss on fresh exact samples (as SD is trained), plus a loss on what score distillation
+multiplies by its guidance scale: the *differences* between conditionings at the same noisy image (eps(y) -
+eps(y + modifier words), eps(y) - eps("")) regress the closed form's (``difference_weight``, :func:`difference_loss`).
+Without it the small network's differences at t <= 500 were as large as the exact ones and took color out of clean
+images, which the exact ones do not, and Bridge's stage 2 (x 40) dimmed every image (experiments/exact/README.md:
+``python experiments/exact/conditional_difference.py``).
 
 **Text encoder.** A prompt is parsed by the exact prior's vocabulary (:func:`~sdbridge.priors.vocabulary.parse_prompt`:
 unknown words fail with the vocabulary) into the bag of its shape, color and modifier words, a multi-hot vector
@@ -73,7 +80,7 @@ class LearnedConfig(AnalyticConfig):
     channels: list[int] = field(default_factory=lambda: [32, 64])  # UNet block widths (attention at the second)
     layers: int = 1  # ResNet layers per UNet block
     #: 7000: with 3500 (the default until 2026-12-06, 14 min on 2 CPU cores) Bridge turns "a blue square" into rings
-    #: on ``make run``'s protocol; with 7000 (28 min) it keeps the squares (experiments/exact/README.md)
+    #: on ``make run``'s protocol; with 7000 it keeps the squares (experiments/exact/README.md)
     train_steps: int = 7000
     batch: int = 64
     lr: float = 1e-3  # AdamW, 200 warm-up steps, then cosine to 0
@@ -86,6 +93,15 @@ class LearnedConfig(AnalyticConfig):
     #: target's variance; +0.1 s per step at 16 px). Measured at the defaults: about the same network (diffusion
     #: loss +4% ... +56% over the closed form against +5% ... +62%; experiments/exact/README.md)
     train_target: str = "noise"
+    #: weight of a second loss on the *differences* between conditionings, which score distillation multiplies by its
+    #: guidance scale: at the same x_t (an exact sample of a base prompt, noised), the network's eps(prompt) -
+    #: eps(partner) regresses the closed form's, for a quarter of each batch; partner = the same base prompt with
+    #: another suffix of :func:`training_prompts` (Bridge's source words, NFSD's negatives, one modifier, none) or the
+    #: empty prompt. 0: off (the diffusion loss alone, as SD is trained; the default until 2026-12-06). 16: measured on
+    #: ``make run``'s protocol, Bridge's saturation 0.82 against the truth's 0.90 (0.45 without), and the network's
+    #: Bridge difference at t = 100 on exact samples 0.006 RMS where the exact one is 0 (0.053 without); training takes
+    #: 44 min on 2 CPU cores instead of 28 (experiments/exact/README.md)
+    difference_weight: float = 16.0
     checkpoint: str = ""  # a trained network's file; "" = the shipped or cached one for this config (trained on first use)
     learned_dir: str = "~/.cache/sdbridge/learned"
     #: use the network shipped with sdbridge for this config when there is one (``SHIPPED_DIR``); false: the one in
@@ -106,6 +122,9 @@ class LearnedConfig(AnalyticConfig):
             raise ValueError(f"prior.lr={self.lr} must be > 0")
         if not 0 <= self.ema < 1:
             raise ValueError(f"prior.ema={self.ema} must be in [0, 1)")
+        if not self.difference_weight >= 0:
+            raise ValueError(f"prior.difference_weight={self.difference_weight} must be >= 0")
+        self.difference_weight = float(self.difference_weight)  # 16 and 16.0 are one network (one cache key)
         if self.train_target not in TRAIN_TARGETS:
             raise ValueError(f"prior.train_target={self.train_target!r}; allowed: {', '.join(TRAIN_TARGETS)}")
         if self.size % 4:
@@ -117,6 +136,8 @@ class LearnedConfig(AnalyticConfig):
         fields_ = {k: v for k, v in asdict(self).items() if k not in _NOT_IN_SPEC}
         if fields_["train_target"] == "noise":  # the original training: networks cached before the field keep their key
             del fields_["train_target"]
+        if fields_["difference_weight"] == 0:  # likewise
+            del fields_["difference_weight"]
         return {"version": LEARNED_VERSION, **fields_}
 
 
@@ -131,13 +152,18 @@ def prompt_features(prompts: list[str]) -> torch.Tensor:
     return out
 
 
+#: the base prompts of :func:`training_prompts`: the empty prompt, each shape, each color, each concept
+BASE_PROMPTS: tuple[str, ...] = ("", *(f"a {s}" for s in SHAPES), *COLORS,
+                                 *(f"a {c} {s}" for s in SHAPES for c in COLORS))
+
+
 def training_prompts() -> tuple[list[str], torch.Tensor]:
     """The prompts the network is trained on, and each one's share of the training samples.
 
     49 base prompts ("", each shape, each color, each concept "a {color} {shape}"), each alone (half of the samples),
     with Bridge's source words (15%), with NFSD's negative words (10%) and with each single modifier word (25%
     together). Bridge's target words are quality words, the identity, so its target prompt is the base prompt."""
-    base = ["", *(f"a {s}" for s in SHAPES), *COLORS, *(f"a {c} {s}" for s in SHAPES for c in COLORS)]
+    base = BASE_PROMPTS
     suffixes = [("", 0.5), (", " + ", ".join(BRIDGE_SOURCE_WORDS), 0.15), (", " + ", ".join(NFSD_NEGATIVE_WORDS), 0.10)]
     suffixes += [(f", {m}", 0.25 / len(MODIFIERS)) for m in MODIFIERS]
     prompts = [f"{b}{s}".lstrip(", ") for s, _ in suffixes for b in base]
@@ -190,8 +216,8 @@ def train_network(world: AnalyticPrior, config: LearnedConfig, out: Path) -> dic
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.0)
     prompts, weights = training_prompts()
     features = prompt_features(prompts)
-    log.info("sdbridge: training the learned prior once (%d steps, %d-px world; ~4 min per 1000 steps on 2 CPU cores "
-             "at 16 px), cached at %s", config.train_steps, config.size, out)
+    log.info("sdbridge: training the learned prior once (%d steps, %d-px world; ~%d min per 1000 steps on 2 CPU cores "
+             "at 16 px), cached at %s", config.train_steps, config.size, 6 if config.difference_weight else 4, out)
     start, losses, history = time.time(), [], []
     for step in range(config.train_steps):
         if step % config.refresh == 0:  # fresh exact samples: the network sees the distribution, not a fixed set
@@ -200,16 +226,20 @@ def train_network(world: AnalyticPrior, config: LearnedConfig, out: Path) -> dic
             used = torch.nonzero(counts).flatten().tolist()
             x_all = torch.cat([world.sample(prompts[i], int(counts[i]), gen).float() for i in used]).cpu()
             f_all = torch.cat([features[i].expand(int(counts[i]), -1) for i in used])
-            p_all = [prompts[i] for i in used for _ in range(int(counts[i]))]
+            i_all = torch.cat([torch.full((int(counts[i]),), i) for i in used])
         idx = torch.randint(0, config.pool, (config.batch,), generator=gen)
         t = torch.randint(0, world.num_train_timesteps, (config.batch,), generator=gen)
         eps = torch.randn((config.batch, *world.sample_shape), generator=gen)
         x_t = world.add_noise(x_all[idx], eps, t)
-        eps = regression_target(world, config, x_t, t, eps, [p_all[i] for i in idx.tolist()])
+        eps = regression_target(world, config, x_t, t, eps, [prompts[i] for i in i_all[idx].tolist()])
         lr = config.lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / config.train_steps))
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = (net(x_t.to(device), t.to(device), f_all[idx].to(device)) - eps.to(device)).pow(2).mean()
+        pred = net(x_t.to(device), t.to(device), f_all[idx].to(device))
+        loss = (pred - eps.to(device)).pow(2).mean()
+        if config.difference_weight > 0:
+            loss = loss + config.difference_weight * difference_loss(world, net, pred, x_t, t, i_all[idx], prompts,
+                                                                     features, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -231,6 +261,30 @@ def train_network(world: AnalyticPrior, config: LearnedConfig, out: Path) -> dic
         torch.save(ckpt, f)
     cache.write_sidecar(out)
     return {**ckpt, "file": str(out)}
+
+
+def difference_loss(world: AnalyticPrior, net: WordConditionedUNet, pred: torch.Tensor, x_t: torch.Tensor,
+                    t: torch.Tensor, which: torch.Tensor, prompts: list[str], features: torch.Tensor,
+                    gen: torch.Generator) -> torch.Tensor:
+    """``prior.difference_weight``'s loss: on up to a quarter of the batch, the items drawn from a base prompt alone,
+    the squared error of the network's eps(prompt) - eps(partner) against the closed form's at the same ``x_t``
+    (``pred``: the network's eps(prompt) of the batch; ``which``: each item's index in ``prompts``, ordered as
+    :func:`training_prompts` builds them, suffix-major)."""
+    suffixes = len(prompts) // len(BASE_PROMPTS)
+    rows = torch.nonzero(which < len(BASE_PROMPTS)).flatten()[: max(1, len(which) // 4)]  # base prompts, no suffix
+    if len(rows) == 0:
+        return pred.new_zeros(())
+    base = which[rows]
+    pick = torch.randint(0, suffixes, (len(rows),), generator=gen)  # 1..: another suffix; 0: the empty prompt
+    pick = torch.where((pick == 0) & (base == 0), torch.ones_like(pick), pick)  # "" has no other empty partner
+    partner = torch.where(pick == 0, torch.zeros_like(base), pick * len(BASE_PROMPTS) + base)
+    device = pred.device
+    x_sel, t_sel = x_t[rows].to(device), t[rows].to(device)
+    pred_partner = net(x_sel, t_sel, features[partner].to(device))
+    conds = [world.encode_text([prompts[i] for i in index.tolist()]) for index in (base, partner)]
+    exact = AnalyticPrior._predict_eps_batched(world, x_sel.to(world.device), t_sel.to(world.device), conds)
+    target = (exact[0] - exact[1]).float().to(device)
+    return ((pred[rows] - pred_partner) - target).pow(2).mean()
 
 
 @torch.no_grad()
@@ -268,7 +322,7 @@ def load_network(path: Path, config: LearnedConfig) -> dict:
         raise ValueError(f"prior.checkpoint={str(path)!r} was trained with other prompt features; retrain it")
     want = config.spec()
     training = {"channels", "layers", "train_steps", "batch", "lr", "ema", "pool", "refresh", "train_seed",
-                "train_target"}
+                "train_target", "difference_weight"}
     differ = sorted(k for k in set(want) | set(ckpt["spec"])
                     if k not in training and want.get(k) != ckpt["spec"].get(k))
     if differ:

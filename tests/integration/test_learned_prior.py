@@ -108,6 +108,63 @@ def test_bad_learned_config_names_the_key():
         LearnedConfig(size=18)
     with pytest.raises(ValueError, match="prior.train_target.*noise, exact"):
         LearnedConfig(train_target="closed")
+    with pytest.raises(ValueError, match="prior.difference_weight"):
+        LearnedConfig(difference_weight=-1.0)
+
+
+def test_difference_loss_regresses_the_closed_forms_conditioning_differences(tiny_prior):
+    """``prior.difference_weight``: on the items of a batch drawn from a base prompt alone, the network's eps(prompt)
+    - eps(partner) at the same x_t against the closed form's, the partner being the same base prompt with another
+    training suffix, or the empty prompt; recomputed here by hand from the partners the network was called with."""
+    from sdbridge.priors.analytic import AnalyticPrior
+    from sdbridge.priors.learned import BASE_PROMPTS, difference_loss
+
+    prompts, _ = training_prompts()
+    features = prompt_features(prompts)
+    gen = torch.Generator().manual_seed(0)
+    nb = len(BASE_PROMPTS)
+    # 8 items: 4 from base prompts alone (the empty one among them), 4 with a suffix (never used)
+    which = torch.tensor([0, 8, 20, 48, nb + 3, 2 * nb + 9, 5 * nb + 30, 3 * nb])
+    x0 = torch.cat([tiny_prior.sample(prompts[i], 1, gen) for i in which.tolist()]).float()
+    t = torch.tensor([50, 300, 600, 900, 100, 200, 400, 800])
+    x_t = tiny_prior.add_noise(x0, torch.randn(x0.shape, generator=gen), t)
+    calls = []
+
+    def net(x, tt, f):  # a stand-in network whose eps depends on the conditioning and on x
+        calls.append(f)
+        return 0.3 * x + f.sum(1).view(-1, 1, 1, 1) * 0.01 + tt.view(-1, 1, 1, 1) * 1e-4
+
+    pred = net(x_t, t, features[which])
+    loss = difference_loss(tiny_prior, net, pred, x_t, t, which, prompts, features, torch.Generator().manual_seed(1))
+    rows = [0, 1]  # a quarter of the batch, among the base items, in batch order
+    partner_features = calls[-1]
+    assert partner_features.shape[0] == len(rows)
+    by_features = {tuple(f.tolist()): i for i, f in enumerate(features)}
+    expected = []
+    for row, f in zip(rows, partner_features):
+        partner = by_features[tuple(f.tolist())]
+        base = int(which[row])
+        assert partner != base and (partner == 0 or partner % nb == base)  # "" or the same base, another suffix
+        pair = [tiny_prior.encode_text([prompts[base]]), tiny_prior.encode_text([prompts[partner]])]
+        exact = AnalyticPrior._predict_eps_batched(tiny_prior, x_t[row:row + 1], t[row:row + 1], pair)
+        mine = pred[row:row + 1] - net(x_t[row:row + 1], t[row:row + 1], f.view(1, -1))
+        expected.append(((mine - (exact[0] - exact[1]).float()) ** 2).mean())
+    torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-4, atol=1e-7)
+    # a batch with no base item has nothing to compare
+    assert difference_loss(tiny_prior, net, pred[4:], x_t[4:], t[4:], which[4:], prompts, features, gen) == 0
+    # the option is part of the network's spec (its own cache file) only when on
+    config = tiny_prior.config
+    assert "difference_weight" not in replace(config, difference_weight=0.0).spec()
+    assert network_path(replace(config, difference_weight=2.0)) != network_path(replace(config, difference_weight=0.0))
+
+
+def test_training_with_the_difference_loss(tiny_prior, tmp_path):
+    """A network trained with ``prior.difference_weight`` is its own (another cache file, other weights) and records
+    the weight in its spec; the default training draws nothing for it (the shipped network's training is unchanged)."""
+    weighted = LearnedPrior(replace(tiny_prior.config, difference_weight=1.0, learned_dir=str(tmp_path)))
+    assert weighted.checkpoint["spec"]["difference_weight"] == 1.0
+    assert weighted.checkpoint["file"] == str(network_path(weighted.config))
+    assert any(not torch.equal(v, weighted.net.state_dict()[k]) for k, v in tiny_prior.net.state_dict().items())
 
 
 def test_train_target_noise_or_the_exact_eps(tiny_prior):
@@ -179,6 +236,14 @@ def test_conditional_difference_script_measures_the_networks_error(tiny_prior, t
     same = {(r["pair"], r["t"]): r for r in module.compare(tiny_prior, ["a blue square"], ["blurry"], [900], 8, 0)}
     for key, row in same.items():
         assert row["error"] < 1e-6 and row["cos"] > 0.999, (key, row)
+        assert abs(row["chroma_exact"] - row["chroma_network"]) < 1e-6, (key, row)
+    # the color measure: a step along -d adds the image's own chroma (+1), takes it out (-1); a gray step does neither
+    x0 = tiny_prior.sample("a red circle", 3, torch.Generator().manual_seed(0)).double()
+    pixels = tiny_prior.to_pixels(x0)
+    chroma = pixels - pixels.mean(1, keepdim=True)
+    assert module.chroma_cosine(tiny_prior, x0, -chroma) == pytest.approx(1.0)
+    assert module.chroma_cosine(tiny_prior, x0, chroma + 0.3) == pytest.approx(-1.0)
+    assert abs(module.chroma_cosine(tiny_prior, x0, torch.randn(3, 1, 16, 16).expand(3, 3, 16, 16))) < 1e-6
     # the CLI reads prior=learned fields and prints one line per difference
     monkeypatch.undo()
     fields = [f"{k}={v}".replace(" ", "") for k, v in TINY.items()]
@@ -186,6 +251,7 @@ def test_conditional_difference_script_measures_the_networks_error(tiny_prior, t
                  "--prompts", "a red circle", "--words", "smooth", "--ts", "500", "--n", "4"])
     out = capsys.readouterr().out
     assert "network" in out and all(f" {name}  t 500:" in out for name in ("bridge", "cfg", "smooth"))
+    assert "takes color out" in out and out.count(" bridge  t 500:") == 2  # the differences, then their color
 
 
 def test_processes_that_find_no_network_train_it_once(tiny_prior, tiny_config, tmp_path):
