@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from sdbridge.files import write_text  # noqa: E402
 from sdbridge.guidance.bridge import SOURCE_MODIFIER, TARGET_MODIFIER  # noqa: E402
 from sdbridge.priors.analytic import AnalyticPrior  # noqa: E402
-from sdbridge.priors.learned import LearnedPrior, config_from_dotlist, network_path  # noqa: E402
+from sdbridge.priors.learned import LearnedPrior, config_from_dotlist  # noqa: E402
 
 
 def pairs(prompt: str, words: list[str]) -> dict[str, tuple[str, str]]:
@@ -82,6 +82,16 @@ def compare(prior: LearnedPrior, prompts: list[str], words: list[str], ts: list[
     return rows
 
 
+def print_table(rows: list[dict], words: list[str], ts: list[int], *columns: tuple[str, str]) -> None:
+    """One line per difference, one cell per t: each ``(key, format)`` column's mean over the prompts."""
+    for name in pairs("", words):
+        cells = []
+        for t in ts:
+            sel = [r for r in rows if r["pair"] == name and r["t"] == t]
+            cells.append(f"t {t}: " + " | ".join(format(sum(r[k] for r in sel) / len(sel), fmt) for k, fmt in columns))
+        print(f"{name:>14}  " + "   ".join(cells), flush=True)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("fields", nargs="*", help="prior=learned fields, field=value")
@@ -95,26 +105,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     config = config_from_dotlist(args.fields)
     prior = LearnedPrior(config)
-    print(f"network {config.checkpoint or network_path(config)}; {args.n} exact samples per prompt, RMS over pixels "
+    print(f"network {prior.checkpoint['file']}; {args.n} exact samples per prompt, RMS over pixels "
           "(mean over prompts): exact difference | network's | their gap | cosine")
     rows = compare(prior, args.prompts, args.words, args.ts, args.n, args.seed)
-    for name in pairs("", args.words):
-        cells = []
-        for t in args.ts:
-            sel = [r for r in rows if r["pair"] == name and r["t"] == t]
-            mean = {k: sum(r[k] for r in sel) / len(sel) for k in ("exact", "network", "error", "cos")}
-            cells.append(f"t {t}: {mean['exact']:.3f} | {mean['network']:.3f} | {mean['error']:.3f} | "
-                         f"{mean['cos']:+.2f}")
-        print(f"{name:>14}  " + "   ".join(cells), flush=True)
+    print_table(rows, args.words, args.ts, ("exact", ".3f"), ("network", ".3f"), ("error", ".3f"), ("cos", "+.2f"))
     print("color: the cosine between a step along -(eps(a) - eps(b)) and the image's chroma (< 0: it takes color out), "
           "exact | network")
-    for name in pairs("", args.words):
-        cells = []
-        for t in args.ts:
-            sel = [r for r in rows if r["pair"] == name and r["t"] == t]
-            cells.append(f"t {t}: {sum(r['chroma_exact'] for r in sel) / len(sel):+.2f} | "
-                         f"{sum(r['chroma_network'] for r in sel) / len(sel):+.2f}")
-        print(f"{name:>14}  " + "   ".join(cells), flush=True)
+    print_table(rows, args.words, args.ts, ("chroma_exact", "+.2f"), ("chroma_network", "+.2f"))
     if args.json is not None:
         write_text(args.json, json.dumps({"config": config.spec(), "rows": rows}, indent=1))
     return rows

@@ -12,14 +12,14 @@ trained on the world"). This prior keeps everything exact that can be, and makes
 * **the denoiser** is a small UNet (diffusers' ``UNet2DModel``) conditioned on the prompt's words, trained once per
   world and training config on fresh exact samples and cached (``learned_dir``, with a checksum) like the world. The
   default config's network ships with sdbridge (``SHIPPED_DIR``, trained here by ``python
-  experiments/exact/learned_prior.py prior.shipped=false``, 42 min on 2 CPU cores); a run with another config that
+  experiments/exact/learned_prior.py prior.shipped=false``, 44 min on 2 CPU cores); a run with another config that
   finds no cached network trains it first (~4-6 min per 1000 steps on 2 CPU cores at 16 px, seconds on a GPU).
 
 **Training.** The diffusion loss on fresh exact samples (as SD is trained), plus a loss on what score distillation
 multiplies by its guidance scale: the *differences* between conditionings at the same noisy image (eps(y) -
 eps(y + modifier words), eps(y) - eps("")) regress the closed form's (``difference_weight``, :func:`difference_loss`).
-Without it the small network's differences at t <= 500 were as large as the exact ones and took color out of clean
-images, which the exact ones do not, and Bridge's stage 2 (x 40) dimmed every image (experiments/exact/README.md:
+Without it the small network's Bridge difference on clean images was 0.05 per pixel at t <= 300, where the exact one
+is 0, and took color out of them, and Bridge's stage 2 (x 40) dimmed every image (experiments/exact/README.md:
 ``python experiments/exact/conditional_difference.py``).
 
 **Text encoder.** A prompt is parsed by the exact prior's vocabulary (:func:`~sdbridge.priors.vocabulary.parse_prompt`:

@@ -77,8 +77,7 @@ def test_with_a_trained_network_sds_over_saturates_from_randn(learned):
 def test_with_a_trained_network_bridge_beats_sds_from_randn(learned):
     """Measured (2026-12-06, the shipped network): FD 741 for Bridge (saturation 0.66) against 1300 for SDS with the
     network (trained on the diffusion loss alone: 987, saturation 0.14, against 1592; the 3,500-step network: 783
-    against 1664); with the closed form Bridge loses (771 against 487 at 16 px; the strict
-    xfail at 32 px)."""
+    against 1664); with the closed form Bridge loses (771 against 487 at 16 px; the strict xfail at 32 px)."""
     assert learned["bridge"]["fd"] < 0.9 * learned["sds"]["fd"]
 
 
