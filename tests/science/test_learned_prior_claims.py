@@ -1,11 +1,13 @@
-"""The exact world with a *trained* denoiser as the prior (``prior=learned``, sdbridge/priors/learned.py): what the
-strict xfails of the closed form lack is a network's eps, not the world's data.
+"""The exact world with a *trained* denoiser as the prior (``prior=learned``, sdbridge/priors/learned.py): the papers'
+claims from randn, where the closed form's strict xfails lack a network's eps, not the world's data.
 
 ``prior=learned`` is a small word-conditioned UNet trained on exact samples of the 16 px world (the default config's
-network ships with sdbridge, so nothing is trained here), then SDS and Bridge run from randn with it in place of the
-closed-form eps, scored against the world's exact distributions. With the network the papers' picture appears from randn: SDS over-saturates and Bridge beats it; with
-the closed form it does not (the strict xfails of test_exact_claims.py and test_method_claims.py). On the closed
-form's own SDS images the two priors' expected steps differ in sign: the closed form adds texture, the network
+network ships with sdbridge, so nothing is trained here). Every method runs from randn with it in place of the
+closed-form eps, scored against the world's exact distributions. With the network, SDS over-saturates, Bridge and VSD
+beat it, VSD + full bridge is on par with VSD, NFSD and CSD trail SDS, and sdi_cached is DDIM at CFG 1; with the
+closed form Bridge and VSD do not beat SDS (the strict xfails of test_exact_claims.py and test_method_claims.py). SDI
+against SDS, and sdi_cached at CFG 8.5, fail with the network: strict xfails with their measured numbers. On the
+closed form's own SDS images the two priors' expected steps differ in sign: the closed form adds texture, the network
 removes it (experiments/exact/README.md, "A network trained on the world").
 """
 
@@ -20,11 +22,12 @@ import pytest
 
 from tests.conftest import ROOT, run_cli
 
-#: the module's fixture runs SDS and Bridge on the shipped network and SDS on the closed form inside the first test's time
+#: each method runs once, inside the first test that needs it (the first test also runs the closed form's SDS)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 SCRIPTS = ROOT / "experiments" / "exact"
-PROMPTS = ["prompt.texts=[a red circle,a blue square]", "prompt.repeat=4"]
+PROMPT_TEXTS, REPEAT = ["a red circle", "a blue square"], 4
+PROMPTS = [f"prompt.texts=[{','.join(PROMPT_TEXTS)}]", f"prompt.repeat={REPEAT}"]
 QUIET = ["logger=none", "trainer.progress_bar=false", "trainer.save_every=0", "trainer.checkpoint_every=0"]
 
 
@@ -41,24 +44,63 @@ def metrics(run_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def learned(tmp_path_factory, world_cache):
-    """With the shipped network (a learned_dir of its own: a cached network is not used), run SDS (CFG 40), Bridge
-    and, on the closed form, SDS at CFG 100 whose images both priors' gradients are measured on."""
+def network_dir(tmp_path_factory):
+    """The module's ``prior.learned_dir``: empty, so the shipped network is used (a cached one is not)."""
+    return tmp_path_factory.mktemp("networks")
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory, world_cache, network_dir):
+    """``network(name, *overrides)``: the mean exact metrics of guidance ``name`` run from randn with the shipped
+    network on the module's protocol, each run once;
+    ``network("ddim@<scale>")``: the network's own DDIM samples (50 steps) at that CFG, seed 0."""
+    tmp = tmp_path_factory.mktemp("network")
+    learned = ["prior=learned", f"prior.cache_dir={world_cache}", f"prior.learned_dir={network_dir}"]
+    cache: dict[tuple, dict] = {}
+
+    def get(name: str, *extra: str) -> dict:
+        key = (name, *extra)
+        if key in cache:
+            return cache[key]
+        if name.startswith("ddim@"):
+            from sdbridge.eval.protocol import ExactProtocol, reference_rows
+            from sdbridge.priors.learned import LearnedConfig, LearnedPrior
+
+            prior = LearnedPrior(LearnedConfig(cache_dir=str(world_cache), learned_dir=str(network_dir),
+                                               device="cpu"))
+            protocol = ExactProtocol(prompts=PROMPT_TEXTS, images_per_prompt=REPEAT, prior="learned")
+            rows = reference_rows(prior, protocol, scales=(float(name.partition("@")[2]),))
+            cache[key] = next(v for k, v in rows.items() if k.startswith("DDIM"))["exact_metrics"]["mean"]
+        else:
+            run_dir = tmp / f"{len(cache)}_{name}"
+            done = run_cli([*learned, f"guidance={name}", *extra, *PROMPTS, *QUIET, f"hydra.run.dir={run_dir}"],
+                           timeout=3000)
+            assert done.returncode == 0, done.stdout[-3000:]
+            assert "training the learned prior" not in done.stdout  # the shipped network
+            cache[key] = metrics(run_dir)
+        print(f"{key}: " + ", ".join(f"{k} {v:.3g}" for k, v in cache[key].items()))
+        return cache[key]
+
+    return get
+
+
+def fd(network, name, *extra) -> float:
+    return network(name, *extra)["fd"]
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory, world_cache, network, network_dir):
+    """SDS (CFG 40) and Bridge with the shipped network and, on the closed form, SDS at CFG 100 whose images both
+    priors' gradients are measured on."""
     tmp = tmp_path_factory.mktemp("learned")
-    learned = ["prior=learned", f"prior.cache_dir={world_cache}", f"prior.learned_dir={tmp / 'networks'}"]
-    out = {}
-    for name, overrides in (("sds", ["guidance=sds"]), ("bridge", ["guidance=bridge"])):
-        done = run_cli([*learned, *overrides, *PROMPTS, *QUIET, f"hydra.run.dir={tmp / name}"])
-        assert done.returncode == 0, done.stdout[-3000:]
-        assert "training the learned prior" not in done.stdout  # the shipped network
-        out[name] = metrics(tmp / name)
+    out = {name: network(name) for name in ("sds", "bridge")}
     exact_sds = tmp / "exact_sds"
     for name, scale in (("exact_sds", 100), ("exact_sds40", 40)):
         done = run_cli(["prior.size=16", f"prior.cache_dir={world_cache}", "guidance=sds", f"guidance.scale={scale}",
                         *PROMPTS, *QUIET, f"hydra.run.dir={tmp / name}"])
         assert done.returncode == 0, done.stderr[-3000:]
         out[name] = metrics(tmp / name)
-    for prior, extra in (("closed form", []), ("network", ["--learned", "--learned-dir", tmp / "networks"])):
+    for prior, extra in (("closed form", []), ("network", ["--learned", "--learned-dir", network_dir])):
         rows = tmp / f"noise_{len(extra)}.json"
         script("gradient_noise.py", exact_sds, "--scales", "100", "--ts", "300", "500", *extra, "--json", rows)
         out[prior] = {r["t"]: r for r in json.loads(rows.read_text())["rows"] if r["images"] == "the run's images"}
@@ -92,3 +134,66 @@ def test_the_closed_form_adds_texture_where_a_trained_network_removes_it(learned
         assert learned["network"][t]["k"] > 0, learned["network"][t]
         assert learned["network"][t]["k"] - learned["closed form"][t]["k"] > 0.6, (learned["network"][t],
                                                                                   learned["closed form"][t])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The papers' other claims, from randn with the shipped network, measured 2026-12-06 on the module's protocol (2 prompts
+# x 4 images, seed 0; SDS: FD 1300). The full table (3 prompts x 16) is experiments/exact/README.md's section "The same
+# world with a trained network as the prior"; the closed form's results are test_method_claims.py's.
+
+
+def test_with_a_trained_network_vsd_beats_sds_from_randn(network):
+    """VSD (ProlificDreamer; Bridge paper's table: 59.22 against SDS's 86.02 COCO-FID). Measured: FD 917 against
+    1300, adherence 1.0, collapse 0.03 against 0.43 (the full table: 1207 against 1938)."""
+    assert fd(network, "vsd") < 0.9 * fd(network, "sds")
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "measured (2026-12-06, the shipped network): FD 1490 for SDI against 1300 for SDS (saturation 2.25, adherence "
+    "0.12; soft, off-centre red blobs and fragmented blue shapes); in the full table SDI wins only through the "
+    "multi-concept prompt (1376 against 3254 for 'a circle', where SDS collapses onto one green disc) and loses on "
+    "'a red circle' (1985 against 1708) and 'a blue square' (1101 against 851). The first network (class-conditional, "
+    "2026-12-05) gave 1124 against 1309 here. Cause not yet measured: our SDI gradient equals threestudio's "
+    "(tests/parity), so the suspect is the network under SDI's CFG -6.5 inversion (open in issue #12)"))
+def test_with_a_trained_network_sdi_beats_sds_from_randn(network):
+    """SDI (its paper: better than SDS, whose fresh noise every step over-smooths)."""
+    assert fd(network, "sdi") < 0.9 * fd(network, "sds")
+
+
+def test_with_a_trained_network_sdi_cached_is_almost_ddim_at_cfg_1(network):
+    """SDI's 2D claim: with the previous prediction as kappa, SDS becomes DDIM. At CFG 1 (init too) against the
+    network's own DDIM at CFG 1. Measured: FD 549 against 618, saturation 0.68 against 0.94, both collapse 0."""
+    ours, ddim = network("sdi_cached", "guidance.scale=1", "target.init_cfg=1"), network("ddim@1")
+    assert ours["fd"] < 1.5 * ddim["fd"]
+    assert ours["collapse"] < ddim["collapse"] + 0.1
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "measured (2026-12-06, the shipped network): at the notebook's CFG (8.5 here) FD 5090 for sdi_cached against 2500 "
+    "for the network's DDIM at 8.5, saturation 13.1 against 6.5; the full table's grid shows DDIM's shapes and colors "
+    "(red discs, blue squares, varied discs) on speckled backgrounds. At CFG 1 it holds (the test above), and with the "
+    "closed form at 8.5 too (test_method_claims.py), so what differs is the network at high CFG on sdi_cached's "
+    "iterates, which Adam brings near, not onto, each target before the next refresh; not yet measured (issue #12)"))
+def test_with_a_trained_network_sdi_cached_at_official_settings_is_almost_ddim(network):
+    """The notebook's settings (CFG 8.5 here, refresh every 25 steps) against the network's DDIM at CFG 8.5."""
+    ours, ddim = network("sdi_cached"), network("ddim@8.5")
+    assert ours["fd"] < 1.5 * ddim["fd"]
+    assert ours["saturation"] < 1.5 * ddim["saturation"]
+
+
+@pytest.mark.timeout(3600)  # the full bridge costs 30 NFEs a step: ~10 min here
+def test_with_a_trained_network_vsd_full_bridge_is_on_par_with_vsd(network):
+    """Bridge paper's table: VSD + full bridge 55.65 against VSD's 59.22 COCO-FID, a 6% gain, below what FD on 4
+    images per prompt resolves. Asserted: it beats SDS (as VSD does, the test above) and stays within 20% of VSD.
+    Measured: FD 1040 against 917 for VSD (the full table: 1105 against 1207, an 8% gain)."""
+    vsd, full = fd(network, "vsd"), fd(network, "vsd_full_bridge")
+    assert full < 0.9 * fd(network, "sds")
+    assert full < 1.2 * vsd
+
+
+def test_with_a_trained_network_nfsd_and_csd_are_no_better_than_sds(network):
+    """Bridge paper's table: NFSD 91.70 and CSD 89.96 against SDS 86.02 COCO-FID. Measured: NFSD 2000 and CSD 2230
+    against 1300 (over-bright and over-sharpened: saturation 4.7 and 4.9, sharpness 2.1 and 2.4)."""
+    sds = fd(network, "sds")
+    assert fd(network, "nfsd") > 0.9 * sds
+    assert fd(network, "csd") > 0.9 * sds
