@@ -77,7 +77,8 @@ def test_sdi_cached_at_official_settings_is_almost_ddim_at_that_cfg(metrics):
     "as superposed red rings (experiments/exact/README.md, open in issue #12). With a network trained on this world as "
     "the prior (16 px, test_learned_prior_claims.py) SDI beat SDS from randn with the first network (2026-12-05: FD "
     "1124 vs 1309; the closed form at 16 px: 612 vs 487) and fails with the shipped one (2026-12-06: 1490 vs 1300, "
-    "a strict xfail there, cause not yet measured)"))
+    "a strict xfail there: the network's CFG difference under the -6.5 inversion, measured; with a CFG 1 inversion "
+    "SDI wins there, 671 vs 1300)"))
 def test_sdi_beats_sds(metrics):
     assert fd(metrics, "sdi") < fd(metrics, "sds")
 
