@@ -59,6 +59,7 @@ def network(tmp_path_factory, world_cache, network_dir):
     tmp = tmp_path_factory.mktemp("network")
     learned = ["prior=learned", f"prior.cache_dir={world_cache}", f"prior.learned_dir={network_dir}"]
     cache: dict[tuple, dict] = {}
+    prior: list = []  # the network as a prior object, loaded once for every ddim@ row
 
     def get(name: str, *extra: str) -> dict:
         key = (name, *extra)
@@ -68,10 +69,11 @@ def network(tmp_path_factory, world_cache, network_dir):
             from sdbridge.eval.protocol import ExactProtocol, reference_rows
             from sdbridge.priors.learned import LearnedConfig, LearnedPrior
 
-            prior = LearnedPrior(LearnedConfig(cache_dir=str(world_cache), learned_dir=str(network_dir),
-                                               device="cpu"))
+            if not prior:
+                prior.append(LearnedPrior(LearnedConfig(cache_dir=str(world_cache), learned_dir=str(network_dir),
+                                                        device="cpu")))
             protocol = ExactProtocol(prompts=PROMPT_TEXTS, images_per_prompt=REPEAT, prior="learned")
-            rows = reference_rows(prior, protocol, scales=(float(name.partition("@")[2]),))
+            rows = reference_rows(prior[0], protocol, scales=(float(name.partition("@")[2]),))
             cache[key] = next(v for k, v in rows.items() if k.startswith("DDIM"))["exact_metrics"]["mean"]
         else:
             run_dir = tmp / f"{len(cache)}_{name}"
