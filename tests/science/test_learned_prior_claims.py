@@ -213,11 +213,11 @@ def test_with_a_trained_network_sdi_cached_is_almost_ddim_at_cfg_1(network):
     "for the network's DDIM at 8.5, saturation 13.1 against 6.5: DDIM's shapes and colors on speckled backgrounds. "
     "Not the code (it holds at CFG 1, the check above, and with the closed form at 8.5, test_method_claims.py) but the "
     "network's targets off DDIM's path: at the notebook's Adam lr 0.1 the image is still RMS 0.67 / 1.18 / 0.79 from "
-    "each target when the next is computed at t = 956 / 931 / 908 (CFG 1: 0.016 at t = 931), and the network's CFG 8.5 "
-    "prediction from there is off (its CFG difference: test_the_networks_cfg_is_off_where_the_exact_eps_is_not); with "
-    "lr 0.5 the lag is 0.15-0.20 and the check passes (the asserted check below). The closed form lags as much (0.6-1.5) "
-    "and holds. With Stable Diffusion the SDI paper reports this mode 'almost identical to DDIM' at the notebook's "
-    "settings"))
+    "each target when the next is computed at t = 956 / 931 / 908 (CFG 1: 0.016 at t = 931); with lr 0.5 the lag is "
+    "0.15-0.20 and the check passes (the asserted check below). The closed form lags as much (0.6-1.5) and holds, so "
+    "what fails is the network's CFG 8.5 prediction from a lagging image (its CFG difference is off: "
+    "test_the_networks_cfg_is_off_where_the_exact_eps_is_not). With Stable Diffusion the SDI paper reports this mode "
+    "'almost identical to DDIM' at the notebook's settings"))
 def test_with_a_trained_network_sdi_cached_at_official_settings_is_almost_ddim(network):
     """The notebook's settings (CFG 8.5 here, refresh every 25 steps) against the network's DDIM at CFG 8.5."""
     ours, ddim = network("sdi_cached"), network("ddim@8.5")
