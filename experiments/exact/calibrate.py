@@ -16,7 +16,6 @@ import argparse
 import importlib
 import importlib.util
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from sdbridge.guidance.bridge import SOURCE_MODIFIER, TARGET_MODIFIER
+from sdbridge.metrics.exact import rms
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red circle", "a blue square", "a circle"]
@@ -54,10 +54,6 @@ def load_old(rev: str, folder: Path):
 def pixels(prior, z: torch.Tensor) -> torch.Tensor:
     """Model units to pixel units [-1, 1] (the round-1 world's model space is the pixel space)."""
     return prior.to_pixels(z) if hasattr(prior, "to_pixels") else z
-
-
-def rms(x: torch.Tensor) -> float:
-    return math.sqrt(float((x.double() ** 2).mean()))
 
 
 def eps(prior, x, t, prompts):

@@ -29,17 +29,13 @@ sys.path.insert(0, str(ROOT))
 
 from sdbridge.files import write_text  # noqa: E402
 from sdbridge.guidance import SDIConfig, build_guidance  # noqa: E402
-from sdbridge.metrics.exact import exact_metrics  # noqa: E402
+from sdbridge.metrics.exact import exact_metrics, rms  # noqa: E402
 from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior  # noqa: E402
 from sdbridge.priors.learned import LearnedConfig, LearnedPrior  # noqa: E402
 from sdbridge.sampling import ddim_sample  # noqa: E402
 from sdbridge.schedules import UniformConfig, build_schedule  # noqa: E402
 
 COLUMNS = ("fd", "saturation", "adherence", "collapse", "sharpness")
-
-
-def rms(x: torch.Tensor) -> float:
-    return float(x.pow(2).mean().sqrt())
 
 
 def ddim_rows(priors: dict, prompts: list[str], scales: list[float]) -> list[dict]:

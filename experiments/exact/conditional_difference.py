@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from sdbridge.files import write_text  # noqa: E402
 from sdbridge.guidance.bridge import SOURCE_MODIFIER, TARGET_MODIFIER  # noqa: E402
+from sdbridge.metrics.exact import rms  # noqa: E402
 from sdbridge.priors.analytic import AnalyticPrior  # noqa: E402
 from sdbridge.priors.learned import LearnedPrior, config_from_dotlist  # noqa: E402
 
@@ -41,10 +42,6 @@ def pairs(prompt: str, words: list[str]) -> dict[str, tuple[str, str]]:
     out = {"bridge": (prompt + TARGET_MODIFIER, prompt + SOURCE_MODIFIER), "cfg": (prompt, "")}
     out.update({word: (prompt, f"{prompt}, {word}") for word in words})
     return out
-
-
-def rms(x: torch.Tensor) -> float:
-    return float(x.pow(2).mean().sqrt())
 
 
 def chroma_cosine(prior: LearnedPrior, x0: torch.Tensor, d: torch.Tensor) -> float:

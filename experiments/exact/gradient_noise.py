@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from sdbridge.files import write_text  # noqa: E402
 from sdbridge.guidance import SDSConfig, build_guidance  # noqa: E402
+from sdbridge.metrics.exact import rms  # noqa: E402
 from sdbridge.priors.analytic import AnalyticConfig, AnalyticPrior  # noqa: E402
 from sdbridge.priors.learned import LearnedConfig, LearnedPrior  # noqa: E402
 from sdbridge.schedules import UniformConfig, build_schedule  # noqa: E402
@@ -36,10 +37,6 @@ from sdbridge.schedules import UniformConfig, build_schedule  # noqa: E402
 
 def high_pass(x: torch.Tensor) -> torch.Tensor:
     return x - F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
-
-
-def rms(x: torch.Tensor) -> float:
-    return float(x.pow(2).mean().sqrt())
 
 
 def sds_draws(prior, x0: torch.Tensor, prompt: str, t: int, scale: float, draws: int, gen: torch.Generator):

@@ -69,6 +69,11 @@ def collapse_score(images: torch.Tensor, mix: Mixture) -> float:
     return float((1 - (spread / mix.trace_cov()).sqrt()).clamp(min=0))
 
 
+def rms(x: torch.Tensor) -> float:
+    """Root mean square over all entries, accumulated in float64 (the experiments' "RMS per pixel")."""
+    return float(x.double().pow(2).mean().sqrt())
+
+
 def highpass(images: torch.Tensor) -> torch.Tensor:
     c = images.shape[1]
     k = LAPLACIAN.to(images).view(1, 1, 3, 3).repeat(c, 1, 1, 1)

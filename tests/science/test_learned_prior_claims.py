@@ -15,6 +15,7 @@ removes it (experiments/exact/README.md, "A network trained on the world").
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -59,7 +60,13 @@ def network(tmp_path_factory, world_cache, network_dir):
     tmp = tmp_path_factory.mktemp("network")
     learned = ["prior=learned", f"prior.cache_dir={world_cache}", f"prior.learned_dir={network_dir}"]
     cache: dict[tuple, dict] = {}
-    prior: list = []  # the network as a prior object, loaded once for every ddim@ row
+
+    @functools.cache
+    def prior():
+        """The network as a prior object, loaded once for every ddim@ row."""
+        from sdbridge.priors.learned import LearnedConfig, LearnedPrior
+
+        return LearnedPrior(LearnedConfig(cache_dir=str(world_cache), learned_dir=str(network_dir), device="cpu"))
 
     def get(name: str, *extra: str) -> dict:
         key = (name, *extra)
@@ -67,13 +74,9 @@ def network(tmp_path_factory, world_cache, network_dir):
             return cache[key]
         if name.startswith("ddim@"):
             from sdbridge.eval.protocol import ExactProtocol, reference_rows
-            from sdbridge.priors.learned import LearnedConfig, LearnedPrior
 
-            if not prior:
-                prior.append(LearnedPrior(LearnedConfig(cache_dir=str(world_cache), learned_dir=str(network_dir),
-                                                        device="cpu")))
             protocol = ExactProtocol(prompts=PROMPT_TEXTS, images_per_prompt=REPEAT, prior="learned")
-            rows = reference_rows(prior[0], protocol, scales=(float(name.partition("@")[2]),))
+            rows = reference_rows(prior(), protocol, scales=(float(name.partition("@")[2]),))
             cache[key] = next(v for k, v in rows.items() if k.startswith("DDIM"))["exact_metrics"]["mean"]
         else:
             run_dir = tmp / f"{len(cache)}_{name}"
