@@ -113,6 +113,10 @@ class VSDConfig(GuidanceConfig):
     # width of the residual eps network (pixel priors; ours, the stand-in for the official rank-4 LoRA): 16 runs
     # the exact table's VSD rows in half the time of 32 at equal FD (experiments/exact/README.md)
     residual_channels: int = 16
+    # the residual eps network's mid-block self-attention (diffusers UNet2DModel's ``add_attention``): off, the
+    # source fits its images as well (experiments/vsd_source_fit.py) and VSD's step costs 0.8x, VSD + full bridge's
+    # 0.8x (experiments/exact/README.md, 2026-12-06)
+    residual_attention: bool = False
     # what the residual source is trained to predict: "v" (sqrt(abar) eps - sqrt(1 - abar) x0), as the official LoRA
     # base (SD 2.1, v-prediction) is, i.e. its eps error weighted by 1 / abar; "eps": the plain eps target
     residual_target: str = "v"
@@ -136,6 +140,9 @@ class VSDConfig(GuidanceConfig):
             raise ValueError("guidance.lora_eps must be > 0 and guidance.lora_weight_decay >= 0")
         if not 0 <= self.condition_dropout <= 1:
             raise ValueError(f"guidance.condition_dropout={self.condition_dropout} must be in [0, 1]")
+        if self.residual_channels < 8 or self.residual_channels % 8:
+            raise ValueError(f"guidance.residual_channels={self.residual_channels} must be a positive multiple of 8 "
+                             "(the residual network's group norms have 8 groups)")
         if self.residual_target not in ("v", "eps"):
             raise ValueError(f"guidance.residual_target={self.residual_target!r} is not one of ['v', 'eps']")
         if not 0 <= self.train_min_step < self.train_max_step <= 1000:
@@ -229,7 +236,7 @@ class ResidualEpsSource(Source):
     The prompt enters as a class label (0 = dropped condition). Camera conditioning is the LoRA source's only.
     """
 
-    def __init__(self, prior, prompts: Sequence[str], channels: int, target: str = "v"):
+    def __init__(self, prior, prompts: Sequence[str], channels: int, target: str = "v", attention: bool = False):
         super().__init__()
         self.target = target
         from diffusers import UNet2DModel
@@ -241,7 +248,7 @@ class ResidualEpsSource(Source):
             sample_size=size, in_channels=c, out_channels=c,
             block_out_channels=(channels, 2 * channels), layers_per_block=1,
             down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-            num_class_embeds=len(self.classes) + 1, norm_num_groups=8,
+            num_class_embeds=len(self.classes) + 1, norm_num_groups=8, add_attention=attention,
         )
         nn.init.zeros_(self.net.conv_out.weight)
         nn.init.zeros_(self.net.conv_out.bias)
@@ -292,7 +299,7 @@ class VSD(Guidance):
                     self.source = LoRASource(self.prior, self.config)
                 else:
                     self.source = ResidualEpsSource(self.prior, prompts, self.config.residual_channels,
-                                                    self.config.residual_target)
+                                                    self.config.residual_target, self.config.residual_attention)
             c = self.config
             self.optimizer = torch.optim.AdamW(self.source.trainable_parameters(), lr=c.lora_lr,
                                                betas=tuple(c.lora_betas), eps=c.lora_eps,

@@ -120,8 +120,10 @@ def test_missing_lora_base_weights_offline_fail_clearly(tiny_prior, monkeypatch)
 
 @pytest.mark.parametrize("target, factor", [("v", 0.9), ("eps", 0.8)])
 def test_residual_source_on_the_exact_prior_learns(analytic_prior, target, factor):
-    """100 source steps on 4 fixed images lower the objective the source is trained on, on fixed (t, noise) draws
-    (v: less, as at high t v ~ -x0 of these random images, which no denoiser predicts: a large irreducible part)."""
+    """200 source steps on 4 fixed images lower the objective the source is trained on, on fixed (t, noise) draws
+    (v: less, as at high t v ~ -x0 of these random images, which no denoiser predicts: a large irreducible part).
+    Measured (default network, no mid-block attention): v 0.90 of the start after 100 steps, 0.82 after 200; eps
+    0.71, 0.60 (with attention: v 0.88, 0.84)."""
     p = analytic_prior
     prompts = ["a red circle", "a red circle", "a blue square", "a blue square"]
     g = make_vsd(p, prompts, lora_lr=1e-3, condition_dropout=0.0, residual_target=target)
@@ -140,7 +142,7 @@ def test_residual_source_on_the_exact_prior_learns(analytic_prior, target, facto
                        for x, t, n in draws) / len(draws)
 
     start = fixed_loss()
-    for i in range(100):
+    for i in range(200):
         g.train_step(x0, prompts, i)
     assert fixed_loss() < factor * start
 
@@ -165,3 +167,18 @@ def test_residual_source_trains_on_v_as_the_official_lora_base(analytic_prior, t
     assert torch.allclose(err, (eps - noise) / scale, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="guidance.residual_target"):
         make_vsd(p, prompts, residual_target="x0")
+
+
+def test_residual_source_network_options(analytic_prior):
+    """``residual_attention`` (off by default) puts self-attention in the residual network's mid block;
+    ``residual_channels`` must suit its 8-group norms."""
+    prompts = ["a red circle"]
+
+    def attention_layers(**cfg):
+        net = make_vsd(analytic_prior, prompts, **cfg).source.net
+        return sum(type(m).__name__ == "Attention" for m in net.modules())
+
+    assert attention_layers() == 0
+    assert attention_layers(residual_attention=True) == 1
+    with pytest.raises(ValueError, match="guidance.residual_channels=12 must be a positive multiple of 8"):
+        make_vsd(analytic_prior, prompts, residual_channels=12)
