@@ -114,8 +114,8 @@ class VSDConfig(GuidanceConfig):
     # the exact table's VSD rows in half the time of 32 at equal FD (experiments/exact/README.md)
     residual_channels: int = 16
     # the residual eps network's mid-block self-attention (diffusers UNet2DModel's ``add_attention``): off, the
-    # source fits its images as well (experiments/vsd_source_fit.py) and VSD's step costs 0.8x, VSD + full bridge's
-    # 0.8x (experiments/exact/README.md, 2026-12-06)
+    # source fits its images as well (experiments/exact/vsd_source_fit.py) and a VSD step costs 0.81x, a VSD + full
+    # bridge step 0.87x (experiments/exact/README.md, 2026-12-06)
     residual_attention: bool = False
     # what the residual source is trained to predict: "v" (sqrt(abar) eps - sqrt(1 - abar) x0), as the official LoRA
     # base (SD 2.1, v-prediction) is, i.e. its eps error weighted by 1 / abar; "eps": the plain eps target

@@ -154,7 +154,7 @@ def test_bridge_second_stage_beats_sds_only(metrics):
     "variant world (prior.contrast_std=0.35 text_adherence=0.99 text_contrast_on=chroma, 2026-12-05): FD 1430 for "
     "VSD vs 1700 for SDS, where CFG acts on settled images; that variant fails other claims (open in issue #12; "
     "experiments/exact/README.md). With a network trained on this world as the prior (16 px, "
-    "test_learned_prior_claims.py) VSD beats SDS from randn: FD 917 vs 1300, adherence 1.00 (the shipped network, "
+    "test_learned_prior_claims.py) VSD beats SDS from randn: FD 949 vs 1300, adherence 1.00 (the shipped network, "
     "2026-12-06; the first network: 514 vs 1309; the closed form at 16 px: 477 vs 487)"))
 def test_vsd_beats_sds(metrics):
     assert fd(metrics, "vsd") < fd(metrics, "sds")
