@@ -373,8 +373,10 @@ class ComponentSet:
             new = torch.tensor([level for level, _ in missing], dtype=abar.dtype, device=abar.device)
             rho = new / (new * self.s2 + (1 - new))  # a / c per level
             shrink, logdet = self._shrinkage(rho.view(-1, 1, 1) * (self.dnorm**2).view(1, -1, 1), work)
-            if len(cache) + len(missing) > SHRINK_CACHE_LEVELS:
+            if len(cache) + len(missing) > SHRINK_CACHE_LEVELS:  # full: keep only this batch's levels
+                kept = {k: cache[k] for k in keys if k in cache}
                 cache.clear()
+                cache.update(kept)
             cache.update((k, (g, d)) for k, g, d in zip(missing, shrink, logdet))
         if len(set(keys)) == 1:  # one level (a scheduled t for the batch): broadcast, no copy
             g, d = cache[keys[0]]

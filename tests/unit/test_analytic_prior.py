@@ -589,3 +589,23 @@ def test_generic_component_has_the_data_moments_and_makes_the_denoiser_local(gen
                                                            prior.encode_text(["a red circle"] * 8)])
         gaps.append(float((eps[1] - eps[0]).norm() / eps[0].norm()))
     assert gaps[0] < 1e-3 and gaps[1] > 0.05, gaps
+
+
+
+def test_kept_shrinkage_gives_the_same_eps_when_full_and_across_batches(world_cache, monkeypatch):
+    """Each component set keeps the shrinkage of the noise levels it has seen (``_shrinkage_at``): eps is
+    bit-identical to one computed with nothing kept, also when the kept levels overflow the limit in a batch that
+    mixes kept and new levels."""
+    from sdbridge.priors import analytic
+
+    monkeypatch.setattr(analytic, "SHRINK_CACHE_LEVELS", 5)
+    texts = ["a red circle", "a blue square", "a circle", ""]
+    seen, fresh = (AnalyticPrior(AnalyticConfig(cache_dir=str(world_cache), device="cpu")) for _ in range(2))
+    x = torch.randn(4, *seen.sample_shape, generator=torch.Generator().manual_seed(0))
+    cond_seen, cond_fresh = [seen.encode_text(texts)], [fresh.encode_text(texts)]
+    fresh_sets = {id(s.base or s): s.base or s for mix in cond_fresh[0].value for s in mix.sets}
+    for t in ([10, 20, 30, 40], [10, 20, 50, 60], [70, 70, 70, 70], [80, 20, 90, 10]):
+        t = torch.tensor(t)
+        for s in fresh_sets.values():
+            s._shrink_cache.clear()
+        assert torch.equal(seen.predict_eps(x, t, cond_seen), fresh.predict_eps(x, t, cond_fresh))
