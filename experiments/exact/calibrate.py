@@ -89,7 +89,7 @@ def measure(prior, classifier, new_prior, n: int = 64) -> dict:
     out["classified_correctly"] = correct / total
     out["edge_energy_vs_renders"] = sum(energy_ratio) / len(energy_ratio)
     # 2. text tilts: DDIM adherence at CFG 1 and 7.5 and the size of eps_cond - eps_uncond along CFG 7.5 trajectories
-    adherence, cfg_gap = {}, 0.0
+    adherence = {}
     for scale in (1.0, 3.0, 7.5):
         hits = 0
         for p in PROMPTS:
