@@ -13,7 +13,9 @@ on the detached x0 (t ~ U{0..999}, 10% condition dropout). Two source networks:
   prior's own UNet instead (switched off for the pretrained prediction: no second UNet in memory).
 * **Residual eps network** (pixel priors such as the exact prior): eps_src = eps_prior(x_t; y) + r(x_t, t, y) with
   r a small diffusers ``UNet2DModel`` whose output layer starts at zero, trained on the v target like the official
-  LoRA base (``residual_target``; its eps error weighted by 1 / abar). It has no camera.
+  LoRA base (``residual_target``; its eps error weighted by 1 / abar). It has no camera. On images larger than 16 px
+  it sees them folded into 2 x 2 (or larger) pixel blocks (``residual_patch``), which makes a pass cheaper at the
+  same fit.
 
 Official sources (the defaults reproduce them; tests/parity/test_vsd_parity.py re-derives their math):
 
@@ -110,9 +112,10 @@ class VSDConfig(GuidanceConfig):
     train_before_target_step: bool = True
     train_min_step: int = 0  # source training draws t ~ U[train_min_step, train_max_step)
     train_max_step: int = 1000
-    # width of the residual eps network (pixel priors; ours, the stand-in for the official rank-4 LoRA): 16 runs
-    # the exact table's VSD rows in half the time of 32 at equal FD (experiments/exact/README.md)
-    residual_channels: int = 16
+    # width of the residual eps network's first level (pixel priors; ours, the stand-in for the official rank-4 LoRA),
+    # 0: 16 per fold of ``residual_patch`` (16 unfolded, 32 folded by 2): unfolded, 16 runs the exact table's VSD rows in
+    # half the time of 32 at equal FD; folded by 2, 16 fits the images less and 32 as well (experiments/exact/README.md)
+    residual_channels: int = 0
     # the residual eps network's mid-block self-attention (diffusers UNet2DModel's ``add_attention``): off, the
     # source fits its images as well (experiments/exact/vsd_source_fit.py) and a VSD step costs 0.81x, a VSD + full
     # bridge step 0.87x (experiments/exact/README.md, 2026-12-06)
@@ -120,6 +123,11 @@ class VSDConfig(GuidanceConfig):
     # what the residual source is trained to predict: "v" (sqrt(abar) eps - sqrt(1 - abar) x0), as the official LoRA
     # base (SD 2.1, v-prediction) is, i.e. its eps error weighted by 1 / abar; "eps": the plain eps target
     residual_target: str = "v"
+    #: the residual eps network sees the image folded into patch x patch blocks (``pixel_unshuffle``: 3 x S x S ->
+    #: 3 patch^2 x S/patch x S/patch) and unfolds its output. 0: folded to ~16 px (``residual_layout``): on the 32 px
+    #: exact prior a pass at width 32 folded by 2 costs 0.7x one at width 16 unfolded and fits the images as well
+    #: (experiments/exact/README.md, 2026-12-07); the learned prior's 16 px images stay unfolded
+    residual_patch: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,9 +148,11 @@ class VSDConfig(GuidanceConfig):
             raise ValueError("guidance.lora_eps must be > 0 and guidance.lora_weight_decay >= 0")
         if not 0 <= self.condition_dropout <= 1:
             raise ValueError(f"guidance.condition_dropout={self.condition_dropout} must be in [0, 1]")
-        if self.residual_channels < 8 or self.residual_channels % 8:
-            raise ValueError(f"guidance.residual_channels={self.residual_channels} must be a positive multiple of 8 "
-                             "(the residual network's group norms have 8 groups)")
+        if self.residual_channels < 0 or self.residual_channels % 8:
+            raise ValueError(f"guidance.residual_channels={self.residual_channels} must be 0 (16 per fold) or a positive "
+                             "multiple of 8 (the residual network's group norms have 8 groups)")
+        if self.residual_patch < 0:
+            raise ValueError(f"guidance.residual_patch={self.residual_patch} must be >= 1, or 0 (folded to ~16 px)")
         if self.residual_target not in ("v", "eps"):
             raise ValueError(f"guidance.residual_target={self.residual_target!r} is not one of ['v', 'eps']")
         if not 0 <= self.train_min_step < self.train_max_step <= 1000:
@@ -229,23 +239,40 @@ class LoRASource(Source):
         self.camera_embedding.load_state_dict(state["camera_embedding"])
 
 
+RESIDUAL_FOLDED_SIZE = 16  # px the residual network runs at by default (guidance.residual_patch=0)
+
+
+def residual_layout(size: int, patch: int = 0, channels: int = 0) -> tuple[int, int]:
+    """``(patch, width)`` of the residual eps network on ``size`` px samples: ``patch`` 0 picks the largest fold that
+    leaves >= 16 px and an even number of patches per side; ``channels`` 0 is 16 per fold."""
+    if patch == 0:
+        patch = max([1] + [p for p in range(2, size // RESIDUAL_FOLDED_SIZE + 1) if size % (2 * p) == 0])
+    return patch, channels or 16 * patch
+
+
 class ResidualEpsSource(Source):
     """eps_prior(x_t; y) + r(x_t, t, prompt class) with r a small UNet2DModel whose output starts at 0 (pixel and
     exact priors, which have no adapters). One evaluation = the prior's prediction (one NFE) plus the small net.
 
     The prompt enters as a class label (0 = dropped condition). Camera conditioning is the LoRA source's only.
+    ``patch`` > 1: r runs on the image folded into patch x patch blocks (``pixel_unshuffle``) and its output is unfolded
+    (``pixel_shuffle``), so the sum is still per pixel.
     """
 
-    def __init__(self, prior, prompts: Sequence[str], channels: int, target: str = "v", attention: bool = False):
+    def __init__(self, prior, prompts: Sequence[str], channels: int, target: str = "v", attention: bool = False,
+                 patch: int = 1):
         super().__init__()
-        self.target = target
+        self.target, self.patch = target, patch
         from diffusers import UNet2DModel
 
         attach_prior(self, prior)
         self.classes = {p: i + 1 for i, p in enumerate(dict.fromkeys(prompts))}  # 0 = dropped condition
         c, size = prior.sample_shape[0], prior.sample_shape[-1]
+        if size % (2 * patch):
+            raise ValueError(f"guidance.residual_patch={patch}: the prior's {size} px samples must split into an even "
+                             "number of patches per side (the residual network halves its resolution once)")
         self.net = UNet2DModel(
-            sample_size=size, in_channels=c, out_channels=c,
+            sample_size=size // patch, in_channels=c * patch**2, out_channels=c * patch**2,
             block_out_channels=(channels, 2 * channels), layers_per_block=1,
             down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
             num_class_embeds=len(self.classes) + 1, norm_num_groups=8, add_attention=attention,
@@ -260,7 +287,9 @@ class ResidualEpsSource(Source):
             labels = torch.where(drop, torch.zeros_like(labels), labels)
         with torch.no_grad():
             base = self.prior.predict_eps(x_t, t, [self.prior.encode_text(kept_texts(prompts, drop))])[0]
-        eps = base + self.net(x_t, t, class_labels=labels).sample
+        folded = F.pixel_unshuffle(x_t, self.patch) if self.patch > 1 else x_t
+        residual = self.net(folded, t, class_labels=labels).sample
+        eps = base + (F.pixel_shuffle(residual, self.patch) if self.patch > 1 else residual)
         return eps, (eps if self.target == "eps" else self.prior.eps_to_v(eps, x_t, t))
 
     def add_noise(self, x0, noise, t):
@@ -298,8 +327,10 @@ class VSD(Guidance):
                 if self.prior.supports_adapters:
                     self.source = LoRASource(self.prior, self.config)
                 else:
-                    self.source = ResidualEpsSource(self.prior, prompts, self.config.residual_channels,
-                                                    self.config.residual_target, self.config.residual_attention)
+                    patch, width = residual_layout(self.prior.sample_shape[-1], self.config.residual_patch,
+                                                   self.config.residual_channels)
+                    self.source = ResidualEpsSource(self.prior, prompts, width, self.config.residual_target,
+                                                    self.config.residual_attention, patch)
             c = self.config
             self.optimizer = torch.optim.AdamW(self.source.trainable_parameters(), lr=c.lora_lr,
                                                betas=tuple(c.lora_betas), eps=c.lora_eps,
