@@ -48,6 +48,15 @@ E = TypeVar("E", bound=Enum)
 LOSS_REDUCTIONS = ("sum", "mean")
 
 
+class BridgeGrid(Enum):
+    """The DDIM timesteps of the full bridge's two PF-ODEs (no official code fixes them; the paper says only that the
+    bridge takes "dozens of NFEs")."""
+
+    per_sample = "bridge_steps evenly spaced steps between 0 and each sample's t (sdbridge before 2026-12-07)"
+    fixed = ("the grid {0, 1000 / bridge_steps, ...} below each sample's t, then t: a fixed step size, as SDI's and "
+             "ISM's official inversions; a sample at a small t takes fewer steps")
+
+
 class Weighting(Enum):
     """w(t) choices. ``one_minus_abar`` is DreamFusion's default; ``sigma`` = sqrt((1 - abar) / abar) turns
     ``w * (eps_hat - kappa)`` into the x0-prediction residual ``x0 - x0_hat`` (SDI's loss)."""
@@ -65,7 +74,8 @@ class GuidanceConfig:
     weighting: Weighting = Weighting.one_minus_abar
     negative_prompt: str = ""  # the "unconditional" text of CFG
     full_bridge: bool = False  # PF-ODE inversion with eps_src + generation with eps_tgt instead of one step
-    bridge_steps: int = 10  # DDIM steps of each PF-ODE in full-bridge mode
+    bridge_steps: int = 10  # DDIM steps of each PF-ODE in full-bridge mode (per_sample), or over [0, 1000) (fixed)
+    bridge_grid: BridgeGrid = BridgeGrid.per_sample
     #: how the surrogate loss reduces, i.e. the scale of the gradient the target receives. "sum": the gradient is
     #: ``grad`` itself (the SDS-Bridge 2D code and LucidDreamer apply it directly; threestudio's SDS and VSD losses
     #: ``0.5 mse(sum) / B`` at batch 1); "mean": threestudio SDI's ``0.5 mse(mean) / B``, gradient
@@ -81,6 +91,7 @@ class GuidanceConfig:
         if self.loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"guidance.loss_reduction={self.loss_reduction!r} is not one of {list(LOSS_REDUCTIONS)}")
         self.weighting = as_enum(Weighting, self.weighting, "guidance.weighting")
+        self.bridge_grid = as_enum(BridgeGrid, self.bridge_grid, "guidance.bridge_grid")
 
 
 def as_enum(kind: type[E], value: Any, key: str) -> E:
@@ -116,6 +127,28 @@ class GuidanceOutput:
 
 class NonFiniteGradientError(FloatingPointError):
     """The guidance produced NaN or Inf; raised instead of silently corrupting the optimized target."""
+
+
+def bridge_path(t: torch.Tensor, steps: int, grid: BridgeGrid, num_train_timesteps: int = 1000) -> list[torch.Tensor]:
+    """The full bridge's timesteps, a list of (B,) tensors from 0 (the clean sample) to t. ``per_sample``: ``steps``
+    evenly spaced steps to each sample's t; ``fixed``: 0, the points of the grid ``{k num_train_timesteps / steps}``
+    below t, then t, padded at the start with 0 (no move) to the longest path of the batch."""
+    if grid is BridgeGrid.per_sample:
+        return timestep_path(t, steps)
+    ratio = num_train_timesteps // steps
+    paths = [[0, *range(ratio, int(tb), ratio), int(tb)] if tb > 0 else [0, 0] for tb in t.tolist()]
+    length = max(len(p) for p in paths)
+    paths = [[0] * (length - len(p)) + p for p in paths]
+    return [torch.tensor([p[i] for p in paths], device=t.device) for i in range(length)]
+
+
+def prompt_rows(prompts: Sequence[str], rows: list[int]) -> "StepPrompts | None":
+    """The prompts of the samples ``rows`` (a sub-batch), or None when the step's prompts carry cameras or Perp-Neg
+    views, which are not split."""
+    p = StepPrompts.of(prompts)
+    if p.views is not None or p.perp_neg is not None:
+        return None
+    return StepPrompts([p[i] for i in rows], plain=[p.plain[i] for i in rows], prompting=p.prompting)
 
 
 def surrogate_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -334,21 +367,39 @@ class Guidance(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """x0 minus PF-ODE generation (eps_tgt) from t of the PF-ODE inversion (eps_src) of x0 to t.
 
-        Both ODEs use the same DDIM grid of ``bridge_steps`` steps between 0 and each sample's t.
+        Both ODEs use the same DDIM timesteps (``bridge_grid``), per sample; timestep 0 is the clean sample itself
+        (noise level 1). With the fixed grid the samples' paths differ in length: each step evaluates only the samples
+        that move (a sub-batch, when the prompts carry no cameras; otherwise the whole batch, the others kept).
         """
-        n = self.config.bridge_steps
-        path = timestep_path(t, n)  # (n + 1, B): path[0] = 0, path[-1] = t
-        abar = [self.alpha_bar(p, x0) for p in path]
-        abar[0] = torch.ones_like(abar[0])  # both ODEs start / end at the clean sample itself
+        path = bridge_path(t, self.config.bridge_steps, self.config.bridge_grid, self.prior.num_train_timesteps)
+        times = torch.stack(path)  # (L + 1, B)
+        levels = self.prior.abar(times.reshape(-1)).reshape(times.shape).to(x0)
+        levels = torch.where(times == 0, torch.ones_like(levels), levels)
+        moves = times[1:] != times[:-1]  # (L, B): sample b moves between path[i] and path[i + 1]
         x = x0
-        for i in range(n):  # inversion with the source
-            _, eps = self.estimate(x, path[i], None, prompts, step, parts=("src",))
-            x = ddim_step(x, eps, abar[i], abar[i + 1])
+        for i in range(len(path) - 1):  # inversion with the source
+            x = self._bridge_step(x, "src", path[i], levels[i], levels[i + 1], moves[i], prompts, step)
         x_t = x
-        for i in range(n, 0, -1):  # generation with the target
-            eps, _ = self.estimate(x, path[i], None, prompts, step, parts=("tgt",))
-            x = ddim_step(x, eps, abar[i], abar[i - 1])
+        for i in range(len(path) - 1, 0, -1):  # generation with the target
+            x = self._bridge_step(x, "tgt", path[i], levels[i], levels[i - 1], moves[i - 1], prompts, step)
         return x0 - x, t, {"x_t": x_t, "x0_bridge": x}
+
+    def _bridge_step(self, x: torch.Tensor, part: str, t: torch.Tensor, a_from: torch.Tensor, a_to: torch.Tensor,
+                     moving: torch.Tensor, prompts: Sequence[str], step: int) -> torch.Tensor:
+        """One DDIM step of the samples with ``moving`` set, eps from ``part`` ("src" or "tgt"); the others unchanged."""
+        if not bool(moving.any()):
+            return x
+        rows = moving.nonzero().flatten()
+        sub = None if bool(moving.all()) else prompt_rows(prompts, rows.tolist())
+        if sub is None:  # every sample (those that stay are put back below)
+            eps = self.estimate(x, t, None, prompts, step, parts=(part,))[0 if part == "tgt" else 1]
+            out = ddim_step(x, eps, per_sample(a_from, x), per_sample(a_to, x))
+            return out if bool(moving.all()) else torch.where(per_sample(moving, x), out, x)
+        xs = x[rows]
+        eps = self.estimate(xs, t[rows], None, sub, step, parts=(part,))[0 if part == "tgt" else 1]
+        out = x.clone()
+        out[rows] = ddim_step(xs, eps, per_sample(a_from[rows], xs), per_sample(a_to[rows], xs))
+        return out
 
     def forward(
         self,
