@@ -35,7 +35,8 @@ def method_rows() -> list[dict[str, str]]:
         if g.full_bridge:
             summary["eps_tgt"] = f"full bridge: PF-ODE generation with {summary['eps_tgt']}"
             summary["eps_src"] = f"full bridge: PF-ODE inversion with {summary['eps_src']}"
-            summary["nfe"] = f"{g.bridge_steps} x (source + 2)"
+            upto = "up to " if g.bridge_grid.name == "fixed" else ""  # the fixed grid: fewer steps below t = 1000
+            summary["nfe"] = f"{upto}{g.bridge_steps} x (source + 2)"
         rows.append({
             "method": name,
             "eps_tgt": summary["eps_tgt"],

@@ -118,7 +118,7 @@ def test_missing_lora_base_weights_offline_fail_clearly(tiny_prior, monkeypatch)
         make_vsd(tiny_prior, ["a dog"], lora_base="someone/not-downloaded-sd-2-1")
 
 
-@pytest.mark.parametrize("target, patch, factor", [("v", 1, 0.9), ("eps", 1, 0.8), ("v", 0, 0.985), ("eps", 0, 0.7)])
+@pytest.mark.parametrize("target, patch, factor", [("v", 1, 0.9), ("v", 0, 0.985), ("eps", 0, 0.7)])
 def test_residual_source_on_the_exact_prior_learns(analytic_prior, target, patch, factor):
     """200 source steps on 4 fixed images lower the objective the source is trained on, on fixed (t, noise) draws
     (v: less, as at high t v ~ -x0 of these random images, which no denoiser predicts: a large irreducible part).
