@@ -21,7 +21,7 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) run.py prior=learned
 
-# `make test`: everything but the slow science checks (12-17 min on 2 cores); CI also runs `make test-slow` (50-61 min).
+# `make test`: everything but the slow science checks (12-18 min on 2 cores); CI also runs `make test-slow` (50-61 min).
 test: $(STAMP)
 	$(PY) -m pytest tests -m "not slow" --durations=20
 
