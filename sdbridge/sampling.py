@@ -59,6 +59,29 @@ def timestep_path(t: torch.Tensor, num_steps: int) -> list[torch.Tensor]:
     return [torch.div(t * i, num_steps, rounding_mode="floor") if i < num_steps else t for i in range(num_steps + 1)]
 
 
+def inversion_path(t: torch.Tensor, grid_steps: int, num_train_timesteps: int = 1000, offset: int = 1,
+                   clean_start: bool = True) -> list[torch.Tensor]:
+    """Per-sample inversion timesteps start -> (grid points below t) -> t, padded at the start to equal length.
+
+    The grid is DDIM's "leading" grid of ``grid_steps`` steps (``{0, 100, ..., 900} + offset`` for 10 steps, as in
+    SDI's ``get_inversion_timesteps``). ``clean_start``: the path starts at 0, meaning the clean sample itself (noise
+    level 1, see :func:`invert`); otherwise it starts one grid step below the first grid point (``offset - ratio``,
+    -99 for 10 steps), as threestudio's SDI does: x0 is read at ``alphas_cumprod[0]`` and the model is evaluated at
+    that negative timestep. Padding steps go from the start to the start and leave x unchanged. Returns a list of
+    (B,) long tensors.
+    """
+    ratio = num_train_timesteps // grid_steps
+    grid = torch.arange(grid_steps) * ratio + offset
+    start = 0 if clean_start else offset - ratio
+    paths = []
+    for tb in t.tolist():
+        inner = [int(g) for g in grid if 0 < g < tb]
+        paths.append([start, *inner, int(tb)])
+    length = max(len(p) for p in paths)
+    paths = [[start] * (length - len(p)) + p for p in paths]
+    return [torch.tensor([p[i] for p in paths], device=t.device) for i in range(length)]
+
+
 def ddpm_posterior_std(abar_from: torch.Tensor, abar_to: torch.Tensor) -> torch.Tensor:
     """sqrt((1 - a_lo) / (1 - a_hi) * (1 - a_hi / a_lo)) between two noise levels (a_lo >= a_hi): the std DDIM's eta
     scales (Song et al., 2021, eq. 16). Symmetric in its arguments."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdbridge.config import SCHEMAS
+from sdbridge.guidance.base import BridgeGrid
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -35,7 +36,7 @@ def method_rows() -> list[dict[str, str]]:
         if g.full_bridge:
             summary["eps_tgt"] = f"full bridge: PF-ODE generation with {summary['eps_tgt']}"
             summary["eps_src"] = f"full bridge: PF-ODE inversion with {summary['eps_src']}"
-            upto = "up to " if g.bridge_grid.name == "fixed" else ""  # the fixed grid: fewer steps below t = 1000
+            upto = "up to " if g.bridge_grid is BridgeGrid.fixed else ""  # the fixed grid: fewer steps below t = 1000
             summary["nfe"] = f"{upto}{g.bridge_steps} x (source + 2)"
         rows.append({
             "method": name,

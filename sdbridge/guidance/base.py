@@ -38,7 +38,7 @@ from torch import nn
 from sdbridge import rng
 from sdbridge.guidance.perp_neg import perp_neg_guidance
 from sdbridge.priors.base import DiffusionPrior, attach_prior, per_sample
-from sdbridge.sampling import classifier_free_guidance, ddim_step, timestep_path
+from sdbridge.sampling import classifier_free_guidance, ddim_step, inversion_path, timestep_path
 from sdbridge.schedules import TimestepSchedule
 from sdbridge.views import StepPrompts, ViewPrompting, Views
 
@@ -132,14 +132,11 @@ class NonFiniteGradientError(FloatingPointError):
 def bridge_path(t: torch.Tensor, steps: int, grid: BridgeGrid, num_train_timesteps: int = 1000) -> list[torch.Tensor]:
     """The full bridge's timesteps, a list of (B,) tensors from 0 (the clean sample) to t. ``per_sample``: ``steps``
     evenly spaced steps to each sample's t; ``fixed``: 0, the points of the grid ``{k num_train_timesteps / steps}``
-    below t, then t, padded at the start with 0 (no move) to the longest path of the batch."""
+    below t, then t, padded at the start with 0 (no move) to the longest path of the batch (SDI's inversion grid
+    without its offset)."""
     if grid is BridgeGrid.per_sample:
         return timestep_path(t, steps)
-    ratio = num_train_timesteps // steps
-    paths = [[0, *range(ratio, int(tb), ratio), int(tb)] if tb > 0 else [0, 0] for tb in t.tolist()]
-    length = max(len(p) for p in paths)
-    paths = [[0] * (length - len(p)) + p for p in paths]
-    return [torch.tensor([p[i] for p in paths], device=t.device) for i in range(length)]
+    return inversion_path(t, steps, num_train_timesteps, offset=0)
 
 
 def prompt_rows(prompts: Sequence[str], rows: list[int]) -> "StepPrompts | None":
@@ -376,27 +373,33 @@ class Guidance(nn.Module):
         levels = self.prior.abar(times.reshape(-1)).reshape(times.shape).to(x0)
         levels = torch.where(times == 0, torch.ones_like(levels), levels)
         moves = times[1:] != times[:-1]  # (L, B): sample b moves between path[i] and path[i + 1]
+        # which steps move some / all samples, read once for the whole path (one host sync, as in ``invert``)
+        spans = list(zip(moves.any(1).tolist(), moves.all(1).tolist()))
         x = x0
         for i in range(len(path) - 1):  # inversion with the source
-            x = self._bridge_step(x, "src", path[i], levels[i], levels[i + 1], moves[i], prompts, step)
+            x = self._bridge_step(x, "src", path[i], levels[i], levels[i + 1], moves[i], spans[i], prompts, step)
         x_t = x
         for i in range(len(path) - 1, 0, -1):  # generation with the target
-            x = self._bridge_step(x, "tgt", path[i], levels[i], levels[i - 1], moves[i - 1], prompts, step)
+            x = self._bridge_step(x, "tgt", path[i], levels[i], levels[i - 1], moves[i - 1], spans[i - 1], prompts,
+                                  step)
         return x0 - x, t, {"x_t": x_t, "x0_bridge": x}
 
     def _bridge_step(self, x: torch.Tensor, part: str, t: torch.Tensor, a_from: torch.Tensor, a_to: torch.Tensor,
-                     moving: torch.Tensor, prompts: Sequence[str], step: int) -> torch.Tensor:
-        """One DDIM step of the samples with ``moving`` set, eps from ``part`` ("src" or "tgt"); the others unchanged."""
-        if not bool(moving.any()):
+                     moving: torch.Tensor, span: tuple[bool, bool], prompts: Sequence[str], step: int) -> torch.Tensor:
+        """One DDIM step of the samples with ``moving`` set (``span``: whether any / all of them move), eps from
+        ``part`` ("src" or "tgt"); the others unchanged."""
+        some, every = span
+        if not some:
             return x
-        rows = moving.nonzero().flatten()
-        sub = None if bool(moving.all()) else prompt_rows(prompts, rows.tolist())
+        which = 0 if part == "tgt" else 1
+        rows = None if every else moving.nonzero().flatten()
+        sub = None if every else prompt_rows(prompts, rows.tolist())
         if sub is None:  # every sample (those that stay are put back below)
-            eps = self.estimate(x, t, None, prompts, step, parts=(part,))[0 if part == "tgt" else 1]
+            eps = self.estimate(x, t, None, prompts, step, parts=(part,))[which]
             out = ddim_step(x, eps, per_sample(a_from, x), per_sample(a_to, x))
-            return out if bool(moving.all()) else torch.where(per_sample(moving, x), out, x)
+            return out if every else torch.where(per_sample(moving, x), out, x)
         xs = x[rows]
-        eps = self.estimate(xs, t[rows], None, sub, step, parts=(part,))[0 if part == "tgt" else 1]
+        eps = self.estimate(xs, t[rows], None, sub, step, parts=(part,))[which]
         out = x.clone()
         out[rows] = ddim_step(xs, eps, per_sample(a_from[rows], xs), per_sample(a_to[rows], xs))
         return out

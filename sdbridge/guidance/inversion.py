@@ -19,29 +19,6 @@ from sdbridge.priors.base import per_sample
 from sdbridge.sampling import ddim_step, ddpm_posterior_std
 
 
-def inversion_path(t: torch.Tensor, grid_steps: int, num_train_timesteps: int = 1000, offset: int = 1,
-                   clean_start: bool = True) -> list[torch.Tensor]:
-    """Per-sample inversion timesteps start -> (grid points below t) -> t, padded at the start to equal length.
-
-    The grid is DDIM's "leading" grid of ``grid_steps`` steps (``{0, 100, ..., 900} + offset`` for 10 steps, as in
-    SDI's ``get_inversion_timesteps``). ``clean_start``: the path starts at 0, meaning the clean sample itself (noise
-    level 1, see :func:`invert`); otherwise it starts one grid step below the first grid point (``offset - ratio``,
-    -99 for 10 steps), as threestudio's SDI does: x0 is read at ``alphas_cumprod[0]`` and the model is evaluated at
-    that negative timestep. Padding steps go from the start to the start and leave x unchanged. Returns a list of
-    (B,) long tensors.
-    """
-    ratio = num_train_timesteps // grid_steps
-    grid = torch.arange(grid_steps) * ratio + offset
-    start = 0 if clean_start else offset - ratio
-    paths = []
-    for tb in t.tolist():
-        inner = [int(g) for g in grid if 0 < g < tb]
-        paths.append([start, *inner, int(tb)])
-    length = max(len(p) for p in paths)
-    paths = [[start] * (length - len(p)) + p for p in paths]
-    return [torch.tensor([p[i] for p in paths], device=t.device) for i in range(length)]
-
-
 def invert(
     guidance: Guidance,
     x0: torch.Tensor,
@@ -54,7 +31,7 @@ def invert(
     perp_neg: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Invert x0 along ``path`` (list of (B,) timesteps; path[0] = 0 means the clean sample, noise level 1; a negative
-    path[0] reads x0 at ``alphas_cumprod[0]``, threestudio's SDI start, see :func:`inversion_path`).
+    path[0] reads x0 at ``alphas_cumprod[0]``, threestudio's SDI start, see :func:`sdbridge.sampling.inversion_path`).
 
     Each step evaluates eps at (x, path[i]): CFG ``eps_u + scale (eps_c - eps_u)`` for the prompts (``scale`` may be
     negative, as SDI's -7.5), or the unconditional prediction alone when ``scale`` is None (ISM). The unconditional

@@ -41,7 +41,8 @@ import torch
 
 from sdbridge import rng
 from sdbridge.guidance.base import Guidance, GuidanceConfig, Weighting
-from sdbridge.guidance.inversion import inversion_path, invert
+from sdbridge.guidance.inversion import invert
+from sdbridge.sampling import inversion_path
 from sdbridge.registry import builds
 
 

@@ -287,9 +287,8 @@ class ResidualEpsSource(Source):
             labels = torch.where(drop, torch.zeros_like(labels), labels)
         with torch.no_grad():
             base = self.prior.predict_eps(x_t, t, [self.prior.encode_text(kept_texts(prompts, drop))])[0]
-        folded = F.pixel_unshuffle(x_t, self.patch) if self.patch > 1 else x_t
-        residual = self.net(folded, t, class_labels=labels).sample
-        eps = base + (F.pixel_shuffle(residual, self.patch) if self.patch > 1 else residual)
+        residual = self.net(F.pixel_unshuffle(x_t, self.patch), t, class_labels=labels).sample  # patch 1: unchanged
+        eps = base + F.pixel_shuffle(residual, self.patch)
         return eps, (eps if self.target == "eps" else self.prior.eps_to_v(eps, x_t, t))
 
     def add_noise(self, x0, noise, t):

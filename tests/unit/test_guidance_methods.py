@@ -21,8 +21,7 @@ from sdbridge.guidance import (
     SDIConfig,
     SDSConfig,
 )
-from sdbridge.guidance.inversion import inversion_path
-from sdbridge.sampling import ddim_step
+from sdbridge.sampling import ddim_step, inversion_path
 from sdbridge.schedules import UniformConfig, build_schedule
 
 PROMPTS = ["a red circle", "a dog", "xy", "a cat"]
