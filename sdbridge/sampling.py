@@ -21,6 +21,12 @@ def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, s
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
+def cfg_weights(scale: float) -> list[float]:
+    """CFG as weights of ``[eps_uncond, eps_cond]``: ``[1 - s, s]`` (``DiffusionPrior.predict_eps``'s ``weights``;
+    :func:`sdbridge.priors.base.combine_eps` then computes :func:`classifier_free_guidance` bit for bit)."""
+    return [1.0 - scale, scale]
+
+
 def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
     """Descending grid of ``num_steps`` timesteps, trailing spacing: 999, 979, ..., 19 for 50 steps."""
     if not 1 <= num_steps <= num_train_timesteps:
@@ -42,8 +48,7 @@ def guided_eps(
     if scale == 1.0:
         return prior.predict_eps(x, t, [cond])[0]
     unc = prior.encode_text([negative] * len(prompts))
-    eps = prior.predict_eps(x, t, [unc, cond])
-    return classifier_free_guidance(eps[0], eps[1], scale)
+    return prior.predict_eps(x, t, [unc, cond], weights=[cfg_weights(scale)])[0]
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, abar_from: torch.Tensor, abar_to: torch.Tensor) -> torch.Tensor:

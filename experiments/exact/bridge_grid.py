@@ -39,9 +39,9 @@ class Counting:
         self.prior, self.rows = prior, 0
         self._predict = prior.predict_eps
 
-        def predict(x_t, t, conds):
+        def predict(x_t, t, conds, weights=None):
             self.rows += x_t.shape[0] * len(conds)
-            return self._predict(x_t, t, conds)
+            return self._predict(x_t, t, conds, weights)
 
         prior.predict_eps = predict
 

@@ -12,7 +12,8 @@ A method subclasses :class:`Guidance` and overrides only what differs from SDS, 
 
 * **how x_t is made** (:meth:`Guidance.make_x_t`): fresh noise (default), DDIM inversion (SDI, ISM), a cached
   previous prediction (2D exact SDI);
-* **eps_tgt** (:meth:`Guidance.target_texts` + :meth:`Guidance.target_from`): CFG for the prompt by default;
+* **eps_tgt** (:meth:`Guidance.target_texts` + :meth:`Guidance.target_weights`, a weighted sum of their
+  predictions, or :meth:`Guidance.target_from` where it is not one): CFG for the prompt by default;
 * **eps_src** (:meth:`Guidance.source_texts` + :meth:`Guidance.source_from`): the noise kappa by default;
 * **w(t)** and the t schedule (config).
 
@@ -38,7 +39,7 @@ from torch import nn
 from sdbridge import rng
 from sdbridge.guidance.perp_neg import perp_neg_guidance
 from sdbridge.priors.base import DiffusionPrior, attach_prior, per_sample
-from sdbridge.sampling import classifier_free_guidance, ddim_step, inversion_path, timestep_path
+from sdbridge.sampling import cfg_weights, classifier_free_guidance, ddim_step, inversion_path, timestep_path
 from sdbridge.schedules import TimestepSchedule
 from sdbridge.views import StepPrompts, ViewPrompting, Views
 
@@ -46,6 +47,7 @@ from sdbridge.views import StepPrompts, ViewPrompting, Views
 E = TypeVar("E", bound=Enum)
 
 LOSS_REDUCTIONS = ("sum", "mean")
+TARGET_SUM = "eps_tgt"  # the name of eps_tgt's weighted sum among ``predict``'s results
 
 
 class BridgeGrid(Enum):
@@ -268,15 +270,29 @@ class Guidance(nn.Module):
     def negatives(self, prompts: Sequence[str]) -> list[str]:
         return [self.config.negative_prompt] * len(prompts)
 
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor, **texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, combine: dict[str, dict[str, float]] | None = None,
+                keep: Sequence[str] | None = None, **texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Evaluate the prior for several named conditionings in one batched denoiser call.
 
         ``self.predict(x_t, t, uncond=negs, cond=prompts)`` returns ``{"uncond": eps_u, "cond": eps_c}``.
+        ``combine``: named weighted sums of them, e.g. ``{"tgt": {"uncond": 1 - s, "cond": s}}`` (CFG); the result
+        then holds these sums and the conditionings named in ``keep`` (default: none). The exact prior computes a sum
+        at the cost of one conditioning's back-projection (``combines_linearly``).
         """
         names = list(texts)
         conds = [self.prior.encode_text(list(texts[n])) for n in names]
-        eps = self.prior.predict_eps(x_t, t, conds)
-        return dict(zip(names, eps.unbind(0)))
+        if combine is None:
+            return dict(zip(names, self.prior.predict_eps(x_t, t, conds).unbind(0)))
+        outputs = list(keep or ())
+        rows = [[float(n == k) for n in names] for k in outputs]
+        for out, weights in combine.items():
+            unknown = set(weights) - set(names)
+            if unknown:
+                raise ValueError(f"{type(self).__name__}: the sum {out!r} weights {sorted(unknown)}, not among the "
+                                 f"evaluated conditionings {names}")
+            rows.append([float(weights.get(n, 0.0)) for n in names])
+            outputs.append(out)
+        return dict(zip(outputs, self.prior.predict_eps(x_t, t, conds, weights=rows).unbind(0)))
 
     # ------------------------------------------------------------------ the four parts (override what differs)
     def make_x_t(
@@ -292,13 +308,21 @@ class Guidance(nn.Module):
             return {"uncond": self.negatives(prompts), **perp_neg.texts(self.prior.interpolates_text)}
         return {"uncond": self.negatives(prompts), "cond": list(prompts)}
 
+    def target_weights(self, prompts: Sequence[str], step: int) -> dict[str, float] | None:
+        """eps_tgt as a weighted sum of the :meth:`target_texts`' predictions (default: CFG, ``{"uncond": 1 - s,
+        "cond": s}``), or None where it is not one (Perp-Neg views: :meth:`target_from`)."""
+        if StepPrompts.of(prompts).perp_neg is not None:
+            return None
+        return dict(zip(("uncond", "cond"), cfg_weights(self.config.scale)))
+
     def target_from(self, eps: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, prompts: Sequence[str],
                     step: int) -> torch.Tensor:
-        """eps_tgt from the predictions (default: CFG; Perp-Neg when the step's prompts carry Perp-Neg views)."""
+        """eps_tgt from the predictions where :meth:`target_weights` is None: Perp-Neg, when the step's prompts carry
+        Perp-Neg views."""
         perp_neg = StepPrompts.of(prompts).perp_neg
-        if perp_neg is not None:
-            return perp_neg_guidance(eps, perp_neg, self.config.scale)
-        return classifier_free_guidance(eps["uncond"], eps["cond"], self.config.scale)
+        if perp_neg is None:
+            raise NotImplementedError(f"{type(self).__name__}: target_weights is None but target_from has no rule")
+        return perp_neg_guidance(eps, perp_neg, self.config.scale)
 
     def source_texts(self, prompts: Sequence[str], step: int) -> dict[str, list[str]]:
         return {}
@@ -336,15 +360,23 @@ class Guidance(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(eps_tgt, eps_src)`` at x_t from one batched call over every conditioning the requested parts need."""
         texts: dict[str, list[str]] = {}
+        keep: list[str] = []  # the conditionings needed apart (not only in eps_tgt's weighted sum)
+        weights = self.target_weights(prompts, step) if "tgt" in parts else None
         if "tgt" in parts:
             texts.update(self.target_texts(prompts, step))
+            if weights is None:
+                keep += list(texts)
         if "src" in parts:
             for name, batch in self.source_texts(prompts, step).items():
                 if name in texts and texts[name] != batch:
                     raise ValueError(f"{type(self).__name__}: conditioning {name!r} means two different texts")
                 texts[name] = batch
-        eps = self.predict(x_t, t, **texts) if texts else {}
-        tgt = self.target_from(eps, x_t, t, prompts, step) if "tgt" in parts else None
+                keep.append(name)
+        combine = None if weights is None else {TARGET_SUM: weights}
+        eps = self.predict(x_t, t, combine=combine, keep=list(dict.fromkeys(keep)), **texts) if texts else {}
+        tgt = None
+        if "tgt" in parts:
+            tgt = eps[TARGET_SUM] if weights is not None else self.target_from(eps, x_t, t, prompts, step)
         src = self.source_from(eps, x_t, t, kappa, prompts, step) if "src" in parts else None
         return tgt, src
 

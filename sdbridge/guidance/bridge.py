@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from sdbridge.guidance.base import Guidance, GuidanceConfig, Weighting, as_enum, classifier_free_guidance
+from sdbridge.guidance.base import Guidance, GuidanceConfig, Weighting, as_enum
+from sdbridge.sampling import cfg_weights
 from sdbridge.views import edited
 from sdbridge.registry import builds
 
@@ -74,10 +75,13 @@ class Bridge(Guidance):
             "tgt": list(with_modifier(prompts, self.config.target_modifier)),
         }
 
-    def target_from(self, eps, x_t, t, prompts, step):
+    def target_weights(self, prompts, step):
         if self.stage(step) == 1:
-            return super().target_from(eps, x_t, t, with_modifier(prompts, self.config.stage_one_modifier), step)
-        return classifier_free_guidance(eps["src"], eps["tgt"], self.config.stage_two_scale)
+            return super().target_weights(with_modifier(prompts, self.config.stage_one_modifier), step)
+        return dict(zip(("src", "tgt"), cfg_weights(self.config.stage_two_scale)))
+
+    def target_from(self, eps, x_t, t, prompts, step):  # stage 1 with Perp-Neg views
+        return super().target_from(eps, x_t, t, with_modifier(prompts, self.config.stage_one_modifier), step)
 
     def source_texts(self, prompts, step):
         if self.stage(step) == 1:

@@ -842,6 +842,7 @@ class AnalyticPrior(DiffusionPrior):
 
     is_latent = True  # its model space is an (affine) latent space: image targets optimize z, as with SD latents
     has_true_distribution = True  # closed-form eps, exact samples and log-density: exact metrics apply
+    combines_linearly = True  # a weighted sum of conditionings back-projects once (``_predict_eps_batched``)
 
     def __init__(self, config: AnalyticConfig | None = None):
         super().__init__()
@@ -1017,11 +1018,16 @@ class AnalyticPrior(DiffusionPrior):
         return self.encode_text([prompt]).value[0]
 
     # ------------------------------------------------------------------ denoiser
-    def _predict_eps_batched(self, x_t: torch.Tensor, t: torch.Tensor, conds: list[TextEmbedding]) -> torch.Tensor:
+    def _predict_eps_batched(self, x_t: torch.Tensor, t: torch.Tensor, conds: list[TextEmbedding],
+                             weights: list[list[float]] | None = None) -> torch.Tensor:
         """Every base component set that any conditioning uses (a set, or the one a prompt's pulled copy comes from) is
         projected once on the whole batch (``shared_terms``; sets of one basis share the projections); each
         conditioning then evaluates each base set once, on the rows whose prompt uses it or a pulled copy of it (each
-        row with its own copy's means: ``RowMeans``), and back-projects once per basis."""
+        row with its own copy's means: ``RowMeans``), and back-projects once per basis.
+
+        ``weights`` (rows of one weight per conditioning): the weighted sums of the conditionings' eps instead. eps is
+        linear in each conditioning's local term and low-rank coefficients, so those are summed (in float64) and each
+        sum back-projects once: a CFG pair costs one back-projection, not two (``combines_linearly``)."""
         B = x_t.shape[0]
         x = x_t.reshape(B, 3, -1).double()
         abar = self.abar(t)
@@ -1036,7 +1042,7 @@ class AnalyticPrior(DiffusionPrior):
         if len(generic) > 1:
             raise AssertionError("the prompts of one call hold different generic components")
         gen_terms = next(iter(generic.values())).terms(x.reshape(B, -1), abar) if generic else None
-        out = torch.empty(len(conds), B, x.shape[1] * x.shape[2], dtype=torch.float64, device=x.device)
+        per_cond: list[tuple[torch.Tensor, dict]] = []  # per conditioning: (local term, low-rank coefficients per basis)
         for j, cond in enumerate(conds):
             rows: dict[int, list[int]] = {}  # rows grouped by their (cached, hence shared) mixture
             for i, mix in enumerate(cond.value):
@@ -1108,10 +1114,25 @@ class AnalyticPrior(DiffusionPrior):
                                                               device=x.device), torch.zeros_like(active))
                     coef[s.basis_key()][1][idx] += coef_q.view(len(idx), 3, -1)
                     coef[s.basis_key()][2].logical_or_(active)
-            for s, c_q, active in coef.values():
+            per_cond.append((acc, coef))
+        rows = [[float(j == i) for j in range(len(conds))] for i in range(len(conds))] if weights is None else weights
+        out = torch.empty(len(rows), B, x.shape[1] * x.shape[2], dtype=torch.float64, device=x.device)
+        for m, row in enumerate(rows):
+            acc = torch.zeros_like(x)
+            basis: dict[int, tuple[ComponentSet, torch.Tensor, torch.Tensor]] = {}  # summed coefficients per basis
+            for w, (local, coef) in zip(row, per_cond):
+                if w == 0:
+                    continue
+                acc = acc + w * local
+                for key, (s, c_q, active) in coef.items():
+                    if key in basis:
+                        basis[key] = (s, basis[key][1] + w * c_q, basis[key][2] | active)
+                    else:
+                        basis[key] = (s, w * c_q, active)
+            for s, c_q, active in basis.values():
                 acc = acc - s.back_project(c_q.reshape(B * 3, -1), active).view_as(acc)
-            out[j] = (1 - abar).sqrt().view(B, 1) * acc.reshape(B, -1)  # eps = -sqrt(1 - a) * score
-        return out.float().reshape(len(conds), *x_t.shape)
+            out[m] = (1 - abar).sqrt().view(B, 1) * acc.reshape(B, -1)  # eps = -sqrt(1 - a) * score
+        return out.float().reshape(len(rows), *x_t.shape)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()

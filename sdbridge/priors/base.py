@@ -11,6 +11,9 @@ Conventions (the README's section on the one formula uses them):
 * ``predict_eps(x_t, t, conds)`` evaluates several conditionings in **one** batched call and returns a tensor of
   shape ``(k, B, *sample_shape)``; every call adds ``k`` to :attr:`DiffusionPrior.nfe` (NFEs are counted per
   sample, so a batch of B images evaluated with k conditionings costs k NFEs, as in the papers' accounting).
+  ``predict_eps(x_t, t, conds, weights)`` returns weighted sums of them instead (CFG is one): a prior that can
+  (``combines_linearly``: the exact prior) combines before its most expensive step, any other combines the
+  predictions (:func:`combine_eps`), so both give the same values.
 * Predictions are always epsilon; v-prediction models are converted inside the prior.
 """
 
@@ -63,6 +66,21 @@ class PriorConfig:
 
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"  # "auto" (fp16 on GPU, fp32 on CPU), "float32", "float16", "bfloat16"
+
+
+def combine_eps(eps: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """``sum_j w_j eps_j``. When the weights sum to 1 it is computed as ``eps_0 + sum_{j>0} w_j (eps_j - eps_0)``
+    (``eps_0``: the first with a nonzero weight), so CFG's ``[1 - s, s]`` gives ``eps_u + s (eps_c - eps_u)`` bit for
+    bit, and a single weight of 1 gives that prediction itself."""
+    terms = [(w, e) for w, e in zip(weights, eps) if w != 0]
+    if not terms:
+        return torch.zeros_like(eps[0])
+    if abs(sum(w for w, _ in terms) - 1) > 1e-12:
+        return sum((w * e for w, e in terms[1:]), terms[0][0] * terms[0][1])
+    base = terms[0][1]
+    for w, e in terms[1:]:
+        base = base + w * (e - terms[0][1])
+    return base
 
 
 def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -137,6 +155,10 @@ class DiffusionPrior(nn.Module, abc.ABC):
     #: True when a conditioning can be a weighted sum of two texts' embeddings (:class:`TextMix`: token embeddings of
     #: Stable Diffusion); the exact prior's texts are distributions, so a mix of two is not defined there.
     interpolates_text: bool = False
+    #: True when a weighted sum of several conditionings' eps costs less from one call than from the predictions
+    #: apart (``_predict_eps_batched(..., weights)``): the exact prior's eps is linear in per-conditioning low-rank
+    #: coefficients, so a CFG pair back-projects once instead of twice.
+    combines_linearly: bool = False
 
     def __init__(self, alphas_cumprod: torch.Tensor | None = None):
         super().__init__()
@@ -258,17 +280,21 @@ class DiffusionPrior(nn.Module, abc.ABC):
         return list(values)
 
     # ------------------------------------------------------------------ denoiser
-    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, conds: Sequence[TextEmbedding]) -> torch.Tensor:
-        """Epsilon for each conditioning in one batched call.
+    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, conds: Sequence[TextEmbedding],
+                    weights: Sequence[Sequence[float]] | None = None) -> torch.Tensor:
+        """Epsilon for each conditioning in one batched call (or ``weights``' sums of them).
 
         Args:
             x_t: noisy samples ``(B, *sample_shape)``.
             t: integer timesteps ``(B,)`` in ``[0, num_train_timesteps)`` (or a negative one, read as t = 0 by
                 the noise level: :meth:`abar`).
             conds: ``k`` text embeddings, each of batch ``B``.
+            weights: ``m`` rows of ``k`` weights: the result is then the ``m`` sums ``sum_j w_j eps_j``
+                (:func:`combine_eps`; CFG is ``[[1 - s, s]]`` over ``[uncond, cond]``).
 
         Returns:
-            ``(k, B, *sample_shape)`` float32 epsilon predictions. Adds ``k`` to :attr:`nfe`.
+            ``(k, B, *sample_shape)`` (or ``(m, B, ...)``) float32 epsilon predictions. Adds ``k`` to :attr:`nfe`:
+            a sum costs the evaluations it is made of.
         """
         if x_t.shape[1:] != tuple(self.sample_shape):
             raise ValueError(f"x_t has shape {tuple(x_t.shape)}, expected (B, {', '.join(map(str, self.sample_shape))})")
@@ -279,13 +305,23 @@ class DiffusionPrior(nn.Module, abc.ABC):
         for c in conds:
             if len(c) != B:
                 raise ValueError(f"conditioning has {len(c)} prompts for a batch of {B} samples")
-        eps = self._predict_eps_batched(x_t, t, list(conds))
+        if weights is not None:
+            weights = [[float(w) for w in row] for row in weights]
+            if not weights or any(len(row) != len(conds) for row in weights):
+                raise ValueError(f"weights must be rows of {len(conds)} numbers (one per conditioning), got {weights}")
+        if weights is not None and self.combines_linearly:
+            eps = self._predict_eps_batched(x_t, t, list(conds), weights)
+        else:
+            eps = self._predict_eps_batched(x_t, t, list(conds))
+            if weights is not None:
+                eps = torch.stack([combine_eps(eps.unbind(0), row) for row in weights])
         self.nfe += len(conds)
         return eps
 
     @abc.abstractmethod
     def _predict_eps_batched(self, x_t: torch.Tensor, t: torch.Tensor, conds: list[TextEmbedding]) -> torch.Tensor:
-        """Return ``(k, B, *sample_shape)`` eps; called by :meth:`predict_eps` (which counts NFEs)."""
+        """Return ``(k, B, *sample_shape)`` eps; called by :meth:`predict_eps` (which counts NFEs). A prior with
+        ``combines_linearly`` also takes ``weights`` (``m`` rows of ``k`` floats) and returns their ``m`` sums."""
 
     @torch.no_grad()
     def sample_x_T(self, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:

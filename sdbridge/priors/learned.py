@@ -385,6 +385,8 @@ def ensure_network(world: AnalyticPrior, config: LearnedConfig) -> dict:
 class LearnedPrior(AnalyticPrior):
     """``prior=learned``: :class:`AnalyticPrior`'s world and exact metrics, a trained network's eps (module doc)."""
 
+    combines_linearly = False  # a network evaluates each conditioning; its sums are of the predictions
+
     def __init__(self, config: LearnedConfig | None = None):
         super().__init__(config or LearnedConfig())
         self.checkpoint = ensure_network(self, self.config)

@@ -218,9 +218,9 @@ def spy_sdi(monkeypatch, prior):
 
     real_predict = prior.predict_eps
 
-    def predict_eps(x_t, t, conds):
+    def predict_eps(x_t, t, conds, weights=None):
         record["unet_t"].append(torch.as_tensor(t).reshape(-1).tolist())
-        return real_predict(x_t, t, conds)
+        return real_predict(x_t, t, conds, weights)
 
     monkeypatch.setattr(sdi_module, "invert", invert)
     monkeypatch.setattr(prior, "predict_eps", predict_eps)

@@ -123,6 +123,61 @@ def test_batched_mixed_prompts_equal_per_prompt_calls(analytic_prior, variant):
         torch.testing.assert_close(both[1, i], single[0, 0], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("precision", ["float64", "mixed"])
+def test_weighted_sums_back_project_once_and_equal_the_sums(analytic_prior, monkeypatch, precision):
+    """``predict_eps(..., weights)``: each row is the weighted sum of the conditionings' eps (CFG with a negative
+    scale, a three-way sum, a single weight), computed with one back-projection per basis per row (the CFG pair's
+    saving); identity rows are the plain call bit for bit; NFEs count the conditionings; bad rows are refused."""
+    p = AnalyticPrior(dataclasses.replace(analytic_prior.config, precision=precision))
+    prompts = ["a red circle", "a circle", "a blue square" + SOURCE, ""]
+    x = torch.randn(4, *p.sample_shape, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([30, 400, 800, 990])
+    conds = [p.encode_text([""] * 4), p.encode_text(prompts), p.encode_text(["a blue square"] * 4)]
+    eps = p.predict_eps(x, t, conds).double()
+    calls = []
+    from sdbridge.priors.analytic import ComponentSet
+    back_project = ComponentSet.back_project
+    monkeypatch.setattr(ComponentSet, "back_project",
+                        lambda self, *a: calls.append(self.basis_key()) or back_project(self, *a))
+    bases = []  # the bases each conditioning back-projects on
+    for j in range(3):
+        calls.clear()
+        p.predict_eps(x, t, [conds[j]])
+        bases.append(set(calls))
+    rows = [[-6.5, 7.5, 0.0], [0.25, 0.5, 0.25], [0.0, 0.0, 1.0]]
+    for row in rows:  # one back-projection per basis of the row, however many terms share it
+        calls.clear()
+        p.predict_eps(x, t, conds, weights=[row])
+        union = set().union(*(b for w, b in zip(row, bases) if w != 0))
+        assert sorted(calls) == sorted(union)
+    assert len(bases[0] | bases[1]) < len(bases[0]) + len(bases[1]), "the CFG pair shares no basis: nothing tested"
+    nfe = p.nfe
+    out = p.predict_eps(x, t, conds, weights=rows)
+    assert p.nfe - nfe == 3 and out.shape == (3, *x.shape)
+    for row, got in zip(rows, out):
+        want = sum(w * e for w, e in zip(row, eps))
+        scale = want.abs().max()
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6 * float(scale))
+    plain = p.predict_eps(x, t, conds)
+    assert torch.equal(p.predict_eps(x, t, conds, weights=[[1, 0, 0], [0, 1, 0], [0, 0, 1]]), plain)
+    with pytest.raises(ValueError, match="rows of 3 numbers"):
+        p.predict_eps(x, t, conds, weights=[[1.0, 0.0]])
+
+
+def test_weighted_sums_of_a_network_are_its_predictions_combined(stub_prior):
+    """Priors without ``combines_linearly`` combine the predictions: CFG's weights give classifier_free_guidance
+    bit for bit and a single weight of 1 the prediction itself (so the Stable Diffusion path is unchanged)."""
+    from sdbridge.sampling import cfg_weights, classifier_free_guidance
+    x, t = torch.randn(2, *stub_prior.sample_shape), torch.tensor([100, 700])
+    conds = [stub_prior.encode_text(["", ""]), stub_prior.encode_text(["a cat", "a dog!"])]
+    eps = stub_prior.predict_eps(x, t, conds)
+    for scale in (7.5, -6.5, 100.0, 0.1):
+        got = stub_prior.predict_eps(x, t, conds, weights=[cfg_weights(scale), [0, 1]])
+        assert torch.equal(got[0], classifier_free_guidance(eps[0], eps[1], scale))
+        assert torch.equal(got[1], eps[1])
+    torch.testing.assert_close(stub_prior.predict_eps(x, t, conds, weights=[[2.0, 3.0]])[0], 2 * eps[0] + 3 * eps[1])
+
+
 def test_text_tilts_one_shared_mixture(analytic_prior):
     p = analytic_prior
     adherence = p.config.text_adherence
