@@ -270,7 +270,7 @@ class Guidance(nn.Module):
     def negatives(self, prompts: Sequence[str]) -> list[str]:
         return [self.config.negative_prompt] * len(prompts)
 
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor, combine: dict[str, dict[str, float]] | None = None,
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, *, combine: dict[str, dict[str, float]] | None = None,
                 keep: Sequence[str] | None = None, **texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Evaluate the prior for several named conditionings in one batched denoiser call.
 
