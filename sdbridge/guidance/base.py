@@ -38,7 +38,7 @@ from torch import nn
 
 from sdbridge import rng
 from sdbridge.guidance.perp_neg import perp_neg_guidance
-from sdbridge.priors.base import DiffusionPrior, attach_prior, per_sample
+from sdbridge.priors.base import DiffusionPrior, attach_prior, combine_eps, per_sample
 from sdbridge.sampling import cfg_weights, classifier_free_guidance, ddim_step, inversion_path, timestep_path
 from sdbridge.schedules import TimestepSchedule
 from sdbridge.views import StepPrompts, ViewPrompting, Views
@@ -48,6 +48,11 @@ E = TypeVar("E", bound=Enum)
 
 LOSS_REDUCTIONS = ("sum", "mean")
 TARGET_SUM = "eps_tgt"  # the name of eps_tgt's weighted sum among ``predict``'s results
+
+
+def cfg_sum(scale: float, uncond: str = "uncond", cond: str = "cond") -> dict[str, float]:
+    """CFG at ``scale`` as the weights of two named predictions (``Guidance.predict``'s ``combine``)."""
+    return dict(zip((uncond, cond), cfg_weights(scale)))
 
 
 class BridgeGrid(Enum):
@@ -313,16 +318,20 @@ class Guidance(nn.Module):
         "cond": s}``), or None where it is not one (Perp-Neg views: :meth:`target_from`)."""
         if StepPrompts.of(prompts).perp_neg is not None:
             return None
-        return dict(zip(("uncond", "cond"), cfg_weights(self.config.scale)))
+        return cfg_sum(self.config.scale)
 
     def target_from(self, eps: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, prompts: Sequence[str],
                     step: int) -> torch.Tensor:
-        """eps_tgt from the predictions where :meth:`target_weights` is None: Perp-Neg, when the step's prompts carry
-        Perp-Neg views."""
+        """eps_tgt from the predictions: Perp-Neg when the step's prompts carry Perp-Neg views (where
+        :meth:`target_weights` is None), else :meth:`target_weights`' sum of them."""
         perp_neg = StepPrompts.of(prompts).perp_neg
-        if perp_neg is None:
-            raise NotImplementedError(f"{type(self).__name__}: target_weights is None but target_from has no rule")
-        return perp_neg_guidance(eps, perp_neg, self.config.scale)
+        if perp_neg is not None:
+            return perp_neg_guidance(eps, perp_neg, self.config.scale)
+        weights = self.target_weights(prompts, step)
+        if weights is None:
+            raise TypeError(f"{type(self).__name__}.target_weights is None without Perp-Neg views: a method whose "
+                            "eps_tgt is not a weighted sum of its predictions must override target_from")
+        return combine_eps([eps[name] for name in weights], list(weights.values()))
 
     def source_texts(self, prompts: Sequence[str], step: int) -> dict[str, list[str]]:
         return {}

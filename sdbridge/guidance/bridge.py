@@ -18,8 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from sdbridge.guidance.base import Guidance, GuidanceConfig, Weighting, as_enum
-from sdbridge.sampling import cfg_weights
+from sdbridge.guidance.base import Guidance, GuidanceConfig, Weighting, as_enum, cfg_sum
 from sdbridge.views import edited
 from sdbridge.registry import builds
 
@@ -78,7 +77,7 @@ class Bridge(Guidance):
     def target_weights(self, prompts, step):
         if self.stage(step) == 1:
             return super().target_weights(with_modifier(prompts, self.config.stage_one_modifier), step)
-        return dict(zip(("src", "tgt"), cfg_weights(self.config.stage_two_scale)))
+        return cfg_sum(self.config.stage_two_scale, "src", "tgt")
 
     def target_from(self, eps, x_t, t, prompts, step):  # stage 1 with Perp-Neg views
         return super().target_from(eps, x_t, t, with_modifier(prompts, self.config.stage_one_modifier), step)

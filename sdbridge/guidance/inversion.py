@@ -12,11 +12,11 @@ from typing import Sequence
 import torch
 
 from sdbridge import rng
-from sdbridge.guidance.base import Guidance
+from sdbridge.guidance.base import Guidance, cfg_sum
 from sdbridge.guidance.perp_neg import perp_neg_guidance
 from sdbridge.views import StepPrompts
 from sdbridge.priors.base import per_sample
-from sdbridge.sampling import cfg_weights, ddim_step, ddpm_posterior_std
+from sdbridge.sampling import ddim_step, ddpm_posterior_std
 
 
 def invert(
@@ -64,8 +64,7 @@ def invert(
             eps = perp_neg_guidance(guidance.predict(x, path[i], uncond=uncond,
                                                         **views.texts(guidance.prior.interpolates_text)), views, scale)
         else:
-            weights = dict(zip(("uncond", "cond"), cfg_weights(scale)))
-            eps = guidance.predict(x, path[i], combine={"cfg": weights}, uncond=uncond, cond=prompts)["cfg"]
+            eps = guidance.predict(x, path[i], combine={"cfg": cfg_sum(scale)}, uncond=uncond, cond=prompts)["cfg"]
         x_next = ddim_step(x, eps, a_from, a_to)
         if eta > 0:
             noise = rng.randn(x.shape, generator).to(x)

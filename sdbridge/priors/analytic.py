@@ -1115,24 +1115,22 @@ class AnalyticPrior(DiffusionPrior):
                     coef[s.basis_key()][1][idx] += coef_q.view(len(idx), 3, -1)
                     coef[s.basis_key()][2].logical_or_(active)
             per_cond.append((acc, coef))
-        rows = [[float(j == i) for j in range(len(conds))] for i in range(len(conds))] if weights is None else weights
-        out = torch.empty(len(rows), B, x.shape[1] * x.shape[2], dtype=torch.float64, device=x.device)
-        for m, row in enumerate(rows):
+        sums = [[float(j == i) for j in range(len(conds))] for i in range(len(conds))] if weights is None else weights
+        out = torch.empty(len(sums), B, x.shape[1] * x.shape[2], dtype=torch.float64, device=x.device)
+        for m, row in enumerate(sums):
             acc = torch.zeros_like(x)
             basis: dict[int, tuple[ComponentSet, torch.Tensor, torch.Tensor]] = {}  # summed coefficients per basis
             for w, (local, coef) in zip(row, per_cond):
                 if w == 0:
                     continue
-                acc = acc + w * local
+                acc = acc + (local if w == 1 else w * local)
                 for key, (s, c_q, active) in coef.items():
-                    if key in basis:
-                        basis[key] = (s, basis[key][1] + w * c_q, basis[key][2] | active)
-                    else:
-                        basis[key] = (s, w * c_q, active)
+                    term = c_q if w == 1 else w * c_q
+                    basis[key] = (s, basis[key][1] + term, basis[key][2] | active) if key in basis else (s, term, active)
             for s, c_q, active in basis.values():
                 acc = acc - s.back_project(c_q.reshape(B * 3, -1), active).view_as(acc)
             out[m] = (1 - abar).sqrt().view(B, 1) * acc.reshape(B, -1)  # eps = -sqrt(1 - a) * score
-        return out.float().reshape(len(rows), *x_t.shape)
+        return out.float().reshape(len(sums), *x_t.shape)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
