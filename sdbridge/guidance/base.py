@@ -81,7 +81,12 @@ class GuidanceConfig:
     weighting: Weighting = Weighting.one_minus_abar
     negative_prompt: str = ""  # the "unconditional" text of CFG
     full_bridge: bool = False  # PF-ODE inversion with eps_src + generation with eps_tgt instead of one step
-    bridge_steps: int = 10  # DDIM steps of each PF-ODE in full-bridge mode (per_sample), or over [0, 1000) (fixed)
+    #: DDIM steps of each PF-ODE in full-bridge mode (per_sample), or over [0, 1000) (fixed). No official code fixes
+    #: them; the Bridge paper (McAllister et al. 2024, project page, "First-Order Approximation Error") says the two
+    #: PF-ODEs take "dozens of NFEs": 8 steps of source (1) + CFG target (2) are 24, the fewest that make dozens.
+    #: Against 10 (sdbridge before 2026-12-07) the round-trip error on the exact prior is 1.0-1.2x and a VSD + full
+    #: bridge step ~0.8x the time (experiments/exact/README.md)
+    bridge_steps: int = 8
     bridge_grid: BridgeGrid = BridgeGrid.per_sample
     #: how the surrogate loss reduces, i.e. the scale of the gradient the target receives. "sum": the gradient is
     #: ``grad`` itself (the SDS-Bridge 2D code and LucidDreamer apply it directly; threestudio's SDS and VSD losses

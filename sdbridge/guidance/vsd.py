@@ -259,6 +259,11 @@ class ResidualEpsSource(Source):
     (``pixel_shuffle``), so the sum is still per pixel.
     """
 
+    #: the network's weights and inputs are channels-last: on these CPU cores (oneDNN convolutions) a forward pass at
+    #: batch 48 took 0.85x the contiguous layout's time (experiments/exact/README.md, 2026-12-07); values differ by
+    #: float rounding only
+    MEMORY_FORMAT = torch.channels_last
+
     def __init__(self, prior, prompts: Sequence[str], channels: int, target: str = "v", attention: bool = False,
                  patch: int = 1):
         super().__init__()
@@ -279,7 +284,7 @@ class ResidualEpsSource(Source):
         )
         nn.init.zeros_(self.net.conv_out.weight)
         nn.init.zeros_(self.net.conv_out.bias)
-        self.to(prior.device)
+        self.to(prior.device, memory_format=self.MEMORY_FORMAT)
 
     def forward(self, x_t, t, prompts, camera, drop: torch.Tensor | None = None):
         labels = torch.tensor([self.classes.get(p, 0) for p in prompts], device=x_t.device)
@@ -287,7 +292,8 @@ class ResidualEpsSource(Source):
             labels = torch.where(drop, torch.zeros_like(labels), labels)
         with torch.no_grad():
             base = self.prior.predict_eps(x_t, t, [self.prior.encode_text(kept_texts(prompts, drop))])[0]
-        residual = self.net(F.pixel_unshuffle(x_t, self.patch), t, class_labels=labels).sample  # patch 1: unchanged
+        folded = F.pixel_unshuffle(x_t, self.patch).contiguous(memory_format=self.MEMORY_FORMAT)  # patch 1: x_t
+        residual = self.net(folded, t, class_labels=labels).sample
         eps = base + F.pixel_shuffle(residual, self.patch)
         return eps, (eps if self.target == "eps" else self.prior.eps_to_v(eps, x_t, t))
 

@@ -18,7 +18,7 @@ EXPECTED = {
     "sdi_cached": 2 / 3,  # refreshed at step 0 only (refresh_every 25)
     "ism": None,
     "vsd": 3.0,
-    "vsd_full_bridge": 30.0,  # 10 inversion steps with the LoRA (1) + 10 generation steps with CFG (2)
+    "vsd_full_bridge": 24.0,  # 8 inversion steps with the LoRA (1) + 8 generation steps with CFG (2)
 }
 
 

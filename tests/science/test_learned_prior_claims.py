@@ -240,7 +240,7 @@ def test_with_a_trained_network_sdi_cached_reaching_its_targets_is_almost_ddim_a
     assert ours["saturation"] < 1.5 * ddim["saturation"]
 
 
-@pytest.mark.timeout(3600)  # the full bridge costs 30 NFEs a step: ~10 min here
+@pytest.mark.timeout(3600)  # the full bridge costs 24 NFEs a step: ~8 min here
 def test_with_a_trained_network_vsd_full_bridge_is_on_par_with_vsd(network):
     """Bridge paper's table: VSD + full bridge 55.65 against VSD's 59.22 COCO-FID, a 6% gain, below what FD on 4
     images per prompt resolves. Asserted: it beats SDS (as VSD does, the test above) and stays within 20% of VSD.

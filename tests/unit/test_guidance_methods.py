@@ -425,7 +425,7 @@ def test_fixed_bridge_grid_evaluates_only_the_moving_samples(analytic_prior):
     prompts = ["a red circle", "a blue square", "a red circle"]
     x0 = torch.cat([p.sample(q, 1, torch.Generator().manual_seed(i)) for i, q in enumerate(prompts)]).float()
     t = torch.tensor([250, 950, 80])
-    cfg = dict(scale=7.5, full_bridge=True, bridge_grid="fixed")
+    cfg = dict(scale=7.5, full_bridge=True, bridge_grid="fixed", bridge_steps=10)
     out = make(CSD, CSDConfig(**cfg), p)(x0, prompts, 0, t=t)
     assert out.nfe == 30
     for b in range(3):
@@ -435,7 +435,7 @@ def test_fixed_bridge_grid_evaluates_only_the_moving_samples(analytic_prior):
     views = Views.at([0.0] * 3, [0.0] * 3)
     assert prompt_rows(StepPrompts(prompts, views=views), [0]) is None
     assert torch.allclose(make(CSD, CSDConfig(**cfg), p)(x0, prompts, 0, views=views, t=t).grad, out.grad, atol=1e-5)
-    same = CSDConfig(scale=1.0, negative_prompt="a red circle", full_bridge=True, bridge_grid="fixed")
+    same = CSDConfig(scale=1.0, negative_prompt="a red circle", full_bridge=True, bridge_grid="fixed", bridge_steps=10)
     red = x0[[0, 2]]
     trip = make(CSD, same, p)(red, ["a red circle"] * 2, 0, t=torch.tensor([600, 300]))
     # measured 0.14 of the images' norm: DDIM's discretization at steps of 100 (experiments/exact/bridge_grid.py)
