@@ -259,9 +259,9 @@ class ResidualEpsSource(Source):
     (``pixel_shuffle``), so the sum is still per pixel.
     """
 
-    #: the network's weights and inputs are channels-last: on these CPU cores (oneDNN convolutions) a forward pass at
-    #: batch 48 took 0.85x the contiguous layout's time (experiments/exact/README.md, 2026-12-07); values differ by
-    #: float rounding only
+    #: the network's weights and inputs are channels-last: on these CPU cores (oneDNN convolutions) its forward pass
+    #: at batch 48 took 0.85x the contiguous layout's time, a whole VSD + full-bridge process 0.96x and a VSD one 1.00x
+    #: (experiments/exact/README.md, 2026-12-07); values differ by float rounding only
     MEMORY_FORMAT = torch.channels_last
 
     def __init__(self, prior, prompts: Sequence[str], channels: int, target: str = "v", attention: bool = False,
