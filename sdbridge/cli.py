@@ -142,12 +142,61 @@ def check_resume_dir(resume: Path, run_dir: Path) -> None:
 
 
 def compose_for_resume(cfg: DictConfig, task_overrides: Sequence[str]) -> tuple[DictConfig, list[str]]:
-    """Recompose the resumed run's config from its saved overrides plus the new ones."""
+    """Recompose the resumed run's config from its saved overrides plus the new ones, with the run's own values where
+    this version's defaults differ (``keep_saved_values``)."""
     from hydra import compose
 
     run_dir = Path(cfg.resume).expanduser()
     overrides = resume_overrides(run_dir, task_overrides)
-    return compose(config_name="config", overrides=[*overrides, f"resume={run_dir}"]), overrides
+    cfg = compose(config_name="config", overrides=[*overrides, f"resume={run_dir}"])
+    keep_saved_values(cfg, run_dir)
+    return cfg, overrides
+
+
+def _resumable(key: str) -> bool:
+    return key.startswith(RESUMABLE_KEYS) or key in RESUMABLE_KEYS
+
+
+def keep_saved_values(cfg: DictConfig, run_dir: Path) -> list[str]:
+    """Give every key of ``cfg`` outside :data:`RESUMABLE_KEYS` the value the run in ``run_dir`` was made with (its
+    ``config.yaml``) where the two differ, and say so: a default changed since the run started (for instance
+    ``guidance.bridge_steps``, 10 before 2026-12-07, 8 since) would otherwise change the method in the middle of the
+    run, which its checkpoint continues exactly only with its own values. A key the saved config lacks (added since)
+    keeps its default; one this version no longer has is named in the warning. Returns the keys kept."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return []
+    old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    new = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    kept, gone = [], []
+    for key in sorted(_differences(old, new)):
+        if key == "resume" or key.startswith("_") or _resumable(key):
+            continue
+        value, default = _lookup(old, key), _lookup(new, key)
+        if value is _MISSING:  # added since the run started: its default
+            continue
+        if default is _MISSING:
+            gone.append(key)
+            continue
+        OmegaConf.update(cfg, key, value, merge=False)
+        kept.append(f"{key}={value} (default now {default})")
+    if kept or gone:
+        message = (f"sdbridge: resuming {run_dir} with the values it was made with where this version's defaults "
+                   f"differ: {', '.join(kept) or 'none'}"
+                   + (f"; no longer in this version, dropped: {', '.join(gone)}" if gone else ""))
+        log.warning(message)
+        print(message, file=sys.stderr)
+    return [k.split("=", 1)[0] for k in kept]
+
+
+_MISSING = object()
+
+
+def _lookup(tree: Any, key: str) -> Any:
+    """The value at the dotted ``key`` of nested dicts, or ``_MISSING``."""
+    for part in key.split("."):
+        tree = tree.get(part, _MISSING) if isinstance(tree, dict) else _MISSING
+    return tree
 
 
 def _only_hydra_files(run_dir: Path) -> bool:

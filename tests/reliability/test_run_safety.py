@@ -74,6 +74,28 @@ def test_a_refused_resume_changes_no_file(finished_run, tmp_path, world_cache, c
         assert res.returncode == 0, res.stdout
 
 
+def test_a_resume_keeps_the_values_its_run_was_made_with(finished_run, tmp_path, world_cache):
+    """A default changed since the run started (simulated: its saved config.yaml says guidance.scale 11 and
+    guidance.weighting uniform, today's defaults differ; and it lacks guidance.loss_reduction, a key added since): the
+    resume continues with the run's values, says which, and gives the added key its default."""
+    from omegaconf import OmegaConf
+
+    run_dir = _copy(finished_run, tmp_path)
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    default_scale, default_weighting = saved.guidance.scale, saved.guidance.weighting
+    assert default_scale != 11.0 and default_weighting != "uniform"
+    saved.guidance.scale, saved.guidance.weighting = 11.0, "uniform"
+    del saved.guidance["loss_reduction"]
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    res = run_cli([f"resume={run_dir}", f"hydra.run.dir={run_dir}", "trainer.max_steps=6"])
+    assert res.returncode == 0, res.stdout
+    assert f"guidance.scale=11.0 (default now {default_scale})" in res.stdout, res.stdout
+    assert f"guidance.weighting=uniform (default now {default_weighting})" in res.stdout, res.stdout
+    resumed = OmegaConf.load(run_dir / "config.yaml")
+    assert resumed.guidance.scale == 11.0 and resumed.guidance.weighting == "uniform"
+    assert resumed.guidance.loss_reduction == "sum" and resumed.trainer.max_steps == 6
+
+
 class _Payload:
     """Unpickling this runs ``open(marker, "w")``: what a crafted checkpoint could do with a shell command."""
 
