@@ -88,7 +88,7 @@ def resume_overrides(run_dir: Path, new_overrides: Sequence[str]) -> list[str]:
             continue
         if key in SCHEMAS or key == "seed":
             raise ValueError(f"cannot change {key!r} when resuming {run_dir}: start a new run instead")
-        if merged.get(key) != o and not key.startswith(RESUMABLE_KEYS) and key not in RESUMABLE_KEYS:
+        if merged.get(key) != o and not _resumable(key):
             raise ValueError(f"cannot change {key!r} when resuming {run_dir}: the checkpoint was made for its saved "
                              f"value (a resume may change {', '.join(k.rstrip('.') for k in RESUMABLE_KEYS)}); start a "
                              "new run instead")
