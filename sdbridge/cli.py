@@ -115,14 +115,23 @@ def continues_in_place(run_dir: Path, overrides: Sequence[str], cfg: DictConfig 
     if sorted(before) != sorted(o for o in overrides if _override_key(o) != "resume"):
         raise ValueError(f"{run_dir} already holds a run with other overrides ({before}); continue it with "
                          f"resume={run_dir} or choose a new hydra.run.dir")
-    if cfg is not None and (run_dir / "config.yaml").is_file():
-        old = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-        new = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        changed = sorted(_differences(old, new) - {"resume"})
+    if cfg is not None:
+        changed = config_changes(run_dir, cfg)[2]
         if changed:
             raise ValueError(f"{run_dir} already holds a run made with another config (differs in {changed[:6]}); "
                              f"choose a new hydra.run.dir")
     return True
+
+
+def config_changes(run_dir: Path, cfg: DictConfig) -> tuple[dict, dict, list[str]]:
+    """``(saved, current, keys)``: the run's saved config (``config.yaml``; empty when there is none), ``cfg``
+    resolved, and the dotted keys where they differ (``resume`` aside), sorted."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return {}, {}, []
+    old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    new = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    return old, new, sorted(_differences(old, new) - {"resume"})
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> set[str]:
@@ -157,20 +166,16 @@ def _resumable(key: str) -> bool:
     return key.startswith(RESUMABLE_KEYS) or key in RESUMABLE_KEYS
 
 
-def keep_saved_values(cfg: DictConfig, run_dir: Path) -> list[str]:
+def keep_saved_values(cfg: DictConfig, run_dir: Path) -> None:
     """Give every key of ``cfg`` outside :data:`RESUMABLE_KEYS` the value the run in ``run_dir`` was made with (its
     ``config.yaml``) where the two differ, and say so: a default changed since the run started (for instance
     ``guidance.bridge_steps``, 10 before 2026-12-07, 8 since) would otherwise change the method in the middle of the
     run, which its checkpoint continues exactly only with its own values. A key the saved config lacks (added since)
-    keeps its default; one this version no longer has is named in the warning. Returns the keys kept."""
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return []
-    old = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
-    new = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    keeps its default; one this version no longer has is named in the warning."""
+    old, new, changed = config_changes(run_dir, cfg)
     kept, gone = [], []
-    for key in sorted(_differences(old, new)):
-        if key == "resume" or key.startswith("_") or _resumable(key):
+    for key in changed:
+        if key.startswith("_") or _resumable(key):
             continue
         value, default = _lookup(old, key), _lookup(new, key)
         if value is _MISSING:  # added since the run started: its default
@@ -186,7 +191,6 @@ def keep_saved_values(cfg: DictConfig, run_dir: Path) -> list[str]:
                    + (f"; no longer in this version, dropped: {', '.join(gone)}" if gone else ""))
         log.warning(message)
         print(message, file=sys.stderr)
-    return [k.split("=", 1)[0] for k in kept]
 
 
 _MISSING = object()
